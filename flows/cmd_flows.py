@@ -1,0 +1,168 @@
+"""`aced cache`, `aced serve`, `aced deployments`: run and schedule the Prefect flows.
+
+- `aced cache [run]` runs `cache_flow` once in this process (Prefect's temporary server records
+  it, or the workspace's `aced serve` server when one is up; no server to start by hand).
+  `aced cache verify` checks the caches against their pair shards (`storage.cache.verify_cache`).
+- `aced serve` registers deployments (cache on a cron or interval schedule, eval on demand) and
+  serves them, supervising a local `prefect server start` unless PREFECT_API_URL names one;
+  `--work-pool` registers them in a process work pool instead; `--list` = `aced deployments`.
+
+Prefect reads its settings when first imported, so every command here points it at the workspace
+(`flows._prefect_env.use_workspace_state`) before importing a flow.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def add_commands(subparsers) -> None:
+    c = subparsers.add_parser(
+        "cache", help="embed pair shards with reference/teacher models into the cache (Prefect flow, Ray Data)",
+        description="run: embed every shard of DATASETS missing from the cache of each MODEL (one Prefect flow run; "
+                    "reruns do only what is missing). verify: check caches against their pair shards.")
+    c.add_argument("action", nargs="?", choices=("run", "verify"), default="run")
+    _cache_args(c)
+    c.add_argument("--model", dest="verify_model", default=None, help="verify: only this model id")
+    c.set_defaults(func=_cmd_cache)
+
+    s = subparsers.add_parser(
+        "serve", help="register the flows' deployments (cache on a schedule) and serve them",
+        description="Starts a local Prefect server over <root>/state/prefect (unless PREFECT_API_URL is set), "
+                    "registers the deployments cache/cache (scheduled) and eval/eval (on demand), and runs due "
+                    "flow runs until interrupted.")
+    when = s.add_mutually_exclusive_group()
+    when.add_argument("--cache-cron", metavar="CRON", help='cache schedule, e.g. "0 2 * * *" (nightly at 02:00)')
+    when.add_argument("--cache-interval", metavar="SECONDS", type=float, help="cache schedule: every SECONDS")
+    s.add_argument("--timezone", default="UTC", help="time zone of --cache-cron (default UTC)")
+    _cache_args(s)
+    s.add_argument("--host", default="127.0.0.1", help="address of the local Prefect server (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=4200, help="port of the local Prefect server (default 4200)")
+    s.add_argument("--no-ui", action="store_true", help="start the local server without its web UI")
+    s.add_argument("--work-pool", metavar="POOL", default=None,
+                   help="register the deployments in this process work pool and exit (a `prefect worker` runs them)")
+    s.add_argument("--list", action="store_true", help="only show the registered deployments (= aced deployments)")
+    s.set_defaults(func=_cmd_serve)
+
+    d = subparsers.add_parser("deployments", help="show the registered deployments and their schedules")
+    d.add_argument("--json", action="store_true", help="print JSON")
+    d.set_defaults(func=_cmd_deployments)
+
+
+def _cache_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--datasets", nargs="+", metavar="DATASET", default=None,
+                   help="dataset names under <root>/datasets (default: all)")
+    p.add_argument("--models", nargs="+", metavar="MODEL", default=None,
+                   help="model ids under <root>/models, or model folders (reference, teacher, ...)")
+    p.add_argument("--engine", choices=("ray", "plain"), default="ray",
+                   help="ray: one Ray Data pipeline (default); plain: a single-process loop")
+    p.add_argument("--chunk-size", type=int, default=64, help="samples per model forward (default 64)")
+    p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="stored embedding dtype")
+    p.add_argument("--actors", type=int, default=None, help="model actors (default: one per GPU, else 1)")
+    p.add_argument("--actor-cpus", type=float, default=None, help="CPUs reserved per actor (fractions allowed)")
+    p.add_argument("--torch-threads", type=int, default=None, help="torch threads per actor/process")
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: $RAY_ADDRESS, else local)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray instance (default: all)")
+    p.add_argument("--object-store-mb", type=int, default=None, help="object store of a local Ray instance")
+
+
+def _cache_params(args: argparse.Namespace) -> dict:
+    if not args.models:
+        raise SystemExit(f"aced {args.command}: give --models (model ids under {args.root}/models or model folders)")
+    if args.chunk_size < 1:
+        raise SystemExit(f"aced {args.command}: --chunk-size must be >= 1")
+    return {"root": str(Path(args.root).resolve()), "datasets": args.datasets, "models": args.models,
+            "engine": args.engine, "chunk_size": args.chunk_size, "dtype": args.dtype, "actors": args.actors,
+            "actor_cpus": args.actor_cpus, "torch_threads": args.torch_threads, "ray_address": args.ray_address,
+            "num_cpus": args.num_cpus, "object_store_mb": args.object_store_mb}
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    if args.action == "verify":
+        from storage.cache import verify_cache
+
+        rep = verify_cache(args.root, args.verify_model)
+        print(rep.format())
+        return 0 if rep.ok else 1
+    params = _cache_params(args)
+    from flows._prefect_env import use_workspace_state
+
+    mode = use_workspace_state(args.root)
+    log.info("prefect: %s", {"api-url": f"server {os.environ.get('PREFECT_API_URL')}",
+                             "serve": f"the workspace's aced serve server {os.environ.get('PREFECT_API_URL')}",
+                             "ephemeral": "temporary local server"}[mode])
+    from flows.cache_flow import cache_flow
+
+    summary = cache_flow(**params)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _sigterm_as_interrupt() -> None:
+    """`docker stop`/systemd send SIGTERM: shut down like Ctrl-C (server stopped, state kept)."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    if args.list:
+        return _cmd_deployments(argparse.Namespace(**{**vars(args), "json": False}))
+    if not (args.cache_cron or args.cache_interval):
+        raise SystemExit("aced serve: give --cache-cron CRON or --cache-interval SECONDS")
+    params = _cache_params(args)
+    from flows._prefect_env import running_server, server_env
+    from flows.serve import LocalPrefectServer
+
+    _sigterm_as_interrupt()
+    server = None
+    if os.environ.get("PREFECT_API_URL"):
+        log.info("using the Prefect server at %s", os.environ["PREFECT_API_URL"])
+    else:
+        os.environ.update(server_env(args.root))
+        other = running_server(args.root)
+        if other:
+            raise SystemExit(f"aced serve: this workspace is already served by the server at {other} "
+                             f"(stop that `aced serve`, or set PREFECT_API_URL={other} to register elsewhere)")
+        server = LocalPrefectServer(args.root, host=args.host, port=args.port, ui=not args.no_ui)
+    try:
+        if server is not None:
+            server.__enter__()
+            os.environ["PREFECT_API_URL"] = server.api_url
+            print(f"prefect server: {server.api_url} (state in {server.home})", flush=True)
+        from flows.serve import build_deployments, format_deployments, list_deployments, register_in_pool, serve_deployments
+
+        deployments = build_deployments(params, cache_cron=args.cache_cron, cache_interval=args.cache_interval,
+                                        timezone=args.timezone)
+        if args.work_pool:
+            ids = register_in_pool(deployments, args.work_pool)
+            print(f"registered {len(ids)} deployments in work pool {args.work_pool!r}:")
+            print(format_deployments(list_deployments()))
+            return 0
+        print("serving cache/cache ("
+              + (f"cron {args.cache_cron!r} {args.timezone}" if args.cache_cron else f"every {args.cache_interval:g} s")
+              + ") and eval/eval (on demand); Ctrl-C stops", flush=True)
+        serve_deployments(deployments)
+        return 0
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if server is not None:
+            server.__exit__(None, None, None)
+
+
+def _cmd_deployments(args: argparse.Namespace) -> int:
+    from flows._prefect_env import use_workspace_state
+
+    use_workspace_state(args.root)  # no server running: Prefect's temporary one reads the workspace state
+    from flows.serve import format_deployments, list_deployments
+
+    rows = list_deployments()
+    print(json.dumps(rows, indent=2, default=str) if args.json else format_deployments(rows))
+    return 0

@@ -1,0 +1,124 @@
+"""`aced train` and `aced export`: run a recipe in <root>/runs/<name>, resumable; export its model."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _parse_value(field: dataclasses.Field, text: str) -> Any:
+    kind = str(field.type)
+    if "tuple" in kind:
+        return tuple(x for x in text.split(",") if x)
+    if "bool" in kind:
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"--set {field.name}: expected true/false, got {text!r}")
+        return text.lower() in ("true", "1")
+    if text.lower() == "none" and "None" in kind:
+        return None
+    if "int" in kind and "float" not in kind:
+        return int(text)
+    if "float" in kind:
+        return float(text)
+    return text
+
+
+def config_from_args(args: argparse.Namespace):
+    from pipeline.recipes import TrainConfig, recipe
+
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    overrides: dict[str, Any] = {}
+    if args.config:
+        overrides.update(json.loads(Path(args.config).read_text()))
+    root: Path = args.root
+    for name in ("method", "model", "steps", "batch_size", "seed", "reference", "init_from"):
+        value = getattr(args, name, None)
+        if value is not None:
+            overrides[name] = value
+    if args.data:
+        overrides["train_data"] = tuple(str(_dataset_dir(root, d)) for d in args.data)
+    if args.teacher:
+        overrides["teacher"] = tuple(args.teacher)
+    if args.zeroshot:
+        overrides["eval_zeroshot"] = tuple(str(_dataset_dir(root, d)) for d in args.zeroshot)
+    if args.retrieval:
+        overrides["eval_retrieval"] = tuple(str(_dataset_dir(root, d)) for d in args.retrieval)
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(fields)}")
+        overrides[key] = _parse_value(fields[key], value)
+    if (overrides.get("reference") or overrides.get("teacher")) and "cache_root" not in overrides:
+        overrides["cache_root"] = str(root / "cache")
+    return recipe(args.recipe, **overrides)
+
+
+def _dataset_dir(root: Path, name: str) -> Path:
+    """A dataset folder by path, or by name below <root>/datasets."""
+    path = Path(name)
+    if (path / "_dataset.json").exists():
+        return path
+    candidate = root / "datasets" / name
+    if (candidate / "_dataset.json").exists():
+        return candidate
+    raise SystemExit(f"dataset {name!r}: neither {path} nor {candidate} holds a _dataset.json")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from pipeline.trainer import train
+
+    cfg = config_from_args(args)
+    run_dir = args.root / "runs" / args.run
+    result = train(cfg, run_dir, progress=None)
+    print(f"run {run_dir}: {result.step} steps, model at {result.model_dir}")
+    keys = ("total", "contrastive", "kd", "noisy_frac_selected", "noisy_frac_superbatch", "pairs_per_s")
+    print("last step: " + ", ".join(f"{k}={result.metrics[k]:.4g}" for k in keys if k in result.metrics))
+    if cfg.eval_zeroshot or cfg.eval_retrieval:
+        from pipeline.evaluate import evaluate, write_results
+        from pipeline.models import load_model
+
+        evals = {Path(d).name + ":zeroshot": ("zeroshot", d) for d in cfg.eval_zeroshot}
+        evals.update({Path(d).name + ":retrieval": ("retrieval", d) for d in cfg.eval_retrieval})
+        results = evaluate(load_model(result.model_dir), evals)
+        write_results(results, run_dir / "eval")
+        print(json.dumps(results, indent=2))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from pipeline.trainer import export_model
+
+    run_dir = args.root / "runs" / args.run
+    out = args.out or args.root / "models" / (args.name or args.run)
+    export_model(run_dir, out)
+    print(f"exported {run_dir} -> {out}")
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a student/reference/teacher (resumes the run if it exists)",
+                       description="Train with a recipe in <root>/runs/RUN; re-running resumes from its latest checkpoint.")
+    p.add_argument("run", help="run name (folder below <root>/runs)")
+    p.add_argument("--recipe", default="student", help="student | reference | tiny (default: student)")
+    p.add_argument("--config", help="JSON file of TrainConfig fields")
+    p.add_argument("--method", help="iid, softmax-kd, i-acid, h-acid, aced-acidistill, aced-iidistill, rho-topk, student-loss")
+    p.add_argument("--model", help="architecture (ladder name, open_clip name or JSON config)")
+    p.add_argument("--data", action="append", help="training dataset (path or name below <root>/datasets); repeatable")
+    p.add_argument("--reference", help="reference model id in <root>/cache")
+    p.add_argument("--teacher", action="append", help="teacher model id in <root>/cache; repeat for an ensemble")
+    p.add_argument("--init-from", dest="init_from", help="model folder whose weights initialise the student")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", dest="batch_size", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--zeroshot", action="append", help="class dataset evaluated at the end; repeatable")
+    p.add_argument("--retrieval", action="append", help="pair dataset evaluated at the end; repeatable")
+    p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="any other TrainConfig field; repeatable")
+    p.set_defaults(func=_train)
+
+    e = sub.add_parser("export", help="export a run's latest weights as a model folder")
+    e.add_argument("run")
+    e.add_argument("--name", help="model id (default: the run name)")
+    e.add_argument("--out", type=Path, help="output folder (default: <root>/models/<name>)")
+    e.set_defaults(func=_export)

@@ -1,0 +1,264 @@
+"""Input pipeline: super-batches of raw pairs zipped with cached embeddings (paper section 3.2, Appendix J).
+
+Each training step reads one super-batch of B pairs (B = b for IID methods). Its content is a pure
+function of (seed, epoch, index-in-epoch), so the data position of a run is just its step number and a
+resumed run reads exactly the batches an uninterrupted one would have read.
+
+Order within an epoch: shards are permuted, then grouped into windows of `shuffle_window` shards whose
+samples are shuffled together (webdataset-style shard shuffling: memory stays bounded by the window while
+the order is still well mixed). Decoding (JPEG -> tensor, tokenisation) runs in DataLoader worker processes.
+Cached reference/teacher rows are zipped by uid and verified against the pair shard (storage.cache raises on
+any mismatch): a stale, partial or foreign cache is never used silently.
+"""
+from __future__ import annotations
+
+import io
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from storage.cache import ModelMeta, read_cache_shard
+from storage.shards import ShardError, ShardRef, iter_samples, list_shards, read_metadata
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """One cached model to zip with the pairs: where its files are and what they must contain."""
+
+    model_id: str
+    cache_root: Path
+    meta: ModelMeta
+
+    def folder(self, dataset: str) -> Path:
+        return self.cache_root / self.model_id / dataset
+
+
+def dataset_name(dataset_dir: Path) -> str:
+    """The dataset's own name (from `_dataset.json`), which is also its folder below each cache model."""
+    import json
+
+    info = dataset_dir / "_dataset.json"
+    if not info.exists():
+        raise FileNotFoundError(f"{dataset_dir}: not a pair-shard dataset (no _dataset.json)")
+    return json.loads(info.read_text())["name"]
+
+
+def cached_model_meta(cache_root: Path, model_id: str, dataset_dirs: Sequence[str | Path]) -> ModelMeta:
+    """The model metadata of a cache over the training datasets; every dataset must agree.
+
+    Read from the first shard's cache file of each dataset; every other shard is then checked against
+    it when it is opened (read_cache_shard(expect=...)), so a cache mixing two models fails loudly.
+    """
+    found: ModelMeta | None = None
+    for d in dataset_dirs:
+        d = Path(d)
+        name = dataset_name(d)
+        refs = list_shards(d)
+        folder = Path(cache_root) / model_id / name
+        if not folder.exists():
+            raise FileNotFoundError(f"no cache of model {model_id!r} for dataset {name!r} (expected {folder}); "
+                                    "run `aced cache` first")
+        meta = read_cache_shard(folder, refs[0], expect=None).meta
+        if found is not None and meta != found:
+            raise ValueError(f"cache {folder} was written by another model than the rest: {meta} != {found}")
+        found = meta
+    if found is None:
+        raise ValueError("no training datasets given")
+    return found
+
+
+class PairIndex:
+    """Every sample of the training datasets: shards, row counts, uids and noise flags (metadata only)."""
+
+    def __init__(self, dataset_dirs: Sequence[str | Path]):
+        self.shards: list[ShardRef] = []
+        self.datasets: list[str] = []
+        uids: list[np.ndarray] = []
+        noisy: list[np.ndarray] = []
+        for d in dataset_dirs:
+            d = Path(d)
+            name = dataset_name(d)
+            refs = list_shards(d)
+            if not refs:
+                raise FileNotFoundError(f"{d}: dataset has no shards")
+            for ref in refs:
+                meta = read_metadata(ref)
+                self.shards.append(ref)
+                self.datasets.append(name)
+                uids.append(np.asarray(meta.column("uid").to_pylist(), dtype=object))
+                flags = meta.column("noisy").to_pylist()
+                noisy.append(np.asarray([bool(x) for x in flags], dtype=bool))
+        self.rows = np.array([len(u) for u in uids], dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(self.rows)])
+        self.uids = np.concatenate(uids)
+        self.noisy = np.concatenate(noisy)
+        if len(set(self.uids.tolist())) != len(self.uids):
+            raise ValueError("duplicate uids across the training datasets: the same pairs are listed twice")
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def locate(self, gid: int) -> tuple[int, int]:
+        """Global sample id -> (shard number, row in shard)."""
+        shard = int(np.searchsorted(self.offsets, gid, side="right") - 1)
+        return shard, int(gid - self.offsets[shard])
+
+
+def epoch_order(rows: np.ndarray, *, seed: int, epoch: int, window: int) -> np.ndarray:
+    """Global sample ids of one epoch: shards permuted, samples shuffled within windows of shards."""
+    rng = np.random.default_rng([seed, epoch, 0x5EED])
+    offsets = np.concatenate([[0], np.cumsum(rows)])
+    perm = rng.permutation(len(rows))
+    parts = []
+    for start in range(0, len(perm), window):
+        ids = np.concatenate([np.arange(offsets[s], offsets[s + 1]) for s in perm[start:start + window]])
+        rng.shuffle(ids)
+        parts.append(ids)
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+class SuperBatches(torch.utils.data.Dataset):
+    """Map-style dataset whose item `step` is the whole super-batch of that training step."""
+
+    def __init__(self, index: PairIndex, *, size: int, seed: int, window: int,
+                 preprocess: Callable[[Image.Image], torch.Tensor], tokenizer: Callable[[list[str]], torch.Tensor],
+                 caches: Sequence[CacheSpec] = (), on_bad_sample: str = "raise", max_open_shards: int | None = None):
+        if len(index) < size:
+            raise ValueError(f"the training data holds {len(index)} pairs, fewer than one super-batch of {size}")
+        self.index = index
+        self.size = size
+        self.seed = seed
+        self.window = window
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.caches = list(caches)
+        self.on_bad_sample = on_bad_sample
+        self.per_epoch = len(index) // size  # drop the last partial super-batch of each epoch
+        self._max_open = max_open_shards or window + 2
+        self._open: OrderedDict[int, dict[str, Any]] = OrderedDict()
+        self._order_epoch = -1
+        self._order: np.ndarray | None = None
+        self.skipped = 0
+
+    def __len__(self) -> int:  # unbounded in steps; DataLoader only asks the sampler
+        return 2**62
+
+    def position(self, step: int) -> tuple[int, int]:
+        """(epoch, super-batch within epoch) read at a training step."""
+        return divmod(step, self.per_epoch)
+
+    def _ids(self, step: int) -> np.ndarray:
+        epoch, k = self.position(step)
+        if epoch != self._order_epoch:
+            self._order = epoch_order(self.index.rows, seed=self.seed, epoch=epoch, window=self.window)
+            self._order_epoch = epoch
+        return self._order[k * self.size:(k + 1) * self.size]
+
+    def _shard(self, s: int) -> dict[str, Any]:
+        """Raw bytes, captions and cached rows of one shard (kept in a small LRU)."""
+        if s in self._open:
+            self._open.move_to_end(s)
+            return self._open[s]
+        ref = self.index.shards[s]
+        dataset = self.index.datasets[s]
+        expected = self.index.uids[self.index.offsets[s]:self.index.offsets[s + 1]]
+        rows: list[tuple[bytes, str] | None] = [None] * len(expected)
+        position = {u: i for i, u in enumerate(expected)}
+        for sample in iter_samples(ref, on_error=self.on_bad_sample):
+            rows[position[sample.uid]] = (sample.image_bytes, sample.caption)
+        missing = sum(r is None for r in rows)
+        if missing:
+            self.skipped += missing
+            log.warning("%s: %d bad samples skipped (on_bad_sample=skip)", ref.tar_path, missing)
+        cached = []
+        for spec in self.caches:
+            c = read_cache_shard(spec.folder(dataset), ref, expect=spec.meta)
+            if list(c.uids) != list(expected):  # storage checks this too; the trainer must never zip blindly
+                raise ValueError(f"cache {spec.folder(dataset)} shard {ref.name}: uids differ from the pair shard")
+            cached.append((c.image_emb, c.text_emb))
+        entry = {"rows": rows, "cached": cached, "ref": ref}
+        self._open[s] = entry
+        if len(self._open) > self._max_open:
+            self._open.popitem(last=False)
+        return entry
+
+    def _decode(self, data: bytes, ref: ShardRef, uid: str) -> torch.Tensor | None:
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                return self.preprocess(im.convert("RGB"))
+        except Exception as exc:  # PIL raises many types for corrupt data
+            if self.on_bad_sample == "skip":
+                self.skipped += 1
+                log.warning("%s: sample uid=%s has an undecodable image (%s): skipped", ref.tar_path, uid, exc)
+                return None
+            raise ShardError(f"{ref.tar_path}: sample uid={uid}: undecodable image: {exc}") from exc
+
+    def __getitem__(self, step: int) -> dict[str, Any]:
+        ids = self._ids(step)
+        images, captions, uids, noisy, picks = [], [], [], [], []
+        cached: list[tuple[list, list]] = [([], []) for _ in self.caches]
+        for gid in ids:
+            s, r = self.index.locate(int(gid))
+            entry = self._shard(s)
+            row = entry["rows"][r]
+            if row is None:
+                continue
+            uid = self.index.uids[gid]
+            image = self._decode(row[0], entry["ref"], uid)
+            if image is None:
+                continue
+            images.append(image)
+            captions.append(row[1])
+            uids.append(uid)
+            noisy.append(bool(self.index.noisy[gid]))
+            picks.append(int(gid))
+            for (ci, ct), (img_emb, txt_emb) in zip(cached, entry["cached"]):
+                ci.append(img_emb[r])
+                ct.append(txt_emb[r])
+        if not images:
+            raise ShardError(f"step {step}: every sample of the super-batch was bad")
+        batch: dict[str, Any] = {
+            "step": step,
+            "images": torch.stack(images),
+            "tokens": self.tokenizer(captions),
+            "uids": uids,
+            "noisy": torch.tensor(noisy, dtype=torch.bool),
+            "ids": torch.tensor(picks, dtype=torch.int64),
+            "cached": [(torch.from_numpy(np.stack(ci)).float(), torch.from_numpy(np.stack(ct)).float())
+                       for ci, ct in cached],
+        }
+        return batch
+
+
+class _Steps(torch.utils.data.Sampler):
+    def __init__(self, start: int, stop: int):
+        self.start, self.stop = start, stop
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.start, self.stop))
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+def loader(dataset: SuperBatches, *, start_step: int, stop_step: int, num_workers: int) -> torch.utils.data.DataLoader:
+    """Super-batches for steps [start_step, stop_step), decoded ahead by worker processes."""
+    return torch.utils.data.DataLoader(
+        dataset, sampler=_Steps(start_step, stop_step), batch_size=None, num_workers=num_workers,
+        prefetch_factor=2 if num_workers > 0 else None, persistent_workers=False,
+        # Workers are forked: each keeps its own shard LRU. One torch thread each so decoding does not
+        # fight the training step for the two cores.
+        worker_init_fn=_worker_init if num_workers > 0 else None,
+    )
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)

@@ -1,0 +1,488 @@
+"""Evaluation: zero-shot classification, image-text retrieval, and the StableEval subset.
+
+Paper section 4.1 ("Evaluation Protocol") and Appendix A:
+- zero-shot classification: class names through prompt templates, the mean of the normalised
+  template embeddings (renormalised) is the class weight, top-1 (and top-5) accuracy;
+- image-text retrieval: recall@1/5/10 both ways, an image with several captions counts as found
+  image->text if any of its captions is in the top k (exact search with faiss ``IndexFlatIP``);
+- StableEval: from runs that differ only in the seed, keep the evaluations whose averaged
+  variability stays under that of the most stable single evaluation.
+
+Datasets are pair-shard folders (docs/interfaces.md, read with `storage.shards`); a zero-shot set
+has a ``label`` per sample and ``classnames`` in its ``_dataset.json``. The metric arithmetic is
+kept apart from the model (`retrieval_from_embeddings`, `zero_shot_from_embeddings`) so it can be
+checked on constructed embeddings. Metrics are fractions in [0, 1]; tables print percentages.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import logging
+import math
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import faiss
+import numpy as np
+import torch
+from PIL import Image
+
+from storage.atomic import atomic_write_bytes, atomic_write_json
+from storage.shards import ShardError, ShardRef, iter_samples, list_shards, load_dataset
+
+log = logging.getLogger(__name__)
+
+# A short CLIP-style template set (a subset of the 80 ImageNet prompts of CLIP, Radford et al. 2021):
+# averaging a few phrasings makes the class weight less sensitive to any one wording.
+DEFAULT_TEMPLATES: tuple[str, ...] = (
+    "a photo of a {}.",
+    "a blurry photo of a {}.",
+    "a photo of the large {}.",
+    "a photo of the small {}.",
+    "a bad photo of a {}.",
+    "a good photo of a {}.",
+    "a low resolution photo of a {}.",
+    "a close-up photo of a {}.",
+    "itap of a {}.",
+    "art of the {}.",
+)
+
+KINDS = ("zeroshot", "retrieval")
+RETRIEVAL_KS: tuple[int, ...] = (1, 5, 10)
+
+__all__ = [
+    "DEFAULT_TEMPLATES", "KINDS", "RETRIEVAL_KS",
+    "zero_shot", "zero_shot_from_embeddings", "class_weights",
+    "retrieval", "retrieval_from_embeddings", "select_faiss_device",
+    "evaluate", "headline_metrics", "format_markdown", "write_results",
+    "stable_eval", "stable_eval_table", "collect_seeds",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# shared plumbing
+
+
+def _device_of(bundle) -> torch.device:
+    return next(bundle.model.parameters()).device
+
+
+@contextlib.contextmanager
+def _eval_mode(bundle):
+    """Run with the model in eval mode (no dropout) and restore its mode afterwards: the trainer
+    evaluates mid-run and must get a training model back."""
+    was_training = bundle.model.training
+    bundle.model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        bundle.model.train(was_training)
+
+
+def _decode(shard: ShardRef, key: str, data: bytes, preprocess) -> torch.Tensor:
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return preprocess(im.convert("RGB"))
+    except Exception as e:  # PIL raises several types; name the sample whatever it was
+        raise ShardError(f"{shard.tar_path}: sample {key!r}: cannot decode image ({e})") from e
+
+
+def _samples(dataset_dir: Path):
+    """(shard, sample) over every shard of a dataset, in shard then metadata order."""
+    shards = list_shards(dataset_dir)
+    if not shards:
+        raise ValueError(f"{dataset_dir}: dataset has no shards")
+    for shard in shards:
+        for sample in iter_samples(shard):
+            yield shard, sample
+
+
+def _encode_images(bundle, tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    x = torch.stack(tensors).to(device, non_blocking=True)
+    return bundle.encode_image(x).float()
+
+
+def _encode_texts(bundle, texts: list[str], device: torch.device) -> torch.Tensor:
+    tokens = bundle.tokenizer(list(texts)).to(device, non_blocking=True)
+    return bundle.encode_text(tokens).float()
+
+
+# --------------------------------------------------------------------------------------------
+# zero-shot classification
+
+
+def class_weights(bundle, classnames: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES,
+                  *, batch_size: int = 256) -> torch.Tensor:
+    """Zero-shot classifier W[C, d]: for each class, the mean over templates of the normalised text
+    embeddings of ``template.format(classname)``, renormalised (CLIP's prompt ensembling)."""
+    if not classnames:
+        raise ValueError("class_weights: no class names")
+    if not templates or any("{}" not in t for t in templates):
+        raise ValueError(f"class_weights: every template needs a '{{}}' placeholder, got {list(templates)!r}")
+    device = _device_of(bundle)
+    texts = [t.format(c) for c in classnames for t in templates]
+    embs = torch.cat([_encode_texts(bundle, texts[i:i + batch_size], device)
+                      for i in range(0, len(texts), batch_size)])
+    # encode_text already normalises each prompt; normalise again anyway so a bundle that returns
+    # slightly denormalised (e.g. half precision) rows cannot skew the template mean.
+    embs = torch.nn.functional.normalize(embs, dim=-1).reshape(len(classnames), len(templates), -1)
+    return torch.nn.functional.normalize(embs.mean(dim=1), dim=-1)
+
+
+def zero_shot_from_embeddings(img_emb: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
+                              classnames: Sequence[str] | None = None) -> dict:
+    """Accuracy of argmax_c (u_i . w_c) against `labels`.
+
+    img_emb[N, d] (normalised), labels[N] int in [0, C), weights[C, d] -> dict with top1, top5
+    (top-min(5, C)), n, n_classes, mean_per_class_top1 (over classes present) and per_class
+    {name: top-1} when `classnames` is given.
+    """
+    img_emb, weights = torch.as_tensor(img_emb).float(), torch.as_tensor(weights).float()
+    labels = torch.as_tensor(labels).long()
+    n, c = img_emb.shape[0], weights.shape[0]
+    if labels.shape != (n,):
+        raise ValueError(f"labels shape {tuple(labels.shape)} != ({n},)")
+    if n == 0:
+        raise ValueError("zero-shot evaluation over 0 images")
+    if labels.min() < 0 or labels.max() >= c:
+        raise ValueError(f"labels must lie in [0, {c}), got range [{int(labels.min())}, {int(labels.max())}]")
+    logits = img_emb @ weights.T
+    k = min(5, c)
+    topk = logits.topk(k, dim=1).indices
+    hit1 = topk[:, 0] == labels
+    hit5 = (topk == labels[:, None]).any(dim=1)
+    counts = torch.bincount(labels, minlength=c)
+    correct = torch.bincount(labels[hit1], minlength=c)
+    present = counts > 0
+    out = {
+        "top1": hit1.float().mean().item(),
+        "top5": hit5.float().mean().item(),
+        "n": n,
+        "n_classes": c,
+        "mean_per_class_top1": (correct[present].float() / counts[present].float()).mean().item(),
+    }
+    if classnames is not None:
+        if len(classnames) != c:
+            raise ValueError(f"{len(classnames)} class names for {c} class weights")
+        out["per_class"] = {classnames[i]: (correct[i] / counts[i]).item() for i in range(c) if counts[i] > 0}
+    return out
+
+
+def zero_shot(bundle, dataset_dir: str | Path, *, templates: Sequence[str] = DEFAULT_TEMPLATES,
+              batch_size: int = 256) -> dict:
+    """Zero-shot classification of a class-folder pair-shard dataset (every sample has ``label``;
+    ``_dataset.json["classnames"]`` names the classes). Returns `zero_shot_from_embeddings`' dict."""
+    dataset_dir = Path(dataset_dir)
+    classnames = load_dataset(dataset_dir).classnames
+    if not classnames or not all(isinstance(c, str) for c in classnames):
+        raise ValueError(f"{dataset_dir / '_dataset.json'}: no 'classnames' list: not a zero-shot classification set")
+    device = _device_of(bundle)
+    embs: list[torch.Tensor] = []
+    labels: list[int] = []
+    batch: list[torch.Tensor] = []
+    with _eval_mode(bundle):
+        weights = class_weights(bundle, classnames, templates, batch_size=batch_size)
+        for shard, s in _samples(dataset_dir):
+            if s.label is None or not 0 <= s.label < len(classnames):
+                raise ShardError(f"{shard.tar_path}: sample {s.key!r}: label {s.label!r} is not in "
+                                 f"[0, {len(classnames)}) of {dataset_dir / '_dataset.json'}")
+            batch.append(_decode(shard, s.key, s.image_bytes, bundle.preprocess))
+            labels.append(int(s.label))
+            if len(batch) == batch_size:
+                embs.append(_encode_images(bundle, batch, device).cpu())
+                batch = []
+        if batch:
+            embs.append(_encode_images(bundle, batch, device).cpu())
+    return zero_shot_from_embeddings(torch.cat(embs), torch.tensor(labels), weights.cpu(), classnames)
+
+
+# --------------------------------------------------------------------------------------------
+# image-text retrieval
+
+
+def select_faiss_device(device: str = "auto") -> str:
+    """'cpu' or 'gpu' for the faiss index. 'auto' picks the GPU when faiss was built with GPU support
+    and sees a GPU and CUDA is usable from torch; 'gpu' without one is an error, never a quiet CPU run."""
+    if device not in ("auto", "cpu", "gpu"):
+        raise ValueError(f"faiss device must be 'auto', 'cpu' or 'gpu', got {device!r}")
+    gpu_ok = faiss.get_num_gpus() > 0 and torch.cuda.is_available() and hasattr(faiss, "StandardGpuResources")
+    if device == "gpu" and not gpu_ok:
+        raise RuntimeError(f"faiss GPU index requested but unavailable (faiss {faiss.__version__} sees "
+                           f"{faiss.get_num_gpus()} GPUs, torch.cuda.is_available()={torch.cuda.is_available()})")
+    chosen = device if device != "auto" else ("gpu" if gpu_ok else "cpu")
+    log.info("retrieval: faiss %s IndexFlatIP (requested %s, faiss sees %d GPUs)", chosen.upper(), device,
+             faiss.get_num_gpus())
+    return chosen
+
+
+def _knn(base: np.ndarray, queries: np.ndarray, k: int, device: str) -> np.ndarray:
+    """Indices [n_queries, k] of the k largest inner products (exact search)."""
+    d = base.shape[1]
+    if device == "gpu":
+        res = faiss.StandardGpuResources()  # kept alive by this frame until the search returns
+        index = faiss.GpuIndexFlatIP(res, d)
+    else:
+        index = faiss.IndexFlatIP(d)
+    index.add(base)
+    _, idx = index.search(queries, k)
+    if (idx < 0).any():
+        raise RuntimeError(f"faiss returned missing neighbours for k={k} over {base.shape[0]} rows")
+    return idx
+
+
+def _as_unit_f32(x, name: str) -> np.ndarray:
+    x = x.detach().cpu().float().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float32)
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise ValueError(f"{name}: expected a non-empty [n, d] array, got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{name}: non-finite embeddings")
+    norms = np.linalg.norm(x, axis=1)
+    if (norms == 0).any():
+        raise ValueError(f"{name}: zero vector at row {int(np.argmax(norms == 0))}")
+    # Inner product equals cosine only for unit rows; renormalise in float32 (a float16 cache or a
+    # bf16 forward is a little off the unit sphere).
+    return np.ascontiguousarray(x / norms[:, None], dtype=np.float32)
+
+
+def retrieval_from_embeddings(img_emb, txt_emb, txt_image_index, *, ks: Sequence[int] = RETRIEVAL_KS,
+                              faiss_device: str = "auto") -> dict:
+    """Recall@k both ways from embeddings.
+
+    img_emb[N, d]: one row per unique image; txt_emb[M, d]: one row per caption;
+    txt_image_index[M]: the image row of each caption (every image needs at least one caption).
+    image->text: image i is a hit at k if ANY of its captions is among its k nearest captions;
+    text->image: caption t is a hit at k if its image is among its k nearest images.
+    Returns {i2t_r{k}, t2i_r{k} for k in ks, mean_recall (mean of those), n_images, n_texts}.
+    """
+    img = _as_unit_f32(img_emb, "image embeddings")
+    txt = _as_unit_f32(txt_emb, "text embeddings")
+    owner = np.asarray(txt_image_index.cpu() if isinstance(txt_image_index, torch.Tensor) else txt_image_index,
+                       dtype=np.int64)
+    n, m = img.shape[0], txt.shape[0]
+    if img.shape[1] != txt.shape[1]:
+        raise ValueError(f"image dim {img.shape[1]} != text dim {txt.shape[1]}")
+    if owner.shape != (m,):
+        raise ValueError(f"txt_image_index shape {owner.shape} != ({m},)")
+    if owner.min() < 0 or owner.max() >= n:
+        raise ValueError(f"txt_image_index must lie in [0, {n}), got [{owner.min()}, {owner.max()}]")
+    captions_per_image = np.bincount(owner, minlength=n)
+    if (captions_per_image == 0).any():
+        raise ValueError(f"image row {int(np.argmax(captions_per_image == 0))} has no caption")
+    ks = sorted({int(k) for k in ks})
+    if not ks or ks[0] < 1:
+        raise ValueError(f"ks must be positive, got {ks}")
+    dev = select_faiss_device(faiss_device)
+
+    # text -> image: each caption's nearest images.
+    k_img = min(ks[-1], n)
+    nn_img = _knn(img, txt, k_img, dev)                       # [M, k_img]
+    t2i_hit = np.cumsum(nn_img == owner[:, None], axis=1) > 0  # hit within the first j+1
+    # image -> text: each image's nearest captions, mapped to the image that owns them.
+    k_txt = min(ks[-1], m)
+    nn_txt = _knn(txt, img, k_txt, dev)                       # [N, k_txt]
+    i2t_hit = np.cumsum(owner[nn_txt] == np.arange(n)[:, None], axis=1) > 0
+
+    out: dict = {}
+    for k in ks:
+        # k beyond the number of candidates: everything is retrieved, the hit rate of the full list.
+        out[f"i2t_r{k}"] = float(i2t_hit[:, min(k, k_txt) - 1].mean())
+    for k in ks:
+        out[f"t2i_r{k}"] = float(t2i_hit[:, min(k, k_img) - 1].mean())
+    out["mean_recall"] = float(np.mean([out[f"i2t_r{k}"] for k in ks] + [out[f"t2i_r{k}"] for k in ks]))
+    out["n_images"], out["n_texts"] = n, m
+    return out
+
+
+def _embed_retrieval_set(bundle, dataset_dir: Path, batch_size: int):
+    """Embed each unique image (by image_id) once and every caption. Returns (img[N,d], txt[M,d],
+    txt_image_index[M])."""
+    device = _device_of(bundle)
+    image_row: dict[str, int] = {}
+    image_digest: dict[str, tuple[bytes, str]] = {}
+    owner: list[int] = []
+    img_chunks: list[torch.Tensor] = []
+    txt_chunks: list[torch.Tensor] = []
+    img_batch: list[torch.Tensor] = []
+    txt_batch: list[str] = []
+    for shard, s in _samples(dataset_dir):
+        digest = hashlib.blake2b(s.image_bytes, digest_size=16).digest()
+        if s.image_id not in image_row:
+            image_row[s.image_id] = len(image_row)
+            image_digest[s.image_id] = (digest, f"{shard.tar_path}:{s.key}")
+            img_batch.append(_decode(shard, s.key, s.image_bytes, bundle.preprocess))
+        elif image_digest[s.image_id][0] != digest:
+            # One image_id must mean one image, or "any caption of the image" is meaningless.
+            raise ShardError(f"{shard.tar_path}: sample {s.key!r}: image_id {s.image_id!r} has different "
+                             f"image bytes than {image_digest[s.image_id][1]}")
+        owner.append(image_row[s.image_id])
+        txt_batch.append(s.caption)
+        if len(img_batch) == batch_size:
+            img_chunks.append(_encode_images(bundle, img_batch, device).cpu())
+            img_batch = []
+        if len(txt_batch) == batch_size:
+            txt_chunks.append(_encode_texts(bundle, txt_batch, device).cpu())
+            txt_batch = []
+    if img_batch:
+        img_chunks.append(_encode_images(bundle, img_batch, device).cpu())
+    if txt_batch:
+        txt_chunks.append(_encode_texts(bundle, txt_batch, device).cpu())
+    return torch.cat(img_chunks), torch.cat(txt_chunks), torch.tensor(owner)
+
+
+def retrieval(bundle, dataset_dir: str | Path, *, batch_size: int = 256, ks: Sequence[int] = RETRIEVAL_KS,
+              faiss_device: str = "auto") -> dict:
+    """Image-text retrieval over a pair-shard dataset where captions sharing an ``image_id`` belong
+    to one image (e.g. Flickr8k: 5 captions per image). `faiss_device` picks the faiss index
+    ('auto'|'cpu'|'gpu', see `select_faiss_device`). Returns `retrieval_from_embeddings`' dict."""
+    dataset_dir = Path(dataset_dir)
+    with _eval_mode(bundle):
+        img, txt, owner = _embed_retrieval_set(bundle, dataset_dir, batch_size)
+    return retrieval_from_embeddings(img, txt, owner, ks=ks, faiss_device=faiss_device)
+
+
+# --------------------------------------------------------------------------------------------
+# a suite of evaluations, results files
+
+
+def evaluate(bundle, evals: Mapping[str, tuple[str, str | Path]], *, batch_size: int = 256,
+             templates: Sequence[str] = DEFAULT_TEMPLATES, faiss_device: str = "auto") -> dict:
+    """Run named evaluations: ``evals = {name: (kind, dataset_dir)}`` with kind 'zeroshot' or 'retrieval'.
+
+    Returns {"model": bundle.name, "created": ISO time, "evals": {name: {"kind", "dataset",
+    "seconds", "metrics"}}, "headline": `headline_metrics`}.
+    """
+    for name, spec in evals.items():
+        if not isinstance(spec, (tuple, list)) or len(spec) != 2 or spec[0] not in KINDS:
+            raise ValueError(f"eval {name!r}: expected (kind, dataset_dir) with kind in {KINDS}, got {spec!r}")
+    out: dict = {"model": getattr(bundle, "name", None),
+                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "evals": {}}
+    for name, (kind, dataset_dir) in evals.items():
+        t0 = time.perf_counter()
+        if kind == "zeroshot":
+            metrics = zero_shot(bundle, dataset_dir, templates=templates, batch_size=batch_size)
+        else:
+            metrics = retrieval(bundle, dataset_dir, batch_size=batch_size, faiss_device=faiss_device)
+        seconds = time.perf_counter() - t0
+        log.info("eval %s (%s, %s): %.1f s", name, kind, dataset_dir, seconds)
+        out["evals"][name] = {"kind": kind, "dataset": str(dataset_dir), "seconds": round(seconds, 3),
+                              "metrics": metrics}
+    out["headline"] = headline_metrics(out)
+    return out
+
+
+def headline_metrics(results: Mapping) -> dict[str, float]:
+    """One number per evaluation, as the paper counts them: zero-shot top-1 under the eval's name;
+    retrieval as two evaluations, ``<name>:i2t`` and ``<name>:t2i`` (recall@1 each)."""
+    out: dict[str, float] = {}
+    for name, ev in results["evals"].items():
+        m = ev["metrics"]
+        if ev["kind"] == "zeroshot":
+            out[name] = float(m["top1"])
+        elif ev["kind"] == "retrieval":
+            out[f"{name}:i2t"] = float(m["i2t_r1"])
+            out[f"{name}:t2i"] = float(m["t2i_r1"])
+        else:
+            raise ValueError(f"eval {name!r}: unknown kind {ev['kind']!r}")
+    return out
+
+
+def _pct(x: float) -> str:
+    return f"{100.0 * x:.2f}"
+
+
+def format_markdown(results: Mapping) -> str:
+    """Markdown tables of a results dict (zero-shot and retrieval), values in percent."""
+    lines = [f"# Evaluation of `{results.get('model')}`", "", f"created {results.get('created')}", ""]
+    zs = [(n, e) for n, e in results["evals"].items() if e["kind"] == "zeroshot"]
+    rt = [(n, e) for n, e in results["evals"].items() if e["kind"] == "retrieval"]
+    if zs:
+        lines += ["## Zero-shot classification (%)", "",
+                  "| eval | n | classes | top-1 | top-5 | mean per-class top-1 |", "|---|---:|---:|---:|---:|---:|"]
+        for n, e in zs:
+            m = e["metrics"]
+            lines.append(f"| {n} | {m['n']} | {m['n_classes']} | {_pct(m['top1'])} | {_pct(m['top5'])} "
+                         f"| {_pct(m['mean_per_class_top1'])} |")
+        lines.append("")
+    if rt:
+        ks = sorted(int(k[5:]) for k in rt[0][1]["metrics"] if k.startswith("i2t_r"))
+        head = " | ".join([f"I2T R@{k}" for k in ks] + [f"T2I R@{k}" for k in ks])
+        lines += ["## Image-text retrieval (%)", "", f"| eval | images | texts | {head} | mean |",
+                  "|---|---:|---:|" + "---:|" * (2 * len(ks) + 1)]
+        for n, e in rt:
+            m = e["metrics"]
+            vals = " | ".join([_pct(m[f"i2t_r{k}"]) for k in ks] + [_pct(m[f"t2i_r{k}"]) for k in ks])
+            lines.append(f"| {n} | {m['n_images']} | {m['n_texts']} | {vals} | {_pct(m['mean_recall'])} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_results(results: Mapping, out_dir: str | Path, *, stem: str = "results") -> tuple[Path, Path]:
+    """Write ``<stem>.json`` and ``<stem>.md`` into `out_dir`, each atomically. Returns both paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+    atomic_write_json(json_path, results)
+    atomic_write_bytes(md_path, format_markdown(results).encode())
+    return json_path, md_path
+
+
+# --------------------------------------------------------------------------------------------
+# StableEval (Appendix A)
+
+
+def stable_eval_table(per_seed: Mapping[str, Sequence[float]]) -> list[dict]:
+    """The StableEval procedure step by step (Appendix A).
+
+    per_seed: {eval_name: [metric of seed 1, seed 2, ...]} (at least 2 seeds each).
+    1. std_i = sample standard deviation (ddof=1) of eval i across seeds;
+    2. sort evals by std_i ascending (ties by name, for a deterministic order);
+    3. for each prefix of N evals, std of their average = sqrt(sum_{i<=N} var_i) / N
+       (seeds' metrics treated as independent across evals, as in the paper);
+    4. keep evals while that stays <= the std of the most stable single eval; the first prefix that
+       exceeds it is the paper's "critical point" and ends the set (later prefixes are not kept even
+       if very many evals would bring the average back down).
+    Returns one row per eval in sorted order: {name, std, avg_std, kept}.
+    """
+    if not per_seed:
+        raise ValueError("stable_eval: no evaluations")
+    stds = {}
+    for name, values in per_seed.items():
+        v = np.asarray(values, dtype=np.float64)
+        if v.ndim != 1 or v.size < 2:
+            raise ValueError(f"stable_eval: eval {name!r} needs >= 2 seeds, got {v.size}")
+        if not np.isfinite(v).all():
+            raise ValueError(f"stable_eval: eval {name!r} has non-finite values {values!r}")
+        stds[name] = float(v.std(ddof=1))
+    order = sorted(stds, key=lambda k: (stds[k], k))
+    threshold = stds[order[0]]
+    rows, total_var, kept = [], 0.0, True
+    for n, name in enumerate(order, start=1):
+        total_var += stds[name] ** 2
+        avg_std = math.sqrt(total_var) / n
+        # a relative epsilon so that equal stds (avg = s*sqrt(N)/N <= s) are not lost to rounding
+        kept = kept and avg_std <= threshold * (1 + 1e-12)
+        rows.append({"name": name, "std": stds[name], "avg_std": avg_std, "kept": kept})
+    return rows
+
+
+def stable_eval(per_seed: Mapping[str, Sequence[float]]) -> list[str]:
+    """Names of the StableEval subset (most stable first); see `stable_eval_table`."""
+    return [r["name"] for r in stable_eval_table(per_seed) if r["kept"]]
+
+
+def collect_seeds(results_per_seed: Sequence[Mapping], sources: Sequence[str] | None = None) -> dict[str, list[float]]:
+    """{eval_name: [headline metric per seed]} from several results dicts (one per seed). Every
+    result must hold the same evaluations; `sources` (e.g. file names) make the error say which."""
+    if len(results_per_seed) < 2:
+        raise ValueError(f"stable eval needs results of >= 2 seeds, got {len(results_per_seed)}")
+    sources = list(sources) if sources is not None else [f"result #{i}" for i in range(len(results_per_seed))]
+    heads = [r["headline"] if "headline" in r else headline_metrics(r) for r in results_per_seed]
+    names = set(heads[0])
+    for src, h in zip(sources, heads):
+        if set(h) != names:
+            raise ValueError(f"{src}: evaluations {sorted(h)} differ from {sources[0]}: {sorted(names)}")
+    return {name: [float(h[name]) for h in heads] for name in sorted(names)}

@@ -1,0 +1,369 @@
+"""The training loop for every method of SPEC.md's table (paper sections 3.1-3.3, Appendix E).
+
+One step reads as its named parts:
+  read_superbatch   B raw pairs + cached reference/teacher rows (pipeline.data)
+  score_superbatch  student forward over all B candidates, no grad (ACID methods only)
+  select_subbatch   joint (JEST) selection of b pairs with the conditional-score kernel
+  train_step        contrastive loss on B_CE (+ lambda * KD on B_KD), clipped Adam update
+  log_step          per-step metrics and per-candidate selection records
+Checkpoints are atomic (pipeline.checkpoint); metrics and selections are flushed to Parquet only
+together with a checkpoint, so a resumed run never holds a duplicated or a missing step.
+
+Resume order (written once, here): the run's own latest checkpoint, then `init_from` weights, then scratch.
+Everything random is derived from (seed, step), so a killed and restarted run reproduces the
+uninterrupted run's per-step losses exactly on the CPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline import losses
+from pipeline.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from pipeline.data import CacheSpec, PairIndex, SuperBatches, cached_model_meta, loader
+from pipeline.models import ModelBundle, create_model, load_model, save_model
+from pipeline.recipes import TrainConfig
+from pipeline.selection import SelectionConfig, select
+from storage.atomic import atomic_write_json
+from storage.runlog import ParquetLog
+
+log = logging.getLogger(__name__)
+
+MAX_LOGIT_SCALE = math.log(100.0)  # CLIP/open_clip clamp: keeps a = exp(t) <= 100
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    metrics: dict[str, float]
+    model_dir: Path
+
+
+# ---------------------------------------------------------------------------------------------
+# set-up
+
+
+def pick_device(cfg: TrainConfig) -> torch.device:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' but CUDA is not available")
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def lr_factor(cfg: TrainConfig, step: int) -> float:
+    """Multiplier of the peak lr at `step` (0-based): linear warm-up, then cosine or rsqrt (+ cool-down)."""
+    warm = max(1, int(round(cfg.warmup_frac * cfg.steps)))
+    if step < warm:
+        return (step + 1) / warm
+    if cfg.schedule == "cosine":
+        progress = (step - warm) / max(1, cfg.steps - warm)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    cool = int(round(cfg.cooldown_frac * cfg.steps))
+    value = math.sqrt(warm / (step + 1))
+    if cool and step >= cfg.steps - cool:
+        value *= (cfg.steps - step) / cool
+    return value
+
+
+def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW with decay on weight matrices only (not on gains, biases, embeddings' scale/bias)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "logit_" in name or "ln_" in name else decay).append(p)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s))
+    return opt, sched
+
+
+def cache_specs(cfg: TrainConfig) -> tuple[CacheSpec | None, list[CacheSpec]]:
+    """Reference and teacher caches, with the model metadata every shard must match."""
+    if not cfg.cache_root:
+        return None, []
+    root = Path(cfg.cache_root)
+
+    def spec(model_id: str) -> CacheSpec:
+        return CacheSpec(model_id=model_id, cache_root=root, meta=cached_model_meta(root, model_id, cfg.train_data))
+
+    ref = spec(cfg.reference) if cfg.spec.needs_reference else None
+    teachers = [spec(t) for t in cfg.teacher] if cfg.spec.kd else []
+    return ref, teachers
+
+
+# ---------------------------------------------------------------------------------------------
+# the named steps
+
+
+def embed(model: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalised image and text embeddings (grad follows the caller's mode)."""
+    return model.encode_image(images, normalize=True), model.encode_text(tokens, normalize=True)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA, plain float32 on the CPU (SPEC: no low precision where it is slow or inexact)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def score_superbatch(model: torch.nn.Module, batch: dict[str, Any], device: torch.device,
+                     resolution: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Student embeddings of every candidate, under inference mode (optionally at lower resolution)."""
+    images = batch["images"].to(device, non_blocking=True)
+    if resolution is not None and resolution != images.shape[-1]:
+        images = torch.nn.functional.interpolate(images, size=(resolution, resolution), mode="bilinear",
+                                                 antialias=True, align_corners=False)
+    with torch.inference_mode(), autocast(device):
+        img, txt = embed(model, images, batch["tokens"].to(device, non_blocking=True))
+    return img.float(), txt.float()
+
+
+def select_subbatch(cfg: TrainConfig, model: torch.nn.Module, stu: tuple[torch.Tensor, torch.Tensor],
+                    ref: tuple[torch.Tensor, torch.Tensor] | None, ref_meta, step: int):
+    """Joint batch selection (JEST / ACID) of b candidates; noise drawn from (seed, step) for exact resume."""
+    gen = torch.Generator(device=stu[0].device)
+    # Not hash(): Python salts str hashes per process, which would break exact resume.
+    gen.manual_seed((cfg.seed * 1_000_003 + step) % (2**63 - 1))
+    sel_cfg = SelectionConfig(rule=cfg.spec.selection, n_chunks=cfg.n_chunks, tau=cfg.tau, topk=cfg.topk,
+                              backend=cfg.kernel_backend)
+    kwargs: dict[str, Any] = dict(stu_img=stu[0], stu_txt=stu[1], stu_scale=float(model.logit_scale.exp()),
+                                  stu_bias=float(model.logit_bias))
+    if ref is not None:
+        kwargs.update(ref_img=ref[0].to(stu[0].device), ref_txt=ref[1].to(stu[0].device),
+                      ref_scale=ref_meta.logit_scale, ref_bias=ref_meta.logit_bias)
+    return select(sel_cfg, cfg.batch_size, generator=gen, **kwargs)
+
+
+def contrastive_loss(cfg: TrainConfig, model: torch.nn.Module, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
+    scale = model.logit_scale.exp()
+    if cfg.contrastive == "sigmoid":
+        return losses.sigmoid_contrastive(img, txt, scale, model.logit_bias)
+    return losses.softmax_contrastive(img, txt, scale)
+
+
+def kd_loss(cfg: TrainConfig, model: torch.nn.Module, img: torch.Tensor, txt: torch.Tensor,
+            teachers: list[tuple[torch.Tensor, torch.Tensor, Any]], proj: torch.nn.Module | None) -> torch.Tensor:
+    """Distillation term on the KD batch, averaged over teachers (eq. 18)."""
+    scale = model.logit_scale.exp()
+    terms = []
+    for t_img, t_txt, meta in teachers:
+        if cfg.kd_loss == "softmax":
+            terms.append(losses.softmax_kd(img, txt, scale, t_img, t_txt, meta.logit_scale))
+        elif cfg.kd_loss == "sigmoid":
+            terms.append(losses.sigmoid_kd(img, txt, scale, model.logit_bias, t_img, t_txt,
+                                           meta.logit_scale, meta.logit_bias))
+        else:
+            terms.append(losses.feature_matching_kd(img, txt, t_img, t_txt, proj))
+    return torch.stack(terms).mean()
+
+
+def train_step(cfg: TrainConfig, model: torch.nn.Module, proj: torch.nn.Module | None, opt: torch.optim.Optimizer,
+               sched: Any, device: torch.device, ce_batch: dict[str, Any], kd_batch: dict[str, Any] | None,
+               teacher_metas: list) -> dict[str, float]:
+    """One update: L = L_contrastive[B_CE] + lambda * L_dist[B_KD] (SPEC "Full objective")."""
+    model.train()
+    opt.zero_grad(set_to_none=True)
+    with autocast(device):
+        img, txt = embed(model, ce_batch["images"].to(device), ce_batch["tokens"].to(device))
+        ce = contrastive_loss(cfg, model, img.float(), txt.float())
+        kd_terms = {}
+        if kd_batch is not None:
+            if kd_batch is ce_batch:
+                k_img, k_txt = img, txt
+            else:
+                k_img, k_txt = embed(model, kd_batch["images"].to(device), kd_batch["tokens"].to(device))
+            teachers = [(ti.to(device), tt.to(device), meta) for (ti, tt), meta in zip(kd_batch["teacher"], teacher_metas)]
+            kd_terms["kd"] = (cfg.kd_lambda, kd_loss(cfg, model, k_img.float(), k_txt.float(), teachers, proj))
+        total, terms = losses.unified_objective(ce, kd_terms)
+    total.backward()
+    params = [p for p in model.parameters() if p.requires_grad] + (list(proj.parameters()) if proj else [])
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    lr = opt.param_groups[0]["lr"]
+    opt.step()
+    sched.step()
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+    out = {name: float(v) for name, v in terms.items()}
+    out.update(grad_norm=float(grad_norm), lr=lr, logit_scale=float(model.logit_scale.exp()),
+               logit_bias=float(model.logit_bias) if getattr(model, "logit_bias", None) is not None else 0.0)
+    return out
+
+
+def _subset(batch: dict[str, Any], idx: torch.Tensor, n_teachers: int, teacher_offset: int) -> dict[str, Any]:
+    """Rows `idx` of a super-batch (images, tokens, uids, flags, teacher rows)."""
+    cpu = idx.cpu()
+    return {
+        "images": batch["images"][cpu], "tokens": batch["tokens"][cpu],
+        "uids": [batch["uids"][i] for i in cpu.tolist()], "noisy": batch["noisy"][cpu],
+        "teacher": [(ci[cpu], ct[cpu]) for ci, ct in batch["cached"][teacher_offset:teacher_offset + n_teachers]],
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+
+
+def _init_student(cfg: TrainConfig) -> ModelBundle:
+    bundle = create_model(cfg.model, seed=cfg.seed)
+    if cfg.init_from:
+        init = load_model(cfg.init_from)
+        bundle.model.load_state_dict(init.model.state_dict())
+        log.info("student initialised from %s", cfg.init_from)
+    return bundle
+
+
+def train(cfg: TrainConfig, run_dir: Path, *, progress: bool | None = None) -> TrainResult:
+    """Train (or resume) the run in `run_dir` to cfg.steps; export the final model to run_dir/model."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved_cfg = run_dir / "config.json"
+    if saved_cfg.exists():
+        previous = TrainConfig.from_json(saved_cfg)
+        if previous != cfg:
+            raise ValueError(f"{run_dir} already holds a run with another config ({saved_cfg}); "
+                             "use a new run folder or the same config to resume")
+    else:
+        saved_cfg.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(saved_cfg, json.loads(cfg.to_json()))
+
+    device = pick_device(cfg)
+    torch.manual_seed(cfg.seed)
+    bundle = _init_student(cfg)
+    model = bundle.model.to(device)
+    ref_spec, teacher_specs = cache_specs(cfg)
+    proj = None
+    if cfg.spec.kd and cfg.kd_loss == "fm":
+        d_student = model.text_projection.shape[1] if hasattr(model, "text_projection") else bundle.embed_dim
+        proj = losses.FeatureProjection(d_student, teacher_specs[0].meta.dim).to(device)
+        model.add_module("kd_projection", proj)  # saved and optimised with the student
+    opt, sched = build_optimizer(cfg, model)
+
+    ckpt_dir = run_dir / "checkpoints"
+    metrics_log = ParquetLog(run_dir / "metrics")
+    selections_log = ParquetLog(run_dir / "selections")
+    start = 0
+    latest = latest_checkpoint(ckpt_dir)
+    if latest is not None:
+        state = load_checkpoint(latest, model=model, optimizer=opt, scheduler=sched)
+        start = int(state["step"])
+        log.info("resuming %s from %s (step %d)", run_dir, latest.name, start)
+    # Rows logged after the checkpoint we resume from belong to steps that will run again.
+    metrics_log.truncate_after(start - 1)
+    selections_log.truncate_after(start - 1)
+
+    caches = ([ref_spec] if ref_spec else []) + teacher_specs
+    index = PairIndex(cfg.train_data)
+    data = SuperBatches(index, size=cfg.superbatch_size, seed=cfg.seed, window=cfg.shuffle_window,
+                        preprocess=bundle.preprocess, tokenizer=bundle.tokenizer, caches=caches,
+                        on_bad_sample=cfg.on_bad_sample)
+    teacher_offset = 1 if ref_spec else 0
+    teacher_metas = [t.meta for t in teacher_specs]
+    show = sys.stderr.isatty() if progress is None else progress
+    bar = None
+    if show and start < cfg.steps:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.steps, initial=start, desc=f"{cfg.method}", unit="step", dynamic_ncols=True)
+
+    last: dict[str, float] = {}
+    t_wait = time.perf_counter()
+    for batch in loader(data, start_step=start, stop_step=cfg.steps, num_workers=cfg.num_workers):
+        step = batch["step"]
+        t0 = time.perf_counter()
+        data_wait = t0 - t_wait
+        metrics: dict[str, Any] = {"step": step}
+        if cfg.spec.selection is not None:
+            stu = score_superbatch(model, batch, device, cfg.score_resolution)
+            t1 = time.perf_counter()
+            ref = batch["cached"][0] if ref_spec else None
+            result = select_subbatch(cfg, model, stu, ref, ref_spec.meta if ref_spec else None, step)
+            t2 = time.perf_counter()
+            idx = result.indices
+            ce_batch = _subset(batch, idx, len(teacher_specs), teacher_offset)
+            if cfg.spec.kd:
+                kd_batch = ce_batch if cfg.spec.kd_batch == "same" else _subset(
+                    batch, torch.arange(cfg.batch_size), len(teacher_specs), teacher_offset)  # uniform draw
+            else:
+                kd_batch = None
+            selected = torch.zeros(len(batch["uids"]), dtype=torch.bool)
+            selected[idx.cpu()] = True
+            scores = result.scores.detach().float().cpu()
+            metrics.update(score_s=t1 - t0, select_s=t2 - t1,
+                           score_mean_all=float(scores.mean()), score_mean_selected=float(scores[selected].mean()),
+                           noisy_frac_superbatch=float(batch["noisy"].float().mean()),
+                           noisy_frac_selected=float(batch["noisy"][selected].float().mean()))
+            if cfg.log_selections:
+                selections_log.append([
+                    {"step": step, "uid": u, "score": float(s), "selected": bool(k), "noisy": bool(n)}
+                    for u, s, k, n in zip(batch["uids"], scores.tolist(), selected.tolist(), batch["noisy"].tolist())])
+        else:
+            t2 = t0
+            everything = torch.arange(len(batch["uids"]))
+            ce_batch = _subset(batch, everything, len(teacher_specs), teacher_offset)
+            kd_batch = ce_batch if cfg.spec.kd else None
+            metrics.update(noisy_frac_selected=float(batch["noisy"].float().mean()),
+                           noisy_frac_superbatch=float(batch["noisy"].float().mean()))
+        step_metrics = train_step(cfg, model, proj, opt, sched, device, ce_batch, kd_batch, teacher_metas)
+        t3 = time.perf_counter()
+        metrics.update(step_metrics, data_wait_s=data_wait, train_s=t3 - t2, step_s=t3 - t0 + data_wait,
+                       pairs_per_s=len(ce_batch["uids"]) / max(1e-9, t3 - t0 + data_wait))
+        metrics_log.append([metrics])
+        last = metrics
+        done = step + 1
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['total']:.3f}")
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            _checkpoint(cfg, ckpt_dir, done, model, opt, sched, metrics_log, selections_log)
+        t_wait = time.perf_counter()
+    if bar is not None:
+        bar.close()
+    if data.skipped:
+        log.warning("%d bad samples skipped in the main process (workers log their own)", data.skipped)
+
+    final = latest_checkpoint(ckpt_dir)
+    if final is None:
+        raise RuntimeError(f"{run_dir}: training ended without a checkpoint")
+    model_dir = export_model(run_dir, run_dir / "model")
+    return TrainResult(run_dir=run_dir, step=cfg.steps, metrics=last, model_dir=model_dir)
+
+
+def _checkpoint(cfg, ckpt_dir, done, model, opt, sched, metrics_log, selections_log) -> None:
+    # Logs first: a crash after them but before the checkpoint leaves rows past the old checkpoint,
+    # which truncate_after() removes on resume; the reverse order could lose rows.
+    metrics_log.flush(f"{done:08d}")
+    selections_log.flush(f"{done:08d}")
+    save_checkpoint(ckpt_dir, done, model=model, optimizer=opt, scheduler=sched,
+                    state={"config": json.loads(cfg.to_json())}, keep=cfg.keep_checkpoints)
+
+
+def export_model(run_dir: Path, out_dir: Path) -> Path:
+    """Write the run's latest weights as a model folder that the cache stage and `aced eval` load."""
+    cfg = TrainConfig.from_json(Path(run_dir) / "config.json")
+    ckpt = latest_checkpoint(Path(run_dir) / "checkpoints")
+    if ckpt is None:
+        raise FileNotFoundError(f"{run_dir}: no checkpoint to export")
+    bundle = create_model(cfg.model, seed=cfg.seed)
+    if cfg.spec.kd and cfg.kd_loss == "fm":
+        # The projection head is a training-only part; the exported model is the plain two-tower model.
+        from safetensors.torch import load_file
+        weights = {k: v for k, v in load_file(str(ckpt / "model.safetensors")).items()
+                   if not k.startswith("kd_projection.")}
+        bundle.model.load_state_dict(weights)
+    else:
+        load_checkpoint(ckpt, model=bundle.model)
+    save_model(bundle, out_dir)
+    return Path(out_dir)

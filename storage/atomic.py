@@ -1,0 +1,82 @@
+"""Atomic file writes: a reader sees the old file or the complete new one, never a partial one.
+
+Every file of the on-disk contracts (pair shards, `_dataset.json`, cache Parquet files, manifests,
+run logs) is written through here (ARCHITECTURE.md "Formats": "a file becomes visible only by an
+atomic rename"). The recipe: write a temporary file *in the same folder* (so `os.replace` is a
+rename within one filesystem, which POSIX makes atomic), fsync it, rename it over the target,
+then fsync the folder so the rename itself survives a power loss.
+
+Temporary names start with a dot and end in `.tmp` (`.<name>.<random>.tmp`), so readers that list
+`*.tar` / `*.parquet` or `[0-9]*` never pick one up, even one left behind by a killed process.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import secrets
+from pathlib import Path
+from typing import Any, Iterator
+
+TMP_SUFFIX = ".tmp"
+
+
+def is_temp_name(name: str) -> bool:
+    """True for a name made by `atomic_path` (a leftover of an interrupted write)."""
+    return name.startswith(".") and name.endswith(TMP_SUFFIX)
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Flush a folder's entries (a rename is durable only after this)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on a clean exit it replaces `path` atomically.
+
+    The caller writes the temporary file completely (and closes it). On exit it is fsynced and
+    renamed over `path`, and the folder is fsynced. On an exception the temporary file is
+    removed and `path` is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}{TMP_SUFFIX}"
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise FileNotFoundError(f"atomic write of {path}: nothing was written to {tmp}")
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` atomically (see module docstring)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write `obj` as indented JSON (keys in insertion order, trailing newline) atomically."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, allow_nan=False) + "\n").encode("utf-8"))
+
+
+def sha256_file(path: str | os.PathLike, *, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes (the checksum used in `_dataset.json` and manifests)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,503 @@
+"""Embedding cache: reference/teacher embeddings computed once, offline, per pair shard (paper
+appendix J; ARCHITECTURE.md "Formats"; docs/interfaces.md "storage/cache.py").
+
+Layout: `<root>/cache/<model_id>/<dataset>/NNNNNNNN.parquet`, one file per pair shard with the same
+rows in the same order, columns
+    uid        string
+    image_emb  fixed_size_list<float16, d>   (float32 on request)
+    text_emb   fixed_size_list<float16, d>
+and file key-value metadata: model_id, fingerprint, dim, logit_scale, logit_bias, dtype,
+dataset, source_shard, source_sha256 (the pair tar's sha256), created. `_manifest.json` beside the
+files lists the completed shards with rows, the file's sha256 and the source sha256.
+
+Why so strict: the trainer zips cached rows with raw pairs by position, so a cache that is stale
+(the pair shard was re-imported with different bytes), partial, from another model, or in another
+order would silently train on wrong targets. Every reader here checks uid order, fingerprint, dim,
+finiteness and the source checksum, and fails loudly naming the file and the sample.
+
+Writes are atomic (storage/atomic.py): the Parquet file first, then the manifest (under a file lock,
+because several stage-1 workers may finish shards of one dataset at the same time). A shard is
+"done" only once it is in the manifest with a matching file checksum.
+
+Encoding (measured in benchmarks/storage.py): float16, no dictionary, no statistics on the
+embedding columns, zstd: about 0.93x the raw 2 x 512 x 2-byte payload per sample at d=512.
+(BYTE_STREAM_SPLIT would compress float16 further, but DuckDB cannot read it for float16 columns.)
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from storage.atomic import atomic_path, atomic_write_json, is_temp_name, sha256_file
+from storage.shards import ShardError, ShardRef, find_datasets, list_shards, read_metadata
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FILE = "_manifest.json"
+_LOCK_FILE = ".manifest.lock"
+DTYPES = {"float16": (np.float16, pa.float16()), "float32": (np.float32, pa.float32())}
+COMPRESSION = "zstd"
+
+
+class CacheError(Exception):
+    """A cache file or manifest is unusable; the message names the file and the sample or field."""
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """What identifies the embeddings of a model.
+
+    model_id: folder name under `<root>/cache` (no '/').
+    fingerprint: sha256 over weights + preprocessing (pipeline.models.fingerprint).
+    dim: embedding dimension d.
+    logit_scale: a = exp(t), already exponentiated.
+    logit_bias: c (0 for CLIP-style models).
+    """
+
+    model_id: str
+    fingerprint: str
+    dim: int
+    logit_scale: float
+    logit_bias: float
+
+    def __post_init__(self):
+        if not self.model_id or "/" in self.model_id or self.model_id.startswith("."):
+            raise ValueError(f"model_id {self.model_id!r} must be a non-empty folder name without '/'")
+        if not self.fingerprint:
+            raise ValueError("fingerprint must be non-empty")
+        if not (isinstance(self.dim, int) and self.dim > 0):
+            raise ValueError(f"dim must be a positive int, got {self.dim!r}")
+        if not (math.isfinite(self.logit_scale) and math.isfinite(self.logit_bias)):
+            raise ValueError(f"logit scale/bias must be finite, got {self.logit_scale}, {self.logit_bias}")
+
+
+@dataclass
+class CacheShard:
+    """One cache file read back: rows aligned with the pair shard, embeddings as float32."""
+
+    uids: list[str]
+    image_emb: np.ndarray  # float32 [N, d]
+    text_emb: np.ndarray   # float32 [N, d]
+    meta: ModelMeta
+
+
+def cache_dir(root: str | os.PathLike, model_id: str, dataset: str) -> Path:
+    """`<root>/cache/<model_id>/<dataset>` for a workspace root."""
+    return Path(root) / "cache" / model_id / dataset
+
+
+def _file_meta(meta: ModelMeta, dtype: str, dataset: str, shard: ShardRef) -> dict[str, str]:
+    return {"model_id": meta.model_id, "fingerprint": meta.fingerprint, "dim": str(meta.dim),
+            "logit_scale": repr(float(meta.logit_scale)), "logit_bias": repr(float(meta.logit_bias)),
+            "dtype": dtype, "dataset": dataset, "source_shard": shard.name, "source_sha256": shard.sha256,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def _meta_from_kv(kv: dict[bytes, bytes] | None, path: Path) -> tuple[ModelMeta, dict[str, str]]:
+    d = {k.decode(): v.decode() for k, v in (kv or {}).items()}
+    try:
+        meta = ModelMeta(d["model_id"], d["fingerprint"], int(d["dim"]), float(d["logit_scale"]),
+                         float(d["logit_bias"]))
+    except (KeyError, ValueError) as e:
+        raise CacheError(f"{path}: missing or bad key-value metadata ({type(e).__name__}: {e})") from None
+    return meta, d
+
+
+def _fsl(values: np.ndarray, dim: int, pa_type: pa.DataType) -> pa.FixedSizeListArray:
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), type=pa_type), dim)
+
+
+def _first_nonfinite(a: np.ndarray) -> int | None:
+    bad = ~np.isfinite(a).all(axis=1)
+    return int(np.argmax(bad)) if bad.any() else None
+
+
+def encode_table(uids: Sequence[str], image_emb: np.ndarray, text_emb: np.ndarray, *, dim: int,
+                 dtype: str, kv: dict[str, str] | None = None) -> pa.Table:
+    """The Arrow table of one cache file (no checks; `CacheWriter.write_shard` checks)."""
+    np_t, pa_t = DTYPES[dtype]
+    table = pa.table({"uid": pa.array(list(uids), pa.string()),
+                      "image_emb": _fsl(np.ascontiguousarray(image_emb, dtype=np_t), dim, pa_t),
+                      "text_emb": _fsl(np.ascontiguousarray(text_emb, dtype=np_t), dim, pa_t)})
+    return table.replace_schema_metadata(kv) if kv else table
+
+
+def write_table(table: pa.Table, path: str | os.PathLike) -> None:
+    """Write one cache table with the encoding chosen in benchmarks/storage.py (not atomic)."""
+    # Dictionary encoding and min/max statistics buy nothing for random uids and embedding
+    # values and cost space; zstd still shaves the shared exponent bits of float16 values.
+    pq.write_table(table, path, compression=COMPRESSION, use_dictionary=False, write_statistics=["uid"])
+
+
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """Exclusive lock on the folder's manifest (several writers may finish shards at once)."""
+    with open(folder / _LOCK_FILE, "a+") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def read_manifest(folder: str | os.PathLike) -> dict | None:
+    """The `_manifest.json` of a cache folder, or None if there is none."""
+    path = Path(folder) / MANIFEST_FILE
+    try:
+        doc = json.loads(path.read_text("utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise CacheError(f"{path}: unreadable manifest ({e})") from None
+    for k in ("model_id", "fingerprint", "dim", "dtype", "shards"):
+        if k not in doc:
+            raise CacheError(f"{path}: manifest has no {k!r}")
+    return doc
+
+
+class CacheWriter:
+    """Writes the cache of one model for one dataset, shard by shard (stage 1 calls `write_shard`).
+
+    root_cache_dir: `<root>/cache`; files go to `<root_cache_dir>/<model_id>/<dataset>/`.
+    dtype: "float16" (default; half the bytes, ample for unit vectors) or "float32".
+    An existing manifest written for another fingerprint, dim or dtype is refused (CacheError):
+    a cache folder never mixes two models' embeddings.
+    """
+
+    def __init__(self, root_cache_dir: str | os.PathLike, dataset: str, meta: ModelMeta, dtype: str = "float16"):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        self.meta, self.dtype, self.dataset = meta, dtype, dataset
+        self.folder = Path(root_cache_dir) / meta.model_id / dataset
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._check_manifest(read_manifest(self.folder))
+
+    def _check_manifest(self, doc: dict | None) -> None:
+        if doc is None:
+            return
+        want = {"model_id": self.meta.model_id, "fingerprint": self.meta.fingerprint, "dim": self.meta.dim,
+                "dtype": self.dtype}
+        for k, v in want.items():
+            if doc[k] != v:
+                raise CacheError(f"{self.folder / MANIFEST_FILE}: {k} is {doc[k]!r}, this writer has {v!r}; "
+                                 f"a cache folder holds one model's embeddings (delete it or use another model id)")
+
+    def write_shard(self, shard: ShardRef, uids: list[str], image_emb: np.ndarray, text_emb: np.ndarray) -> Path:
+        """Check and write the embeddings of `shard`, then record it in the manifest.
+
+        uids must equal the shard's uids in order; image_emb/text_emb are [N, d] with d = meta.dim and
+        finite (also after the cast to the storage dtype). Returns the file's path.
+        """
+        path = self.folder / f"{shard.name}.parquet"
+        d = self.meta.dim
+        try:
+            want = read_metadata(shard).column("uid").to_pylist()
+        except ShardError as e:
+            raise CacheError(f"{path}: cannot read the pair shard: {e}") from None
+        uids = list(uids)
+        if len(uids) != len(want):
+            raise CacheError(f"{path}: {len(uids)} uids given, shard {shard.tar_path} has {len(want)} rows")
+        if uids != want:
+            i = next(i for i, (a, b) in enumerate(zip(uids, want)) if a != b)
+            raise CacheError(f"{path}: row {i}: uid {uids[i]} differs from the pair shard's {want[i]} "
+                             f"({shard.meta_path}); rows must follow the shard's order")
+        np_t, _ = DTYPES[self.dtype]
+        arrays = {}
+        for name, a in (("image_emb", image_emb), ("text_emb", text_emb)):
+            a = np.asarray(a)
+            if a.ndim != 2 or a.shape != (len(want), d):
+                raise CacheError(f"{path}: {name} has shape {a.shape}, want ({len(want)}, {d}) (dim of {self.meta.model_id})")
+            cast = a.astype(np_t)
+            for arr, what in ((a, "non-finite value"), (cast, f"value overflows {self.dtype}")):
+                i = _first_nonfinite(arr)
+                if i is not None:
+                    raise CacheError(f"{path}: row {i} uid {want[i]}: {what} in {name}")
+            arrays[name] = cast
+        table = encode_table(want, arrays["image_emb"], arrays["text_emb"], dim=d, dtype=self.dtype,
+                             kv=_file_meta(self.meta, self.dtype, self.dataset, shard))
+        with atomic_path(path) as tmp:
+            write_table(table, tmp)
+            sha = sha256_file(tmp)
+        with _locked(self.folder):
+            doc = read_manifest(self.folder)
+            self._check_manifest(doc)
+            if doc is None:
+                doc = {"model_id": self.meta.model_id, "fingerprint": self.meta.fingerprint, "dim": self.meta.dim,
+                       "dtype": self.dtype, "logit_scale": float(self.meta.logit_scale),
+                       "logit_bias": float(self.meta.logit_bias), "dataset": self.dataset, "shards": {}}
+            doc["shards"][shard.name] = {"rows": len(want), "sha256": sha, "source_sha256": shard.sha256}
+            doc["shards"] = dict(sorted(doc["shards"].items()))
+            atomic_write_json(self.folder / MANIFEST_FILE, doc)
+        return path
+
+    def done(self, shard: ShardRef | str) -> bool:
+        """True if the shard is in the manifest and its file's checksum matches; given a ShardRef,
+        also that it was computed from the shard's current bytes (source sha256)."""
+        name = shard.name if isinstance(shard, ShardRef) else shard
+        doc = read_manifest(self.folder)
+        if doc is None or name not in doc["shards"]:
+            return False
+        entry = doc["shards"][name]
+        if isinstance(shard, ShardRef) and entry["source_sha256"] != shard.sha256:
+            return False
+        path = self.folder / f"{name}.parquet"
+        return path.exists() and sha256_file(path) == entry["sha256"]
+
+
+def _emb_numpy(col: pa.ChunkedArray, dim: int, path: Path, name: str) -> np.ndarray:
+    arr = col.combine_chunks()
+    if not (pa.types.is_fixed_size_list(arr.type) and arr.type.list_size == dim):
+        raise CacheError(f"{path}: column {name} has type {arr.type}, want fixed_size_list<_, {dim}>")
+    if arr.null_count:
+        raise CacheError(f"{path}: column {name} has {arr.null_count} null rows")
+    return arr.flatten().to_numpy(zero_copy_only=False).reshape(len(arr), dim)
+
+
+def read_cache_shard(cache_dir_for_model_dataset: str | os.PathLike, shard: ShardRef, *,
+                     expect: ModelMeta | None = None, check_file_sha: bool = True) -> CacheShard:
+    """Read the cache of `shard` and prove it belongs to it (see module docstring).
+
+    Raises CacheError if the shard is not in the manifest, the file is missing or its checksum
+    differs from the manifest (`check_file_sha`), the model differs from `expect`, the source sha256
+    differs from the shard's (stale), the uids differ from the shard's (naming the first row),
+    or a value is not finite.
+    """
+    folder = Path(cache_dir_for_model_dataset)
+    path = folder / f"{shard.name}.parquet"
+    doc = read_manifest(folder)
+    if doc is None:
+        raise CacheError(f"{folder / MANIFEST_FILE}: missing (no completed shards in {folder})")
+    entry = doc["shards"].get(shard.name)
+    if entry is None:
+        raise CacheError(f"{path}: shard {shard.name} is not in {folder / MANIFEST_FILE} (not computed or unfinished)")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise CacheError(f"{path}: missing, but listed in the manifest") from None
+    if check_file_sha and hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise CacheError(f"{path}: sha256 differs from the manifest (file changed or corrupt)")
+    try:
+        table = pq.read_table(io.BytesIO(data))
+    except Exception as e:
+        raise CacheError(f"{path}: unreadable Parquet ({type(e).__name__}: {e})") from None
+    meta, kv = _meta_from_kv(table.schema.metadata, path)
+    if expect is not None and meta != expect:
+        diff = {k: (v, getattr(meta, k)) for k, v in asdict(expect).items() if getattr(meta, k) != v}
+        raise CacheError(f"{path}: written by another model: expected vs found {diff}")
+    if meta.fingerprint != doc["fingerprint"] or meta.model_id != doc["model_id"]:
+        raise CacheError(f"{path}: model/fingerprint {meta.model_id}/{meta.fingerprint} differs from the manifest's "
+                         f"{doc['model_id']}/{doc['fingerprint']}")
+    if kv.get("source_sha256") != shard.sha256:
+        raise CacheError(f"{path}: stale: computed from source sha256 {kv.get('source_sha256')}, but "
+                         f"{shard.tar_path} now has {shard.sha256}")
+    try:
+        want = read_metadata(shard).column("uid").to_pylist()
+    except ShardError as e:
+        raise CacheError(f"{path}: cannot read the pair shard: {e}") from None
+    uids = table.column("uid").to_pylist()
+    if uids != want:
+        if len(uids) != len(want):
+            raise CacheError(f"{path}: {len(uids)} rows, pair shard {shard.meta_path} has {len(want)}")
+        i = next(i for i, (a, b) in enumerate(zip(uids, want)) if a != b)
+        raise CacheError(f"{path}: row {i}: uid {uids[i]} differs from the pair shard's {want[i]}")
+    embs = {}
+    for name in ("image_emb", "text_emb"):
+        a = _emb_numpy(table.column(name), meta.dim, path, name).astype(np.float32)
+        i = _first_nonfinite(a)
+        if i is not None:
+            raise CacheError(f"{path}: row {i} uid {uids[i]}: non-finite value in {name}")
+        embs[name] = a
+    return CacheShard(uids, embs["image_emb"], embs["text_emb"], meta)
+
+
+def zip_caches(shard: ShardRef, caches: Sequence[str | os.PathLike], *,
+               expect: Sequence[ModelMeta | None] | None = None) -> pa.Table:
+    """The pair shard's metadata joined row by row (uids verified equal) with any number of caches.
+
+    caches: cache folders `<root>/cache/<model_id>/<dataset>` (one per model).
+    expect: per cache, the ModelMeta it must have (or None to accept what is there).
+    Returns METADATA_SCHEMA columns plus `<model_id>.image_emb` and `<model_id>.text_emb`
+    (fixed_size_list<float32, d>); schema metadata `aced.models` holds the JSON list of ModelMeta
+    (with logit scale and bias), in the order of `caches`.
+    """
+    expect = list(expect) if expect is not None else [None] * len(caches)
+    if len(expect) != len(caches):
+        raise ValueError(f"{len(caches)} caches but {len(expect)} expected metas")
+    table = read_metadata(shard)
+    metas = []
+    for folder, exp in zip(caches, expect):
+        c = read_cache_shard(folder, shard, expect=exp)
+        if c.meta.model_id in (m.model_id for m in metas):
+            raise CacheError(f"{folder}: model {c.meta.model_id} given twice")
+        metas.append(c.meta)
+        for name, a in (("image_emb", c.image_emb), ("text_emb", c.text_emb)):
+            table = table.append_column(f"{c.meta.model_id}.{name}", _fsl(a, c.meta.dim, pa.float32()))
+    return table.replace_schema_metadata({"aced.models": json.dumps([asdict(m) for m in metas])})
+
+
+# --------------------------------------------------------------------------- verification
+
+@dataclass
+class VerifyReport:
+    """Result of `verify_cache`: `problems` make it fail; `notes` are harmless leftovers."""
+
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    checked: list[str] = field(default_factory=list)  # "<model_id>/<dataset>" folders looked at
+    shards: int = 0
+    rows: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def format(self) -> str:
+        lines = [f"checked {len(self.checked)} cache folder(s), {self.shards} shard(s), {self.rows} row(s): "
+                 + ("OK" if self.ok else f"{len(self.problems)} problem(s)")]
+        lines += [f"PROBLEM {p}" for p in self.problems]
+        lines += [f"note {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def find_cache_folders(root: str | os.PathLike, model_id: str | None = None) -> dict[tuple[str, str], Path]:
+    """Every cache folder with a manifest: {(model_id, dataset): folder}."""
+    base = Path(root) / "cache"
+    out: dict[tuple[str, str], Path] = {}
+    if not base.is_dir():
+        return out
+    models = [model_id] if model_id else sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for m in models:
+        mdir = base / m
+        for dirpath, dirnames, filenames in os.walk(mdir):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            if MANIFEST_FILE in filenames:
+                out[(m, Path(dirpath).relative_to(mdir).as_posix())] = Path(dirpath)
+    return out
+
+
+def verify_cache(root: str | os.PathLike, model_id: str | None = None) -> VerifyReport:
+    """Check every cache folder of the workspace `root` (or of one model) against its pair shards.
+
+    Per shard: file present and equal to its manifest checksum, readable, key-value metadata
+    consistent with the manifest (model, fingerprint, dim, dtype), row count and uid order equal to
+    the pair shard's, embedding width = dim, every value finite, source sha256 equal to the pair
+    tar's current checksum. Per folder: pair shards with no cache entry, manifest entries with no
+    pair shard, cache files not in the manifest; per model: one fingerprint across datasets.
+    """
+    root = Path(root)
+    rep = VerifyReport()
+    if model_id is not None and not (root / "cache" / model_id).is_dir():
+        rep.problems.append(f"{root / 'cache' / model_id}: no cache for model {model_id}")
+        return rep
+    folders = find_cache_folders(root, model_id)
+    if not folders:
+        rep.problems.append(f"{root / 'cache'}: no cache folders with a {MANIFEST_FILE}")
+        return rep
+    datasets = find_datasets(root / "datasets")
+    fingerprints: dict[str, dict[str, str]] = {}
+    for (mid, ds), folder in folders.items():
+        rep.checked.append(f"{mid}/{ds}")
+        try:
+            doc = read_manifest(folder)
+        except CacheError as e:
+            rep.problems.append(str(e))
+            continue
+        mpath = folder / MANIFEST_FILE
+        if doc["model_id"] != mid:
+            rep.problems.append(f"{mpath}: model_id {doc['model_id']!r} does not match the folder {mid!r}")
+        fingerprints.setdefault(mid, {})[ds] = doc["fingerprint"]
+        if ds not in datasets:
+            rep.problems.append(f"{folder}: no pair dataset {ds!r} under {root / 'datasets'}")
+            continue
+        try:
+            shards = {s.name: s for s in list_shards(datasets[ds])}
+        except ShardError as e:
+            rep.problems.append(str(e))
+            continue
+        for name in sorted(set(shards) - set(doc["shards"])):
+            rep.problems.append(f"{folder}: pair shard {ds}/{name} has no cache entry in the manifest (missing)")
+        for name in sorted(set(doc["shards"]) - set(shards)):
+            rep.problems.append(f"{mpath}: entry {name} has no pair shard in {datasets[ds]} (extra)")
+        listed = {f"{n}.parquet" for n in doc["shards"]}
+        for p in sorted(folder.iterdir()):
+            if p.is_file() and is_temp_name(p.name):
+                rep.notes.append(f"{p}: leftover temporary file of an interrupted write (invisible to readers; safe to delete)")
+            elif p.is_file() and p.suffix == ".parquet" and p.name not in listed:
+                rep.problems.append(f"{p}: not in the manifest (extra or unfinished file)")
+        for name, entry in sorted(doc["shards"].items()):
+            if name in shards:
+                rep.shards += 1
+                rep.problems.extend(_verify_shard(folder, doc, name, entry, shards[name], rep))
+    for mid, per_ds in fingerprints.items():
+        if len(set(per_ds.values())) > 1:
+            rep.problems.append(f"{root / 'cache' / mid}: datasets were cached with different fingerprints {per_ds} "
+                                f"(the model changed between them)")
+    return rep
+
+
+def _verify_shard(folder: Path, doc: dict, name: str, entry: dict, shard: ShardRef, rep: VerifyReport) -> list[str]:
+    path = folder / f"{name}.parquet"
+    if not path.exists():
+        return [f"{path}: listed in the manifest but missing"]
+    probs = []
+    if sha256_file(path) != entry.get("sha256"):
+        probs.append(f"{path}: sha256 differs from the manifest (file changed after it was recorded)")
+    if entry.get("source_sha256") != shard.sha256:
+        probs.append(f"{path}: stale: manifest source sha256 {entry.get('source_sha256')} but pair tar "
+                     f"{shard.tar_path} is {shard.sha256} (re-run the cache for this shard)")
+    try:
+        table = pq.read_table(path)
+    except Exception as e:
+        return probs + [f"{path}: unreadable Parquet ({type(e).__name__}: {e})"]
+    try:
+        meta, kv = _meta_from_kv(table.schema.metadata, path)
+    except CacheError as e:
+        return probs + [str(e)]
+    for k, want in (("model_id", doc["model_id"]), ("fingerprint", doc["fingerprint"]), ("dim", doc["dim"]),
+                    ("dtype", doc["dtype"])):
+        got = getattr(meta, k) if k != "dtype" else kv.get("dtype")
+        if got != want:
+            probs.append(f"{path}: {k} {got!r} differs from the manifest's {want!r}")
+    if kv.get("source_sha256") != entry.get("source_sha256"):
+        probs.append(f"{path}: file source sha256 {kv.get('source_sha256')} differs from the manifest's")
+    rep.rows += table.num_rows
+    if table.num_rows != entry.get("rows") or table.num_rows != shard.rows:
+        probs.append(f"{path}: {table.num_rows} rows; manifest says {entry.get('rows')}, pair shard has {shard.rows}")
+    try:
+        want = read_metadata(shard).column("uid").to_pylist()
+    except ShardError as e:
+        return probs + [str(e)]
+    uids = table.column("uid").to_pylist() if "uid" in table.column_names else []
+    if uids != want:
+        bad = next((i for i, (a, b) in enumerate(zip(uids, want)) if a != b), min(len(uids), len(want)))
+        probs.append(f"{path}: row {bad}: uid {uids[bad] if bad < len(uids) else None} differs from pair shard "
+                     f"{shard.meta_path} ({want[bad] if bad < len(want) else None})")
+    for col in ("image_emb", "text_emb"):
+        if col not in table.column_names:
+            probs.append(f"{path}: no column {col}")
+            continue
+        try:
+            a = _emb_numpy(table.column(col), doc["dim"], path, col)
+        except CacheError as e:
+            probs.append(str(e))
+            continue
+        bad_rows = np.flatnonzero(~np.isfinite(a).all(axis=1))
+        if bad_rows.size:
+            first = int(bad_rows[0])
+            probs.append(f"{path}: {bad_rows.size} row(s) with non-finite {col}, first row {first} "
+                         f"uid {uids[first] if first < len(uids) else '?'}")
+    return probs

@@ -1,0 +1,456 @@
+"""Importers: real data layouts -> pair shards (storage/shards.py; ARCHITECTURE.md "Formats").
+
+  - `import_captions`: a folder of images + a caption table ("image,caption" CSV/TSV) with optional
+    split lists (one image name per line, `splits/<split>.txt`); one pair per caption (Flickr8k/30k).
+  - `import_coco`: COCO-captions JSON (images[], annotations[]) + an image folder.
+  - `import_webdataset`: existing webdataset / img2dataset tars (re-packed in the shard layout with
+    the image bytes untouched; uids and metadata taken from the `.json` members or a Parquet sidecar).
+  - `import_class_folders`: `<class>/<image>` folders for zero-shot classification (section 4.1):
+    caption = class name, label = index of the class among the sorted folder names.
+
+Image bytes are kept as they are when they are JPEG (no re-encode: the pixels the reference model
+sees are the originals); other formats are decoded and re-encoded to JPEG for captions/COCO/classes.
+Every image is fully decoded once at import, so a corrupt file is caught here, naming the file,
+instead of in the middle of training.
+
+Bad input (unreadable/undecodable image, missing file, empty caption, malformed row, duplicate uid)
+raises ShardError naming the file and the sample, or with on_error="skip" is logged and counted
+(`_dataset.json` "skipped").
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import re
+import tarfile
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import pyarrow.parquet as pq
+from PIL import Image
+
+from storage.shards import (IMAGE_EXTS, DatasetInfo, OnError, Sample, ShardError, image_format, image_size,
+                            make_uid, write_shards)
+
+log = logging.getLogger(__name__)
+
+JPEG_QUALITY = 95
+_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+_UID_RE = re.compile(r"^[0-9a-f]{32}$")
+
+
+def dataset_dir(root: str | os.PathLike, name: str) -> Path:
+    """`<root>/datasets/<name>` (name may contain '/')."""
+    if not name or name.startswith("/") or any(p in ("", ".", "..") or p.startswith(".") for p in name.split("/")):
+        raise ValueError(f"bad dataset name {name!r}")
+    return Path(root) / "datasets" / name
+
+
+@dataclass
+class _Skips:
+    """Counts and logs bad input under on_error="skip"; raises under "raise"."""
+
+    on_error: OnError
+    count: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {self.on_error!r}")
+
+    def bad(self, msg: str, *, kind: str, n: int = 1) -> None:
+        if self.on_error == "raise":
+            raise ShardError(msg)
+        self.count += n
+        self.reasons[kind] = self.reasons.get(kind, 0) + n
+        log.warning("skipping %s", msg)
+
+    def extra(self) -> dict:
+        return {"skipped_at_import": self.count, "skip_reasons": dict(self.reasons)}
+
+
+def load_image(path: Path) -> tuple[bytes, int, int]:
+    """(JPEG bytes, width, height) of an image file: JPEG bytes as-is, other formats re-encoded.
+    The image is fully decoded either way (raises ValueError naming the problem if it cannot be)."""
+    data = path.read_bytes()
+    return jpeg_bytes(data)
+
+
+def jpeg_bytes(data: bytes) -> tuple[bytes, int, int]:
+    if not data:
+        raise ValueError("empty file")
+    w, h = image_size(data, decode=True)
+    if image_format(data) == "jpg":
+        return data, w, h
+    with Image.open(io.BytesIO(data)) as im:
+        rgb = im.convert("RGB")
+    buf = io.BytesIO()
+    rgb.save(buf, format="JPEG", quality=JPEG_QUALITY)
+    return buf.getvalue(), w, h
+
+
+def _image_id(rel: str) -> str:
+    """Image id = path relative to the image folder, without the suffix ("a/b.jpg" -> "a/b")."""
+    p = Path(rel)
+    return p.with_suffix("").as_posix()
+
+
+# --------------------------------------------------------------------------- captions table
+
+def _detect(src: Path, images: Path | None, captions: Path | None, splits: Path | None):
+    if images is None:
+        images = src / "images"
+        if not images.is_dir():
+            raise FileNotFoundError(f"{src}: no images/ folder (pass images=)")
+    if captions is None:
+        cands = [src / n for n in ("captions.csv", "captions.tsv", "captions.txt") if (src / n).is_file()]
+        if not cands:
+            raise FileNotFoundError(f"{src}: no captions.csv / captions.tsv (pass captions=)")
+        captions = cands[0]
+    if splits is None and (src / "splits").is_dir():
+        splits = src / "splits"
+    return images, captions, splits
+
+
+def read_caption_table(path: Path, skips: _Skips) -> list[tuple[str, str, int]]:
+    """Rows (image name, caption, line number) of a CSV/TSV with a header naming `image` and `caption`."""
+    delim = "\t" if path.suffix.lower() in (".tsv", ".txt") else ","
+    out = []
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f, delimiter=delim)
+        try:
+            header = [h.strip().lower() for h in next(reader)]
+        except StopIteration:
+            raise ShardError(f"{path}: empty caption table") from None
+        if "image" not in header or "caption" not in header:
+            raise ShardError(f"{path}: header {header} must name the columns 'image' and 'caption'")
+        ii, ci = header.index("image"), header.index("caption")
+        for row in reader:
+            line = reader.line_num
+            if not row or all(not c.strip() for c in row):
+                continue
+            image = row[ii].strip() if ii < len(row) else ""
+            caption = row[ci].strip() if ci < len(row) else ""
+            if not image:
+                skips.bad(f"{path}:{line}: row has no image name", kind="no image name")
+            elif not caption:
+                skips.bad(f"{path}:{line}: image {image!r}: empty or missing caption", kind="empty caption")
+            else:
+                out.append((image, caption, line))
+    return out
+
+
+def read_split_lists(splits: Path) -> dict[str, list[str]]:
+    """{split: [image names]} from `<splits>/<split>.txt` (one name per line)."""
+    out = {}
+    for p in sorted(splits.glob("*.txt")):
+        out[p.stem] = [ln.strip() for ln in p.read_text("utf-8").splitlines() if ln.strip()]
+    if not out:
+        raise FileNotFoundError(f"{splits}: no <split>.txt files")
+    return out
+
+
+def _caption_samples(groups: Iterable[tuple[str, list[tuple[str, int]]]], images: Path, captions: Path, *,
+                     source: str, split: str | None, skips: _Skips) -> Iterator[Sample]:
+    """Samples for (image name, [(caption, line)]) groups; each image is read and checked once."""
+    n = 0
+    for image, caps in groups:
+        path = images / image
+        try:
+            data, w, h = load_image(path)
+        except FileNotFoundError:
+            skips.bad(f"{path}: missing image (referenced by {captions}:{caps[0][1]})", kind="missing image", n=len(caps))
+            continue
+        except (OSError, ValueError) as e:
+            skips.bad(f"{path}: {e} (referenced by {captions}:{caps[0][1]})", kind="bad image", n=len(caps))
+            continue
+        image_id = _image_id(image)
+        for ordinal, (caption, _line) in enumerate(caps):
+            yield Sample(key=f"{n:08d}", uid=make_uid(source, image_id, caption, ordinal), image_bytes=data,
+                         caption=caption, image_id=image_id, width=w, height=h, source=source, split=split)
+            n += 1
+
+
+def import_captions(src: str | os.PathLike, root: str | os.PathLike, name: str, *,
+                    images: str | os.PathLike | None = None, captions: str | os.PathLike | None = None,
+                    splits: str | os.PathLike | None = None, samples_per_shard: int = 1000,
+                    on_error: OnError = "raise", overwrite: bool = False) -> dict[str, DatasetInfo]:
+    """Import a folder of images + caption table as datasets under `<root>/datasets/<name>`.
+
+    src: folder with `images/`, `captions.csv` (or .tsv) and optionally `splits/<split>.txt`
+        (each of images/captions/splits can be given explicitly instead).
+    With split lists: one dataset per split, `<name>/<split>`, plus `<name>/other` for captioned
+    images in no list (if any). Without: one dataset `<name>`. One pair per caption; pairs of an image
+    are consecutive; uid = make_uid(name, image_id, caption, n-th caption of the image).
+    Returns {split or "": DatasetInfo}.
+    """
+    src = Path(src)
+    images, captions, splits = _detect(src, Path(images) if images else None, Path(captions) if captions else None,
+                                       Path(splits) if splits else None)
+    skips = _Skips(on_error)
+    source = name.split("/")[0]
+    rows = read_caption_table(captions, skips)
+    by_image: OrderedDict[str, list[tuple[str, int]]] = OrderedDict()
+    for image, caption, line in rows:
+        by_image.setdefault(image, []).append((caption, line))
+    plan: dict[str | None, list[str]]
+    if splits is None:
+        plan = {None: list(by_image)}
+    else:
+        lists = read_split_lists(splits)
+        owner: dict[str, str] = {}
+        for split, names in lists.items():
+            for n in names:
+                if n in owner and owner[n] != split:
+                    raise ShardError(f"{splits}: image {n!r} is in both {owner[n]}.txt and {split}.txt")
+                owner[n] = split
+        # split lists may name files with or without the suffix
+        owner.update({Path(k).stem: v for k, v in list(owner.items()) if Path(k).stem not in owner})
+        plan = {s: [] for s in lists}
+        plan["other"] = []
+        for image in by_image:
+            s = owner.get(image, owner.get(Path(image).stem, "other"))
+            plan[s].append(image)
+        known = set(by_image) | {Path(i).stem for i in by_image}
+        unused = [n for names in lists.values() for n in names if n not in known]
+        if unused:
+            log.warning("%s: %d images in split lists have no caption (e.g. %s)", splits, len(unused), unused[:3])
+        if not plan["other"]:
+            del plan["other"]
+    out = {}
+    for split, names in plan.items():
+        ds_name = name if split is None else f"{name}/{split}"
+        groups = ((n, by_image[n]) for n in names)
+        samples = _caption_samples(groups, images, captions, source=source, split=split, skips=skips)
+        before = skips.count
+        info = write_shards(samples, dataset_dir(root, ds_name), name=ds_name,
+                            source=f"captions:{captions.resolve()}", samples_per_shard=samples_per_shard,
+                            on_error=on_error, overwrite=overwrite,
+                            extra=lambda: {"skipped_at_import": skips.count - before,
+                                           "skip_reasons_total": dict(skips.reasons)})
+        out[split or ""] = info
+        log.info("imported %s: %d pairs, %d images, %d shards", ds_name, info.rows, len(names), len(info.shards))
+    if skips.count:
+        log.warning("%s: skipped %d pairs at import: %s", src, skips.count, skips.reasons)
+    return out
+
+
+# --------------------------------------------------------------------------- COCO captions
+
+def import_coco(annotations: str | os.PathLike, images: str | os.PathLike, root: str | os.PathLike, name: str, *,
+                split: str | None = None, samples_per_shard: int = 1000, on_error: OnError = "raise",
+                overwrite: bool = False) -> DatasetInfo:
+    """Import COCO-captions (`{"images": [{id, file_name}], "annotations": [{image_id, caption}]}`)
+    with image files under `images` as the dataset `<name>`; one pair per annotation, grouped by image
+    in the order of `images[]`; image_id = str(COCO image id); `split` fills the split column."""
+    annotations, images = Path(annotations), Path(images)
+    try:
+        doc = json.loads(annotations.read_text("utf-8"))
+        imgs, anns = doc["images"], doc["annotations"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ShardError(f"{annotations}: not a COCO captions file ({type(e).__name__}: {e})") from None
+    skips = _Skips(on_error)
+    source = name.split("/")[0]
+    files: OrderedDict[str, str] = OrderedDict()
+    for i, im in enumerate(imgs):
+        try:
+            files[str(im["id"])] = str(im["file_name"])
+        except (KeyError, TypeError):
+            raise ShardError(f"{annotations}: images[{i}] has no id/file_name") from None
+    caps: dict[str, list[tuple[str, int]]] = {}
+    for i, a in enumerate(anns):
+        iid = str(a.get("image_id")) if isinstance(a, dict) else None
+        caption = (a.get("caption") or "").strip() if isinstance(a, dict) and isinstance(a.get("caption"), (str, type(None))) else ""
+        if iid not in files:
+            skips.bad(f"{annotations}: annotations[{i}]: image_id {iid!r} not in images[]", kind="unknown image_id")
+        elif not caption:
+            skips.bad(f"{annotations}: annotations[{i}] (image_id {iid}): empty or missing caption", kind="empty caption")
+        else:
+            caps.setdefault(iid, []).append((caption, i))
+
+    def samples() -> Iterator[Sample]:
+        n = 0
+        for iid, file_name in files.items():
+            if iid not in caps:
+                continue
+            path = images / file_name
+            try:
+                data, w, h = load_image(path)
+            except FileNotFoundError:
+                skips.bad(f"{path}: missing image (COCO image_id {iid})", kind="missing image", n=len(caps[iid]))
+                continue
+            except (OSError, ValueError) as e:
+                skips.bad(f"{path}: {e} (COCO image_id {iid})", kind="bad image", n=len(caps[iid]))
+                continue
+            for ordinal, (caption, _) in enumerate(caps[iid]):
+                yield Sample(key=f"{n:08d}", uid=make_uid(source, iid, caption, ordinal), image_bytes=data,
+                             caption=caption, image_id=iid, width=w, height=h, source=source, split=split)
+                n += 1
+
+    info = write_shards(samples(), dataset_dir(root, name), name=name, source=f"coco:{annotations.resolve()}",
+                        samples_per_shard=samples_per_shard, on_error=on_error, overwrite=overwrite,
+                        extra=lambda: skips.extra())
+    return info
+
+
+# --------------------------------------------------------------------------- webdataset / img2dataset
+
+def _tar_files(src: Path) -> list[Path]:
+    if src.is_file():
+        return [src]
+    tars = sorted(p for p in src.glob("*.tar") if not p.name.startswith("."))
+    if not tars:
+        raise FileNotFoundError(f"{src}: no .tar shards")
+    return tars
+
+
+def _sidecar(tar: Path) -> dict[str, dict]:
+    """{key: row} of an img2dataset-style `<shard>.parquet` beside `tar`, or {} if there is none."""
+    p = tar.with_suffix(".parquet")
+    if not p.exists():
+        return {}
+    try:
+        t = pq.read_table(p)
+    except Exception as e:
+        raise ShardError(f"{p}: unreadable Parquet sidecar ({type(e).__name__}: {e})") from None
+    if "key" not in t.column_names:
+        raise ShardError(f"{p}: sidecar has no 'key' column")
+    return {str(r["key"]): r for r in t.to_pylist()}
+
+
+def _wds_groups(tar: Path, skips: _Skips) -> Iterator[tuple[str, dict[str, bytes]]]:
+    try:
+        tf = tarfile.open(tar, mode="r:")
+    except (tarfile.TarError, OSError) as e:
+        raise ShardError(f"{tar}: unreadable tar ({type(e).__name__}: {e})") from None
+    with tf:
+        key, group = None, {}
+        try:
+            for info in tf:
+                if not info.isfile():
+                    continue
+                base = info.name.rsplit("/", 1)[-1]
+                if "." not in base or base.startswith("."):
+                    continue
+                k, ext = base.split(".", 1)
+                if "/" in info.name:  # webdataset keys keep the folder part
+                    k = info.name.rsplit("/", 1)[0].replace("/", "_") + "_" + k
+                if k != key:
+                    if key is not None:
+                        yield key, group
+                    key, group = k, {}
+                group[ext.lower()] = tf.extractfile(info).read()
+        except (tarfile.TarError, OSError) as e:
+            skips.bad(f"{tar}: sample key={key!r}: unreadable member ({type(e).__name__}: {e}; truncated tar?)",
+                      kind="truncated tar")
+            return  # nothing after the cut can be read
+        if key is not None:
+            yield key, group
+
+
+def import_webdataset(src: str | os.PathLike, root: str | os.PathLike, name: str, *, samples_per_shard: int = 1000,
+                      on_error: OnError = "raise", overwrite: bool = False) -> DatasetInfo:
+    """Index, validate and re-pack existing webdataset / img2dataset tars as the dataset `<name>`.
+
+    src: a folder of `*.tar` (with optional img2dataset `<shard>.parquet` sidecars) or one tar.
+    Per key: the image member (jpg/jpeg/png/webp, bytes copied untouched), the caption from `.txt`
+    (else the json's or the sidecar's "caption"), uid from the json's or sidecar's 32-hex "uid"
+    (else make_uid(name, key, caption, 0)); width/height from the image header; image_id, noisy,
+    label and split from the json when present (so our own shards round-trip unchanged).
+    """
+    src = Path(src)
+    skips = _Skips(on_error)
+    source = name.split("/")[0]
+
+    def samples() -> Iterator[Sample]:
+        for tar in _tar_files(src):
+            side = _sidecar(tar)
+            for key, m in _wds_groups(tar, skips):
+                where = f"{tar}: sample key={key!r}"
+                meta: dict = {}
+                if "json" in m:
+                    try:
+                        meta = json.loads(m["json"])
+                        if not isinstance(meta, dict):
+                            raise ValueError("not an object")
+                    except ValueError as e:
+                        skips.bad(f"{where}: bad .json member ({e})", kind="bad json")
+                        continue
+                row = side.get(key, {})
+                exts = [e for e in IMAGE_EXTS if e in m]
+                if not exts:
+                    skips.bad(f"{where}: no image member (has {sorted(m)})", kind="no image")
+                    continue
+                data = m[exts[0]]
+                try:
+                    w, h = image_size(data, decode=True)
+                except ValueError as e:
+                    skips.bad(f"{where}: {e}", kind="bad image")
+                    continue
+                if image_format(data) is None:
+                    skips.bad(f"{where}: image is not JPEG/PNG/WebP (kept untouched, so not accepted)", kind="bad image")
+                    continue
+                caption = m["txt"].decode("utf-8", errors="strict").strip() if "txt" in m else (
+                    meta.get("caption") or row.get("caption") or "")
+                caption = caption.strip() if isinstance(caption, str) else ""
+                if not caption:
+                    skips.bad(f"{where}: empty or missing caption", kind="empty caption")
+                    continue
+                uid = meta.get("uid") or row.get("uid")
+                if not (isinstance(uid, str) and _UID_RE.match(uid)):
+                    uid = make_uid(source, str(meta.get("image_id") or key), caption, 0)
+                label = meta.get("label")
+                yield Sample(key=key, uid=uid, image_bytes=data, caption=caption,
+                             image_id=str(meta.get("image_id") or key), width=w, height=h,
+                             source=str(meta.get("source") or source),
+                             noisy=meta.get("noisy") if isinstance(meta.get("noisy"), bool) else None,
+                             label=label if isinstance(label, int) and not isinstance(label, bool) else None,
+                             split=meta.get("split") if isinstance(meta.get("split"), str) else None)
+
+    return write_shards(samples(), dataset_dir(root, name), name=name, source=f"webdataset:{src.resolve()}",
+                        samples_per_shard=samples_per_shard, on_error=on_error, overwrite=overwrite,
+                        extra=lambda: skips.extra())
+
+
+# --------------------------------------------------------------------------- class folders
+
+def import_class_folders(src: str | os.PathLike, root: str | os.PathLike, name: str, *, samples_per_shard: int = 1000,
+                         on_error: OnError = "raise", overwrite: bool = False) -> DatasetInfo:
+    """Import `<src>/<class>/<image>` as a zero-shot set `<name>`: label = index of the class in the
+    sorted folder names, caption = the class name ('_' read as a space), image_id = "<class>/<stem>";
+    `_dataset.json` records "classnames" (index = label)."""
+    src = Path(src)
+    classes = sorted(p.name for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise FileNotFoundError(f"{src}: no class folders")
+    classnames = [c.replace("_", " ") for c in classes]
+    skips = _Skips(on_error)
+    source = name.split("/")[0]
+
+    def samples() -> Iterator[Sample]:
+        n = 0
+        for label, cls in enumerate(classes):
+            files = sorted(p for p in (src / cls).iterdir()
+                           if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in _IMAGE_SUFFIXES)
+            if not files:
+                log.warning("%s: class folder has no images", src / cls)
+            for p in files:
+                try:
+                    data, w, h = load_image(p)
+                except (OSError, ValueError) as e:
+                    skips.bad(f"{p}: {e}", kind="bad image")
+                    continue
+                image_id = f"{cls}/{p.stem}"
+                caption = classnames[label]
+                yield Sample(key=f"{n:08d}", uid=make_uid(source, image_id, caption, 0), image_bytes=data,
+                             caption=caption, image_id=image_id, width=w, height=h, source=source, label=label)
+                n += 1
+
+    return write_shards(samples(), dataset_dir(root, name), name=name, source=f"classes:{src.resolve()}",
+                        samples_per_shard=samples_per_shard, on_error=on_error, overwrite=overwrite,
+                        extra=lambda: {**skips.extra(), "classnames": classnames})

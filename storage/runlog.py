@@ -1,0 +1,121 @@
+"""Run logs as Parquet parts: training metrics and per-step selection records (ARCHITECTURE.md
+"Run logs"), queryable with the same SQL as the caches (`storage/sql.py` views `metrics`, `selections`).
+
+`<root>/runs/<run>/metrics/part-<tag>.parquet` and `.../selections/part-<tag>.parquet`: the trainer
+appends rows and flushes a part now and then (each part written atomically); at resume,
+`truncate_after(step)` drops what was logged after the checkpoint so the replayed steps are not
+logged twice.
+
+Row conventions: every row has an integer `step`. Selection rows (section 3.2, one per candidate of
+a super-batch): step int64, uid string, score float32, selected bool, noisy bool (nullable).
+"""
+from __future__ import annotations
+
+import operator
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from storage.atomic import atomic_path
+
+_TAG_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+
+SELECTIONS_SCHEMA = pa.schema([
+    pa.field("step", pa.int64(), nullable=False),
+    pa.field("uid", pa.string(), nullable=False),
+    pa.field("score", pa.float32()),
+    pa.field("selected", pa.bool_(), nullable=False),
+    pa.field("noisy", pa.bool_()),
+])
+
+
+class ParquetLog:
+    """Append-only log of rows in one folder, flushed as `part-<tag>.parquet` files.
+
+    folder: where the parts live (created on the first flush).
+    schema: optional fixed schema (e.g. SELECTIONS_SCHEMA); without one the schema is inferred per
+        part from the rows, with `step` cast to int64 (the SQL views union parts by column name).
+    """
+
+    def __init__(self, folder: str | os.PathLike, schema: pa.Schema | None = None):
+        self.folder = Path(folder)
+        self.schema = schema
+        self._rows: list[dict[str, Any]] = []
+
+    def append(self, rows: list[dict[str, Any]]) -> None:
+        """Buffer rows; each must have an integer `step`."""
+        checked = []
+        for r in rows:
+            step = r.get("step")
+            try:
+                if isinstance(step, bool):
+                    raise TypeError
+                step = operator.index(step)  # int or numpy integer, not float
+            except TypeError:
+                raise ValueError(f"{self.folder}: row without an integer 'step': {r!r}") from None
+            checked.append({**r, "step": step})
+        self._rows.extend(checked)
+
+    @property
+    def pending(self) -> int:
+        return len(self._rows)
+
+    def part_path(self, tag: str) -> Path:
+        if not _TAG_RE.match(tag):
+            raise ValueError(f"tag {tag!r} must match {_TAG_RE.pattern}")
+        return self.folder / f"part-{tag}.parquet"
+
+    def flush(self, tag: str) -> Path | None:
+        """Write the buffered rows as `part-<tag>.parquet` atomically (replacing a part of that
+        tag) and clear the buffer. Returns the path, or None if nothing was buffered."""
+        path = self.part_path(tag)
+        if not self._rows:
+            return None
+        if self.schema is not None:
+            table = pa.Table.from_pylist(self._rows, schema=self.schema)
+        else:
+            table = pa.Table.from_pylist(self._rows)
+            i = table.schema.get_field_index("step")
+            table = table.set_column(i, "step", table.column("step").cast(pa.int64()))
+        with atomic_path(path) as tmp:
+            pq.write_table(table, tmp, compression="zstd")
+        self._rows = []
+        return path
+
+    def parts(self) -> list[Path]:
+        return sorted(self.folder.glob("part-*.parquet")) if self.folder.is_dir() else []
+
+    def truncate_after(self, step: int) -> list[Path]:
+        """Forget everything logged after `step` (used at resume from a checkpoint at `step`).
+
+        Parts whose first step is > step are removed; a part that straddles `step` is rewritten
+        (atomically) with only its rows at step <= step; the unflushed buffer is dropped likewise.
+        Returns the parts removed or rewritten.
+        """
+        touched = []
+        self._rows = [r for r in self._rows if int(r["step"]) <= step]
+        for p in self.parts():
+            steps = pq.read_table(p, columns=["step"]).column("step")
+            if len(steps) == 0 or pc.max(steps).as_py() <= step:
+                continue
+            if pc.min(steps).as_py() > step:
+                p.unlink()
+            else:
+                table = pq.read_table(p)
+                table = table.filter(pc.less_equal(table.column("step"), step))
+                with atomic_path(p) as tmp:
+                    pq.write_table(table, tmp, compression="zstd")
+            touched.append(p)
+        return touched
+
+    def read(self) -> pa.Table:
+        """All flushed parts as one table (columns unified by name; empty table if none)."""
+        parts = self.parts()
+        if not parts:
+            return (self.schema or pa.schema([pa.field("step", pa.int64())])).empty_table()
+        return pa.concat_tables([pq.read_table(p) for p in parts], promote_options="permissive")

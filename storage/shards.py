@@ -1,0 +1,523 @@
+"""Pair shards: the DataComp / img2dataset layout that every stage reads (ARCHITECTURE.md "Formats").
+
+A dataset is a folder holding, per shard `NNNNNNNN`:
+  - `NNNNNNNN.tar`: a webdataset tar with `<key>.jpg` (image bytes as imported, no re-encode),
+    `<key>.txt` (the caption) and `<key>.json` (all metadata, including the 32-hex `uid`),
+    grouped by key, one sample after another;
+  - `NNNNNNNN.parquet`: the same samples' metadata (`METADATA_SCHEMA`), same rows, same order;
+and `_dataset.json` listing the shards with row counts and the sha256 of each tar.
+
+A uid is the join key between a pair and its cached embeddings (paper appendix J: reference and
+teacher embeddings are computed once, offline, and zipped with the raw pairs at training time), so
+it is deterministic: `make_uid` hashes where the pair came from, never a random number.
+
+Tars are written with plain `tarfile` (the `webdataset` package imports torch, which `storage/`
+never does) and deterministic headers (mtime 0, uid/gid 0), so re-importing the same data gives the
+same bytes and the same checksums, and caches computed for the first import stay valid.
+
+A whole dataset is written into a hidden sibling folder and renamed into place at the end, so a
+reader sees either no dataset, the previous one, or the complete new one.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import secrets
+import tarfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Literal
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from storage.atomic import atomic_path, atomic_write_json, fsync_dir, is_temp_name, sha256_file
+
+log = logging.getLogger(__name__)
+
+DATASET_FILE = "_dataset.json"
+FORMAT_VERSION = 1
+
+METADATA_SCHEMA = pa.schema([
+    pa.field("uid", pa.string(), nullable=False),       # 32 lowercase hex chars (make_uid)
+    pa.field("key", pa.string(), nullable=False),       # webdataset key: tar members are <key>.<ext>
+    pa.field("image_id", pa.string(), nullable=False),  # groups the captions of one image (retrieval)
+    pa.field("caption", pa.string(), nullable=False),
+    pa.field("width", pa.int32(), nullable=False),
+    pa.field("height", pa.int32(), nullable=False),
+    pa.field("source", pa.string(), nullable=False),    # short name of the origin (e.g. "flickr8k")
+    pa.field("noisy", pa.bool_()),                      # True = caption known to mismatch (synthetic)
+    pa.field("label", pa.int32()),                      # class index for class-folder sets
+    pa.field("split", pa.string()),                     # train/dev/test/other where known
+])
+
+# Image members a reader accepts; writers produce "jpg" for JPEG data (the contract's `<key>.jpg`).
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+_UID_RE = re.compile(r"^[0-9a-f]{32}$")
+_SHARD_RE = re.compile(r"^[0-9]{8}$")
+OnError = Literal["raise", "skip"]
+
+
+class ShardError(Exception):
+    """A pair shard or sample is unusable. The message always names the file and the sample."""
+
+
+def make_uid(source: str, image_id: str, caption: str, index: int) -> str:
+    """Deterministic 32-hex uid (blake2b-128) of a pair.
+
+    `index` separates pairs that would otherwise collide (the n-th caption of an image; two equal
+    captions of one image are still two pairs). The fields are JSON-encoded as a list so that no
+    choice of separator can make two different tuples hash the same bytes.
+    """
+    payload = json.dumps([source, image_id, caption, int(index)], ensure_ascii=False, separators=(",", ":"))
+    return hashlib.blake2b(payload.encode("utf-8"), digest_size=16).hexdigest()
+
+
+@dataclass
+class Sample:
+    """One image-text pair with its metadata (a row of METADATA_SCHEMA plus the image bytes)."""
+
+    key: str
+    uid: str
+    image_bytes: bytes
+    caption: str
+    image_id: str
+    width: int
+    height: int
+    source: str
+    noisy: bool | None = None
+    label: int | None = None
+    split: str | None = None
+
+    def problem(self) -> str | None:
+        """Why this sample cannot be written, or None."""
+        if not isinstance(self.key, str) or not self.key or "." in self.key or "/" in self.key:
+            return f"bad key {self.key!r} (must be non-empty, without '.' or '/')"
+        if not isinstance(self.uid, str) or not _UID_RE.match(self.uid):
+            return f"bad uid {self.uid!r} (must be 32 lowercase hex chars)"
+        if not isinstance(self.caption, str) or not self.caption.strip():
+            return "empty or missing caption"
+        if not isinstance(self.image_bytes, (bytes, bytearray)) or not self.image_bytes:
+            return "empty image"
+        if image_format(self.image_bytes) is None:
+            return "image bytes are not JPEG, PNG or WebP"
+        if not (isinstance(self.width, int) and isinstance(self.height, int) and self.width > 0 and self.height > 0):
+            return f"bad size {self.width}x{self.height}"
+        try:
+            size = image_size(self.image_bytes)
+        except ValueError as e:
+            return str(e)
+        if size != (self.width, self.height):
+            return f"image is {size[0]}x{size[1]} but the sample says {self.width}x{self.height}"
+        if not isinstance(self.image_id, str) or not self.image_id:
+            return "empty image_id"
+        return None
+
+    def metadata(self) -> dict[str, Any]:
+        return {"uid": self.uid, "key": self.key, "image_id": self.image_id, "caption": self.caption,
+                "width": self.width, "height": self.height, "source": self.source, "noisy": self.noisy,
+                "label": self.label, "split": self.split}
+
+
+@dataclass(frozen=True)
+class ShardRef:
+    """One shard of a dataset: identity (dataset folder, name) plus its row count and tar checksum."""
+
+    dataset_dir: Path
+    name: str
+    rows: int
+    sha256: str
+
+    @property
+    def tar_path(self) -> Path:
+        return self.dataset_dir / f"{self.name}.tar"
+
+    @property
+    def meta_path(self) -> Path:
+        return self.dataset_dir / f"{self.name}.parquet"
+
+
+@dataclass
+class DatasetInfo:
+    """The content of `_dataset.json` (plus where it lives)."""
+
+    name: str
+    source: str
+    path: Path
+    shards: list[ShardRef]
+    created: str
+    skipped: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. {"classnames": [...]}
+
+    @property
+    def rows(self) -> int:
+        return sum(s.rows for s in self.shards)
+
+    @property
+    def classnames(self) -> list[str] | None:
+        return self.extra.get("classnames")
+
+
+def image_format(data: bytes) -> str | None:
+    """Member extension for image bytes by their magic number ("jpg", "png", "webp"), else None."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return None
+
+
+def image_size(data: bytes, *, decode: bool = False) -> tuple[int, int]:
+    """(width, height) from the image header; with `decode`, also decode all pixels (catches
+    truncated or corrupt bodies that a header read does not). Raises ValueError if unreadable."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            size = im.size
+            if decode:
+                im.load()
+    except Exception as e:  # PIL raises several types (UnidentifiedImageError, OSError, SyntaxError...)
+        raise ValueError(f"undecodable image ({type(e).__name__}: {e})") from None
+    return size
+
+
+def shard_name(index: int) -> str:
+    return f"{index:08d}"
+
+
+# --------------------------------------------------------------------------- writing
+
+class _HashingWriter:
+    """File wrapper that hashes what tarfile writes, so a shard's sha256 costs no second read."""
+
+    def __init__(self, f):
+        self._f, self.hash = f, hashlib.sha256()
+
+    def write(self, b) -> int:
+        self.hash.update(b)
+        return self._f.write(b)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+
+def _add_member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o444
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tf.addfile(info, io.BytesIO(data))
+
+
+def _write_shard(folder: Path, name: str, samples: list[Sample], *, dataset: str) -> ShardRef:
+    """Write `<name>.tar` then `<name>.parquet` (each atomically) and return their ShardRef."""
+    tar_path = folder / f"{name}.tar"
+    with atomic_path(tar_path) as tmp:
+        with open(tmp, "wb") as raw:
+            w = _HashingWriter(raw)
+            with tarfile.open(fileobj=w, mode="w", format=tarfile.PAX_FORMAT) as tf:
+                for s in samples:
+                    meta = s.metadata()
+                    _add_member(tf, f"{s.key}.{image_format(s.image_bytes)}", bytes(s.image_bytes))
+                    _add_member(tf, f"{s.key}.txt", s.caption.encode("utf-8"))
+                    _add_member(tf, f"{s.key}.json", json.dumps(meta, ensure_ascii=False).encode("utf-8"))
+        sha = w.hash.hexdigest()
+    table = pa.Table.from_pylist([s.metadata() for s in samples], schema=METADATA_SCHEMA)
+    table = table.replace_schema_metadata({"aced.dataset": dataset, "aced.shard": name, "aced.tar_sha256": sha})
+    with atomic_path(folder / f"{name}.parquet") as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+    return ShardRef(folder, name, len(samples), sha)
+
+
+def _check_target(out_dir: Path, overwrite: bool) -> None:
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} exists and is not a folder")
+    entries = [p for p in out_dir.iterdir() if not is_temp_name(p.name)]
+    if not entries:
+        return
+    if not (out_dir / DATASET_FILE).exists():
+        raise FileExistsError(f"{out_dir} is not empty and holds no {DATASET_FILE}: refusing to replace it")
+    if not overwrite:
+        raise FileExistsError(f"{out_dir} already holds a dataset; pass overwrite=True (CLI: --overwrite) to replace it")
+    nested = [p for p in entries if p.is_dir()]
+    if nested:
+        raise FileExistsError(f"{out_dir} holds sub-folders {[p.name for p in nested]}: refusing to replace it")
+
+
+def write_shards(samples: Iterable[Sample], out_dir: str | os.PathLike, *, name: str, source: str,
+                 samples_per_shard: int = 1000, on_error: OnError = "raise", overwrite: bool = False,
+                 extra: dict[str, Any] | Callable[[], dict[str, Any]] | None = None) -> DatasetInfo:
+    """Write `samples` as a dataset folder `out_dir` (tar + parquet per shard, then `_dataset.json`).
+
+    name: the dataset name (its path under `<root>/datasets`, e.g. "flickr8k/train").
+    source: where the data came from (recorded in `_dataset.json`).
+    on_error: "raise" -> ShardError naming the sample for an invalid sample or a duplicate uid/key;
+        "skip" -> such samples are logged and counted (`DatasetInfo.skipped`).
+    overwrite: replace an existing dataset in `out_dir` (otherwise FileExistsError).
+    extra: more keys for `_dataset.json` (e.g. {"classnames": [...]}), or a function returning them,
+        called once all samples are consumed (so an importer can record how many it skipped).
+
+    The dataset is written into a hidden temporary sibling folder and renamed into place only once
+    complete; on any error nothing is left behind and an existing dataset is untouched.
+    """
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    out_dir = Path(out_dir)
+    _check_target(out_dir, overwrite)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = out_dir.parent / f".{out_dir.name}.{secrets.token_hex(6)}.tmp"
+    work.mkdir()
+    try:
+        shards: list[ShardRef] = []
+        seen_uid: dict[str, str] = {}
+        seen_key: set[str] = set()
+        skipped = 0
+        buf: list[Sample] = []
+        for s in samples:
+            why = s.problem()
+            if why is None and s.uid in seen_uid:
+                why = f"duplicate uid {s.uid} (already used by key {seen_uid[s.uid]!r})"
+            if why is None and s.key in seen_key:
+                why = f"duplicate key {s.key!r}"
+            if why is not None:
+                msg = f"{out_dir}: sample key={s.key!r} uid={s.uid!r} image_id={s.image_id!r}: {why}"
+                if on_error == "raise":
+                    raise ShardError(msg)
+                skipped += 1
+                log.warning("skipping %s", msg)
+                continue
+            seen_uid[s.uid] = s.key
+            seen_key.add(s.key)
+            buf.append(s)
+            if len(buf) == samples_per_shard:
+                shards.append(_write_shard(work, shard_name(len(shards)), buf, dataset=name))
+                buf = []
+        if buf:
+            shards.append(_write_shard(work, shard_name(len(shards)), buf, dataset=name))
+        created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        doc = {"name": name, "source": source, "format_version": FORMAT_VERSION,
+               "shards": [{"name": r.name, "rows": r.rows, "sha256": r.sha256} for r in shards],
+               "rows": sum(r.rows for r in shards), "skipped": skipped, "created": created}
+        for k, v in ((extra() if callable(extra) else extra) or {}).items():
+            if k in doc:
+                raise ValueError(f"extra key {k!r} would overwrite a standard _dataset.json field")
+            doc[k] = v
+        atomic_write_json(work / DATASET_FILE, doc)
+        # Swap into place. Without an old dataset this is one atomic rename; with one, the old
+        # folder is renamed aside first (a crash in between leaves both folders, nothing half-written).
+        trash = None
+        if out_dir.exists():
+            trash = out_dir.parent / f".{out_dir.name}.{secrets.token_hex(6)}.old.tmp"
+            os.replace(out_dir, trash)
+        os.replace(work, out_dir)
+        fsync_dir(out_dir.parent)
+        if trash is not None:
+            shutil.rmtree(trash)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    if skipped:
+        log.warning("%s: skipped %d bad samples", out_dir, skipped)
+    return load_dataset(out_dir)
+
+
+# --------------------------------------------------------------------------- reading
+
+def load_dataset(dataset_dir: str | os.PathLike) -> DatasetInfo:
+    """Read and check `_dataset.json` of a dataset folder."""
+    dataset_dir = Path(dataset_dir)
+    path = dataset_dir / DATASET_FILE
+    try:
+        doc = json.loads(path.read_text("utf-8"))
+    except FileNotFoundError:
+        raise ShardError(f"{path}: missing (not a dataset folder, or its import did not finish)") from None
+    except (OSError, ValueError) as e:
+        raise ShardError(f"{path}: unreadable ({e})") from None
+    try:
+        shards = [ShardRef(dataset_dir, str(s["name"]), int(s["rows"]), str(s["sha256"])) for s in doc["shards"]]
+        info = DatasetInfo(name=str(doc["name"]), source=str(doc["source"]), path=dataset_dir, shards=shards,
+                           created=str(doc["created"]), skipped=int(doc.get("skipped", 0)),
+                           extra={k: v for k, v in doc.items() if k not in
+                                  ("name", "source", "shards", "created", "skipped", "rows", "format_version")})
+    except (KeyError, TypeError, ValueError) as e:
+        raise ShardError(f"{path}: malformed ({type(e).__name__}: {e})") from None
+    for s in shards:
+        if not _SHARD_RE.match(s.name):
+            raise ShardError(f"{path}: bad shard name {s.name!r} (want 8 digits)")
+    return info
+
+
+def list_shards(dataset_dir: str | os.PathLike) -> list[ShardRef]:
+    """The shards of a dataset, in order, as recorded in its `_dataset.json`."""
+    return load_dataset(dataset_dir).shards
+
+
+def find_datasets(datasets_root: str | os.PathLike) -> dict[str, Path]:
+    """Every dataset below `datasets_root` ({relative name: folder}), hidden folders skipped."""
+    root = Path(datasets_root)
+    found: dict[str, Path] = {}
+    if not root.is_dir():
+        return found
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        if DATASET_FILE in filenames:
+            p = Path(dirpath)
+            found[p.relative_to(root).as_posix()] = p
+    return dict(sorted(found.items()))
+
+
+def read_metadata(shard: ShardRef) -> pa.Table:
+    """The shard's metadata table (METADATA_SCHEMA), checked against its ShardRef."""
+    path = shard.meta_path
+    try:
+        table = pq.read_table(path)
+    except FileNotFoundError:
+        raise ShardError(f"{path}: missing metadata Parquet of shard {shard.name}") from None
+    except Exception as e:  # pyarrow raises ArrowInvalid/OSError for corrupt files
+        raise ShardError(f"{path}: unreadable Parquet ({type(e).__name__}: {e})") from None
+    if not table.schema.equals(METADATA_SCHEMA, check_metadata=False):
+        try:
+            table = table.select(METADATA_SCHEMA.names).cast(METADATA_SCHEMA)
+        except Exception as e:
+            raise ShardError(f"{path}: schema does not match METADATA_SCHEMA ({e})") from None
+    if table.num_rows != shard.rows:
+        raise ShardError(f"{path}: {table.num_rows} rows, but _dataset.json says {shard.rows}")
+    return table
+
+
+def _tar_groups(tf: tarfile.TarFile, path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {ext: bytes}) for consecutive members sharing a key (the webdataset grouping)."""
+    key, group = None, {}
+    for info in tf:
+        if not info.isfile():
+            continue
+        base = info.name.rsplit("/", 1)[-1]
+        if "." not in base:
+            raise ShardError(f"{path}: member {info.name!r} has no extension")
+        k, ext = base.split(".", 1)
+        if k != key:
+            if key is not None:
+                yield key, group
+            key, group = k, {}
+        try:
+            group[ext.lower()] = tf.extractfile(info).read()
+        except (tarfile.TarError, OSError) as e:
+            raise ShardError(f"{path}: sample key={k!r}: member {info.name!r} unreadable "
+                             f"({type(e).__name__}: {e}; truncated tar?)") from None
+    if key is not None:
+        yield key, group
+
+
+def iter_samples(shard: ShardRef, *, on_error: OnError = "raise", decode: bool = False,
+                 stats: dict[str, int] | None = None) -> Iterator[Sample]:
+    """Samples of `shard` in metadata order.
+
+    A missing, extra or unreadable member, an undecodable image (header read; with `decode`, every
+    pixel), a caption or uid that differs between tar and Parquet, or a truncated tar raises
+    ShardError naming the tar and the sample key/uid; with on_error="skip" the sample is logged and
+    counted instead (in `stats["skipped"]` when a dict is passed). A truncated tar also counts every
+    sample after the cut as skipped.
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    stats = stats if stats is not None else {}
+    stats.setdefault("skipped", 0)
+    rows = read_metadata(shard).to_pylist()
+    path = shard.tar_path
+    pending = {r["key"]: i for i, r in enumerate(rows)}
+    if len(pending) != len(rows):
+        raise ShardError(f"{shard.meta_path}: duplicate keys in metadata")
+    next_row = 0
+
+    def bad(row: dict, why: str) -> None:
+        msg = f"{path}: sample key={row['key']!r} uid={row['uid']}: {why}"
+        if on_error == "raise":
+            raise ShardError(msg)
+        stats["skipped"] += 1
+        log.warning("skipping %s", msg)
+
+    try:
+        tf = tarfile.open(path, mode="r:")
+    except FileNotFoundError:
+        raise ShardError(f"{path}: missing tar of shard {shard.name}") from None
+    except (tarfile.TarError, OSError) as e:
+        raise ShardError(f"{path}: unreadable tar ({type(e).__name__}: {e})") from None
+    with tf:
+        groups = _tar_groups(tf, path)
+        while True:
+            try:
+                key, members = next(groups)
+            except StopIteration:
+                break
+            except ShardError as e:
+                if on_error == "raise":
+                    raise
+                log.warning("%s (rest of the shard skipped)", e)
+                break  # a truncated tar cannot be read past the cut
+            i = pending.pop(key, None)
+            if i is None or i < next_row:
+                msg = f"{path}: sample key={key!r}: member in tar but not in metadata (or out of order)"
+                if on_error == "raise":
+                    raise ShardError(msg)
+                stats["skipped"] += 1
+                log.warning("skipping %s", msg)
+                continue
+            for j in range(next_row, i):  # rows the tar jumped over
+                if rows[j]["key"] in pending:
+                    pending.pop(rows[j]["key"])
+                    bad(rows[j], "missing from the tar")
+            next_row = i + 1
+            row = rows[i]
+            sample = _sample_from(row, members, bad, decode)
+            if sample is not None:
+                yield sample
+    for j in range(next_row, len(rows)):
+        if rows[j]["key"] in pending:
+            bad(rows[j], "missing from the tar (truncated tar?)")
+
+
+def _sample_from(row: dict, members: dict[str, bytes], bad, decode: bool) -> Sample | None:
+    exts = [e for e in IMAGE_EXTS if e in members]
+    if not exts:
+        bad(row, f"no image member (found {sorted(members)})")
+        return None
+    if "txt" not in members:
+        bad(row, "no .txt member")
+        return None
+    image = members[exts[0]]
+    try:
+        w, h = image_size(image, decode=decode)
+    except ValueError as e:
+        bad(row, str(e))
+        return None
+    if (w, h) != (row["width"], row["height"]):
+        bad(row, f"image is {w}x{h} but metadata says {row['width']}x{row['height']}")
+        return None
+    caption = members["txt"].decode("utf-8", errors="replace")
+    if caption != row["caption"]:
+        bad(row, "caption in .txt differs from the metadata Parquet")
+        return None
+    if "json" in members:
+        try:
+            uid = json.loads(members["json"]).get("uid")
+        except ValueError:
+            bad(row, ".json member is not valid JSON")
+            return None
+        if uid != row["uid"]:
+            bad(row, f".json uid {uid!r} differs from the metadata Parquet")
+            return None
+    return Sample(key=row["key"], uid=row["uid"], image_bytes=image, caption=row["caption"],
+                  image_id=row["image_id"], width=row["width"], height=row["height"], source=row["source"],
+                  noisy=row["noisy"], label=row["label"], split=row["split"])
