@@ -87,6 +87,32 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_flow(args: argparse.Namespace) -> int:
+    """`aced train --flow`: the same run through the Prefect train flow (evaluation + artifacts)."""
+    from flows._prefect_env import use_workspace_state
+
+    cfg = config_from_args(args)
+    use_workspace_state(args.root)
+    from flows.train_flow import train_flow
+
+    evals = {f"{Path(d).name}-zeroshot": ["zeroshot", d] for d in cfg.eval_zeroshot}
+    evals.update({f"{Path(d).name}-retrieval": ["retrieval", d] for d in cfg.eval_retrieval})
+    out = train_flow(json.loads(cfg.to_json()), str(args.root / "runs" / args.run), evals or None)
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The main job (README's first command)."""
+    from flows._prefect_env import use_workspace_state
+
+    use_workspace_state(args.root)
+    from flows.main_job import main_job
+
+    main_job(str(args.root.resolve()), size=args.size, seed=args.seed, data=args.data, engine=args.engine)
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from pipeline.trainer import export_model
 
@@ -115,7 +141,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--zeroshot", action="append", help="class dataset evaluated at the end; repeatable")
     p.add_argument("--retrieval", action="append", help="pair dataset evaluated at the end; repeatable")
     p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="any other TrainConfig field; repeatable")
-    p.set_defaults(func=_train)
+    p.add_argument("--flow", action="store_true", help="run through the Prefect train flow (evaluation, artifacts)")
+    p.set_defaults(func=lambda a: _train_flow(a) if a.flow else _train(a))
+
+    r = sub.add_parser("run", help="the main job: data -> reference/teacher -> cache -> students -> eval -> table",
+                       description="Runs the whole pipeline as one Prefect flow in the workspace; re-running skips "
+                                   "finished stages and resumes unfinished training runs.")
+    r.add_argument("--size", default="default", choices=("default", "tiny"), help="built-in job size")
+    r.add_argument("--data", help="a real folder of images + captions (e.g. ../shared/data/flickr8k) instead of synthetic data")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--engine", default="ray", choices=("ray", "plain"), help="cache engine (default ray)")
+    r.set_defaults(func=_run)
 
     e = sub.add_parser("export", help="export a run's latest weights as a model folder")
     e.add_argument("run")

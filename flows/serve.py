@@ -74,7 +74,7 @@ class LocalPrefectServer:
         env.pop("PREFECT_API_URL", None)  # the server itself must not talk to another API
         cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", self.host, "--port", str(self.port)]
         if not self.ui:
-            cmd.append("--no-ui")
+            env["PREFECT_SERVER_UI_ENABLED"] = "false"
         self.log_path = self.home / "server.log"
         logf = open(self.log_path, "ab")
         # own process group: a Ctrl-C in the terminal reaches us, and we stop the server in order

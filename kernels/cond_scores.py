@@ -231,9 +231,11 @@ _TORCH_BLOCK_ELEMS = 1 << 19
 
 def _two_way_pair_loss_torch(u_x, v_x, u_j, v_j, scale: float, bias: float, sign) -> torch.Tensor:
     """[m] = sum_j ell(x, j) + ell(j, x) for one model; ``sign`` [m, k] is -y (so z = sign * logit)."""
-    # one batched matmul for both directions: [2, m, d] @ [2, d, k] -> [2, m, k]
-    logits = torch.baddbmm(torch.tensor(bias, dtype=torch.float32, device=u_x.device),
-                           torch.stack((u_x, v_x)), torch.stack((v_j, u_j)).transpose(1, 2), alpha=scale)
+    # both directions written by two GEMMs into one [2, m, k] buffer (no copy of the candidate rows)
+    logits = torch.empty((2, u_x.shape[0], u_j.shape[0]), dtype=torch.float32, device=u_x.device)
+    c = torch.tensor(bias, dtype=torch.float32, device=u_x.device)
+    torch.addmm(c, u_x, v_j.T, alpha=scale, out=logits[0])       # a * u_x . v_j + c
+    torch.addmm(c, v_x, u_j.T, alpha=scale, out=logits[1])       # a * u_j . v_x + c
     return F.softplus(logits.mul_(sign)).sum(dim=(0, 2))
 
 

@@ -48,11 +48,12 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
-import torch
-from PIL import Image
 
 from storage.cache import CacheError, CacheWriter, ModelMeta, cache_dir, read_cache_shard
 from storage.shards import ShardRef, find_datasets, iter_samples, list_shards
+
+# torch, PIL and the models are imported where they are used: the Ray read tasks import this
+# module too, and a worker process that only reads shards should not pay seconds for torch.
 
 log = logging.getLogger(__name__)
 
@@ -172,17 +173,31 @@ def resolve_models(root: Path, models: Sequence[str | os.PathLike]) -> list[Path
 
 
 def resolve_datasets(root: Path, datasets: Sequence[str] | None) -> dict[str, Path]:
-    """{name: folder} for the named datasets under `<root>/datasets`, or for all of them when None."""
-    found = find_datasets(Path(root) / "datasets")
+    """{name: folder} for the given datasets under `<root>/datasets`, or for all of them when None.
+
+    Each entry is a dataset name ("flickr8k/train") or its folder; a folder outside
+    `<root>/datasets` is refused, since the cache layout names datasets by that relative path.
+    """
+    base = (Path(root) / "datasets").resolve()
+    found = find_datasets(base)
     if datasets is None:
         if not found:
-            raise FileNotFoundError(f"no datasets under {Path(root) / 'datasets'}")
+            raise FileNotFoundError(f"no datasets under {base}")
         return found
-    missing = [d for d in datasets if d not in found]
-    if missing:
-        raise FileNotFoundError(f"datasets {missing} not found under {Path(root) / 'datasets'} "
-                                f"(have: {sorted(found)})")
-    return {d: found[d] for d in datasets}
+    out = {}
+    for d in datasets:
+        name = str(d)
+        p = Path(d)
+        if name not in found and p.is_dir():
+            try:
+                name = p.resolve().relative_to(base).as_posix()
+            except ValueError:
+                raise ValueError(f"dataset folder {p} is not under {base}: the cache names datasets by "
+                                 f"their path below <root>/datasets") from None
+        if name not in found:
+            raise FileNotFoundError(f"dataset {str(d)!r} not found under {base} (have: {sorted(found)})")
+        out[name] = found[name]
+    return out
 
 
 def model_meta(model_dir: Path) -> ModelMeta:
@@ -190,6 +205,8 @@ def model_meta(model_dir: Path) -> ModelMeta:
 
     `dim` is read off a real forward (one caption), so it is the width actually written.
     """
+    import torch
+
     from pipeline.models import fingerprint, load_model
 
     bundle = load_model(model_dir)
@@ -280,6 +297,8 @@ class MultiModelEmbedder:
     """
 
     def __init__(self, model_dirs: Sequence[str], *, torch_threads: int | None = None, device: str = "auto"):
+        import torch
+
         from pipeline.models import load_model
 
         if torch_threads is not None:
@@ -302,6 +321,9 @@ class MultiModelEmbedder:
 
         `where` names the chunk (dataset/shard:start) in decode errors.
         """
+        import torch
+        from PIL import Image
+
         model_ids = list(model_ids)
         pil = []
         for i, data in enumerate(images):
@@ -311,7 +333,7 @@ class MultiModelEmbedder:
             except Exception as e:  # PIL raises several types for corrupt files
                 raise ValueError(f"{where} row {i}: undecodable image ({type(e).__name__}: {e})") from None
             pil.append(im)
-        pixels: dict[str, torch.Tensor] = {}
+        pixels: dict[str, "torch.Tensor"] = {}
         out = {}
         with torch.inference_mode():
             for mid in model_ids:
@@ -448,7 +470,8 @@ class _ShardCommitter:
 
     def _commit(self, item_idx: int) -> None:
         item = self.plan.items[item_idx]
-        chunks = [self.parts[item_idx][s] for s in sorted(self.parts.pop(item_idx))]  # back in shard order
+        parts = self.parts.pop(item_idx)
+        chunks = [parts[s] for s in sorted(parts)]  # back in shard order
         uids = [u for c, _ in chunks for u in c]
         for mid in item.model_ids:
             img = np.concatenate([e[mid][0] for _, e in chunks])

@@ -18,6 +18,10 @@ Gumbel-top-k trick: the same law as m successive softmax draws that each remove 
 order is the order of those draws), computed in float64 log space, so no score overflows and no
 B x B mask exists. The running sum over selected j is kept per candidate and only the newest chunk
 is added (one ``conditional_scores`` call per chunk after the first).
+
+Scores always use the sigmoid (SigLIP) per-pair loss, whatever contrastive loss trains the student:
+the softmax form would need a log-sum-exp over the selected set per candidate (SPEC.md allows either;
+this module documents the sigmoid choice).
 """
 from __future__ import annotations
 

@@ -221,7 +221,8 @@ class CacheWriter:
             a = np.asarray(a)
             if a.ndim != 2 or a.shape != (len(want), d):
                 raise CacheError(f"{path}: {name} has shape {a.shape}, want ({len(want)}, {d}) (dim of {self.meta.model_id})")
-            cast = a.astype(np_t)
+            with np.errstate(over="ignore"):  # overflow becomes inf, reported just below
+                cast = a.astype(np_t)
             for arr, what in ((a, "non-finite value"), (cast, f"value overflows {self.dtype}")):
                 i = _first_nonfinite(arr)
                 if i is not None:

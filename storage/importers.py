@@ -102,7 +102,7 @@ def _image_id(rel: str) -> str:
 
 # --------------------------------------------------------------------------- captions table
 
-def _detect(src: Path, images: Path | None, captions: Path | None, splits: Path | None):
+def _detect(src: Path, images: Path | None, captions: Path | None, splits: Path | None, *, detect_splits: bool):
     if images is None:
         images = src / "images"
         if not images.is_dir():
@@ -112,7 +112,7 @@ def _detect(src: Path, images: Path | None, captions: Path | None, splits: Path 
         if not cands:
             raise FileNotFoundError(f"{src}: no captions.csv / captions.tsv (pass captions=)")
         captions = cands[0]
-    if splits is None and (src / "splits").is_dir():
+    if splits is None and detect_splits and (src / "splits").is_dir():
         splits = src / "splits"
     return images, captions, splits
 
@@ -178,20 +178,23 @@ def _caption_samples(groups: Iterable[tuple[str, list[tuple[str, int]]]], images
 
 def import_captions(src: str | os.PathLike, root: str | os.PathLike, name: str, *,
                     images: str | os.PathLike | None = None, captions: str | os.PathLike | None = None,
-                    splits: str | os.PathLike | None = None, samples_per_shard: int = 1000,
+                    splits: str | os.PathLike | None | bool = None, samples_per_shard: int = 1000,
                     on_error: OnError = "raise", overwrite: bool = False) -> dict[str, DatasetInfo]:
     """Import a folder of images + caption table as datasets under `<root>/datasets/<name>`.
 
     src: folder with `images/`, `captions.csv` (or .tsv) and optionally `splits/<split>.txt`
-        (each of images/captions/splits can be given explicitly instead).
+        (each of images/captions/splits can be given explicitly instead; splits=False ignores
+        split lists even where `src/splits` exists).
     With split lists: one dataset per split, `<name>/<split>`, plus `<name>/other` for captioned
     images in no list (if any). Without: one dataset `<name>`. One pair per caption; pairs of an image
     are consecutive; uid = make_uid(name, image_id, caption, n-th caption of the image).
     Returns {split or "": DatasetInfo}.
     """
     src = Path(src)
+    if splits is True:
+        raise ValueError("splits must be a folder, None (auto-detect) or False (none)")
     images, captions, splits = _detect(src, Path(images) if images else None, Path(captions) if captions else None,
-                                       Path(splits) if splits else None)
+                                       Path(splits) if splits else None, detect_splits=splits is None)
     skips = _Skips(on_error)
     source = name.split("/")[0]
     rows = read_caption_table(captions, skips)

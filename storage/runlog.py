@@ -79,9 +79,15 @@ class ParquetLog:
         if self.schema is not None:
             table = pa.Table.from_pylist(self._rows, schema=self.schema)
         else:
-            table = pa.Table.from_pylist(self._rows)
-            i = table.schema.get_field_index("step")
-            table = table.set_column(i, "step", table.column("step").cast(pa.int64()))
+            # Columns = the union of the rows' keys (from_pylist would keep only the first row's).
+            names = list(dict.fromkeys(k for r in self._rows for k in r))
+            cols = {}
+            for k in names:
+                try:
+                    cols[k] = pa.array([r.get(k) for r in self._rows], type=pa.int64() if k == "step" else None)
+                except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+                    raise ValueError(f"{path}: column {k!r} has values of mixed types ({e})") from None
+            table = pa.table(cols)
         with atomic_path(path) as tmp:
             pq.write_table(table, tmp, compression="zstd")
         self._rows = []

@@ -96,10 +96,12 @@ class Sample:
     label: int | None = None
     split: str | None = None
 
-    def problem(self) -> str | None:
-        """Why this sample cannot be written, or None."""
-        if not isinstance(self.key, str) or not self.key or "." in self.key or "/" in self.key:
-            return f"bad key {self.key!r} (must be non-empty, without '.' or '/')"
+    def problem(self, *, checked_size: tuple[int, int] | None = None) -> str | None:
+        """Why this sample cannot be written, or None. `checked_size`: the image's header size if
+        the caller already read it (skips a second header parse of the same bytes)."""
+        if (not isinstance(self.key, str) or not self.key or "." in self.key or "/" in self.key
+                or len(self.key.encode("utf-8")) > 90):
+            return f"bad key {self.key!r} (must be 1-90 bytes, without '.' or '/')"
         if not isinstance(self.uid, str) or not _UID_RE.match(self.uid):
             return f"bad uid {self.uid!r} (must be 32 lowercase hex chars)"
         if not isinstance(self.caption, str) or not self.caption.strip():
@@ -111,7 +113,7 @@ class Sample:
         if not (isinstance(self.width, int) and isinstance(self.height, int) and self.width > 0 and self.height > 0):
             return f"bad size {self.width}x{self.height}"
         try:
-            size = image_size(self.image_bytes)
+            size = checked_size or image_size(self.image_bytes)
         except ValueError as e:
             return str(e)
         if size != (self.width, self.height):
@@ -209,12 +211,16 @@ class _HashingWriter:
         return self._f.tell()
 
 
-def _add_member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+def _member(name: str, data: bytes) -> bytes:
+    """One tar member: a ustar header made by tarfile, the data, zero padding to 512 bytes.
+    (Equivalent to TarFile.addfile, about 4x faster: no TarInfo copy, no pax-header probing,
+    which dominated the import time of small images.)"""
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = len(data), 0, 0o444
     info.uid = info.gid = 0
     info.uname = info.gname = ""
-    tf.addfile(info, io.BytesIO(data))
+    pad = -len(data) % tarfile.BLOCKSIZE
+    return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict") + data + b"\0" * pad
 
 
 def _write_shard(folder: Path, name: str, samples: list[Sample], *, dataset: str) -> ShardRef:
@@ -223,12 +229,13 @@ def _write_shard(folder: Path, name: str, samples: list[Sample], *, dataset: str
     with atomic_path(tar_path) as tmp:
         with open(tmp, "wb") as raw:
             w = _HashingWriter(raw)
-            with tarfile.open(fileobj=w, mode="w", format=tarfile.PAX_FORMAT) as tf:
-                for s in samples:
-                    meta = s.metadata()
-                    _add_member(tf, f"{s.key}.{image_format(s.image_bytes)}", bytes(s.image_bytes))
-                    _add_member(tf, f"{s.key}.txt", s.caption.encode("utf-8"))
-                    _add_member(tf, f"{s.key}.json", json.dumps(meta, ensure_ascii=False).encode("utf-8"))
+            for s in samples:
+                w.write(_member(f"{s.key}.{image_format(s.image_bytes)}", bytes(s.image_bytes))
+                        + _member(f"{s.key}.txt", s.caption.encode("utf-8"))
+                        + _member(f"{s.key}.json", json.dumps(s.metadata(), ensure_ascii=False).encode("utf-8")))
+            # End of archive: two zero blocks, then padding to a whole record (as TarFile.close does).
+            size = w.tell() + 2 * tarfile.BLOCKSIZE
+            w.write(b"\0" * (2 * tarfile.BLOCKSIZE + (-size % tarfile.RECORDSIZE)))
         sha = w.hash.hexdigest()
     table = pa.Table.from_pylist([s.metadata() for s in samples], schema=METADATA_SCHEMA)
     table = table.replace_schema_metadata({"aced.dataset": dataset, "aced.shard": name, "aced.tar_sha256": sha})
@@ -285,8 +292,12 @@ def write_shards(samples: Iterable[Sample], out_dir: str | os.PathLike, *, name:
         seen_key: set[str] = set()
         skipped = 0
         buf: list[Sample] = []
+        last_image: tuple[bytes | None, tuple[int, int] | None] = (None, None)
         for s in samples:
-            why = s.problem()
+            # Consecutive captions of one image share one bytes object: parse its header once.
+            why = s.problem(checked_size=last_image[1] if s.image_bytes is last_image[0] else None)
+            if why is None:
+                last_image = (s.image_bytes, (s.width, s.height))
             if why is None and s.uid in seen_uid:
                 why = f"duplicate uid {s.uid} (already used by key {seen_uid[s.uid]!r})"
             if why is None and s.key in seen_key:

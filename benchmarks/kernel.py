@@ -1,0 +1,260 @@
+"""Benchmark: joint (JEST) selection with the fused conditional-score path vs a naive full-matrix PyTorch one.
+
+Paper Appendix J / SPEC.md "Cost model": the conditional-score work must stay a small fraction of a step
+and, above all, must not need the B x B score matrix. For each super-batch size B (b = B/5, i.e. f = 0.8,
+n = 16 chunks, tau = 10, learnability rule, student and reference width d = 256) this measures
+
+- total_s: one whole ``select`` call (self scores + n-1 conditional-score rounds + Gumbel-top-k sampling);
+- score_s: the score work alone: the n-1 ``conditional_scores`` calls (fused) or building the B x B
+  matrix (naive);
+- peak_extra_bytes: the extra memory of one selection beyond the inputs.
+  CUDA: torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), minus the allocated bytes before.
+  CPU: RSS high-water-mark growth in a fresh subprocess per (implementation, B): after a warm-up call the
+  kernel's peak RSS counter is reset (writing 5 to /proc/self/clear_refs), the baseline VmRSS is read, one
+  selection runs, and VmHWM - baseline is reported. That child runs with MALLOC_MMAP_THRESHOLD_=65536 so
+  freed blocks go back to the OS instead of a malloc cache that would hide the next call's allocations;
+  as this setting slows allocation down, the timings come from a second fresh child with the default malloc.
+
+Implementations: "fused" = ``pipeline.selection.select`` (Triton kernel on CUDA, the blocked PyTorch
+reference on CPU); "naive" = materialise s(i, j) for all pairs in float32, then the same rounds and the
+same sampler reading rows/columns of that matrix. With the same generator both must select the same
+indices (checked: "same_selection"). Timings: median and min/max over repeats, each repeat in the same
+warm process.
+
+Run:  .venv/bin/python benchmarks/kernel.py            (writes benchmarks/results/kernel.{json,md})
+      .venv/bin/python benchmarks/kernel.py --sizes 320 1024 --repeats 5
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from kernels.cond_scores import conditional_scores
+from pipeline.selection import SelectionConfig, chunk_sizes, gumbel_top_k, select
+from storage.atomic import atomic_write_bytes, atomic_write_json
+
+RESULTS = Path(__file__).resolve().parent / "results"
+D = 256
+N_CHUNKS = 16
+TAU = 10.0
+SCALES = dict(stu_scale=10.0, stu_bias=-10.0, ref_scale=10.0, ref_bias=-10.0)
+
+
+def make_inputs(B: int, device: str, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name in ("stu_img", "stu_txt", "ref_img", "ref_txt"):
+        out[name] = F.normalize(torch.randn(B, D, generator=g), dim=1).to(device)
+    return {**out, **SCALES}
+
+
+# ---------------------------------------------------------------------------------------------
+# the naive baseline: the whole B x B pairwise score matrix
+
+
+def full_pair_loss(u: torch.Tensor, v: torch.Tensor, a: float, c: float) -> torch.Tensor:
+    """ell(i, j) = softplus(-y_ij (a u_i.v_j + c)) for all pairs: [B, B] float32 (in place where possible)."""
+    logits = torch.addmm(torch.tensor(c, device=u.device), u, v.T, alpha=a)
+    logits.diagonal().neg_()                      # y = +1 on the diagonal
+    return F.softplus(logits)
+
+
+def naive_select(b: int, inputs: dict, generator: torch.Generator, timings: dict) -> torch.Tensor:
+    t0 = time.perf_counter()
+    S = full_pair_loss(inputs["stu_img"], inputs["stu_txt"], SCALES["stu_scale"], SCALES["stu_bias"])
+    S.sub_(full_pair_loss(inputs["ref_img"], inputs["ref_txt"], SCALES["ref_scale"], SCALES["ref_bias"]))
+    _sync()
+    timings["score_s"] = time.perf_counter() - t0
+    s_self = S.diagonal().clone()
+    taken = torch.zeros(len(S), dtype=torch.bool, device=S.device)
+    pair_sum = torch.zeros(len(S), device=S.device)
+    current, picks, n_sel = s_self, [], 0
+    for m in chunk_sizes(b, N_CHUNKS):
+        if picks:
+            J = picks[-1]
+            pair_sum += S[:, J].sum(1) + S[J, :].sum(0)
+            current = (s_self + pair_sum) / (2 * n_sel + 1)
+        chunk = gumbel_top_k(current, m, tau=TAU, taken=taken, generator=generator)
+        taken[chunk] = True
+        picks.append(chunk)
+        n_sel += m
+    return torch.cat(picks)
+
+
+def fused_select(b: int, inputs: dict, generator: torch.Generator, timings: dict) -> torch.Tensor:
+    res = select(SelectionConfig(rule="learnability", n_chunks=N_CHUNKS, tau=TAU), b, **inputs,
+                 generator=generator)
+    # the score work alone: the same n-1 conditional-score rounds on the chunks just drawn
+    sizes = chunk_sizes(b, N_CHUNKS)
+    bounds = [sum(sizes[:i]) for i in range(len(sizes))]
+    _sync()
+    t0 = time.perf_counter()
+    for start, m in zip(bounds[:-1], sizes[:-1]):
+        conditional_scores(inputs["stu_img"], inputs["stu_txt"], inputs["ref_img"], inputs["ref_txt"],
+                           res.indices[start:start + m], rule="learnability", **SCALES)
+    _sync()
+    timings["score_s"] = time.perf_counter() - t0
+    return res.indices
+
+
+IMPLS = {"fused": fused_select, "naive": naive_select}
+
+
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def _proc_kib(key: str) -> int:
+    return int(re.search(rf"{key}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
+
+
+def worker(impl: str, B: int, repeats: int, device: str, threads: int) -> dict:
+    """One (implementation, B) in this (fresh) process: memory of one call (repeats == 0) or timed repeats."""
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    b = B // 5
+    inputs = make_inputs(B, device)
+    fn = IMPLS[impl]
+    fn(b, inputs, torch.Generator(device=device).manual_seed(0), {})         # warm-up
+    _sync()
+    out = {"impl": impl, "B": B, "b": b, "d": D, "n_chunks": N_CHUNKS, "threads": torch.get_num_threads(),
+           "device": device}
+    if repeats:
+        totals, scores = [], []
+        for r in range(repeats):
+            t = {}
+            gen = torch.Generator(device=device).manual_seed(100 + r)
+            _sync()
+            t0 = time.perf_counter()
+            fn(b, inputs, gen, t)
+            _sync()
+            totals.append(time.perf_counter() - t0)
+            scores.append(t["score_s"])
+        return {**out, "repeats": repeats, "total_s": totals, "score_s": scores}
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        idx = fn(b, inputs, torch.Generator(device=device).manual_seed(1), {})
+        _sync()
+        peak = torch.cuda.max_memory_allocated() - before
+        memory_method = "torch.cuda.max_memory_allocated - allocated before"
+    else:
+        Path("/proc/self/clear_refs").write_text("5")                        # reset VmHWM to VmRSS
+        before = _proc_kib("VmRSS")
+        idx = fn(b, inputs, torch.Generator(device=device).manual_seed(1), {})
+        peak = (_proc_kib("VmHWM") - before) * 1024
+        memory_method = ("CPU RSS: VmHWM growth after clear_refs in a fresh subprocess "
+                         "(MALLOC_MMAP_THRESHOLD_=65536; timings from another subprocess with default malloc)")
+    return {**out, "peak_extra_bytes": peak, "memory_method": memory_method, "indices_seed1": idx.tolist()}
+
+
+def run_child(impl: str, B: int, repeats: int, device: str, threads: int) -> dict:
+    env = dict(os.environ)
+    if not repeats:
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    proc = subprocess.run([sys.executable, __file__, "--worker", impl, str(B), str(repeats), device, str(threads)],
+                          env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark worker {impl} B={B} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    try:
+        cpu = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text()).group(1)
+    except (OSError, AttributeError):
+        pass
+    info = {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def summarise(xs: list[float]) -> dict:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
+
+
+def to_markdown(report: dict) -> str:
+    m = report["machine"]
+    lines = [
+        "# Joint selection: fused conditional scores vs naive full matrix",
+        "",
+        f"Machine: {m['cpu']} ({m['cores']} cores, torch {m['torch']}, {report['rows'][0]['threads']} torch threads"
+        + (f", GPU {m['gpu']}" if "gpu" in m else ", no GPU: fused = blocked PyTorch reference path") + ").",
+        f"Date: {report['date']}. Command: `{report['command']}`.",
+        f"Setup: learnability rule, b = B/5, d = {D} (student and reference), n = {N_CHUNKS} chunks, tau = {TAU}.",
+        "Times: median [min-max] over the repeats. total = one whole select call; score = the score work alone "
+        "(n-1 conditional-score calls for fused, building the B x B matrix for naive).",
+        f"Memory: {report['rows'][0]['memory_method']}.",
+        "",
+        "| B | b | impl | repeats | total (s) | score (s) | peak extra memory (MiB) | B x B float32 (MiB) | same selection |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        t, s = r["total"], r["score"]
+        lines.append(
+            f"| {r['B']} | {r['b']} | {r['impl']} | {r['repeats']} | {t['median']:.4f} [{t['min']:.4f}-{t['max']:.4f}] "
+            f"| {s['median']:.4f} [{s['min']:.4f}-{s['max']:.4f}] | {r['peak_extra_bytes'] / 2**20:.1f} "
+            f"| {r['B'] ** 2 * 4 / 2**20:.0f} | {r.get('same_selection', '')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 16384])
+    ap.add_argument("--repeats", type=int, default=None, help="default: 7 / 5 / 3 for B < 2048 / < 8192 / larger")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--impls", nargs="+", default=["fused", "naive"], choices=list(IMPLS))
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--worker", nargs=5, metavar=("IMPL", "B", "REPEATS", "DEVICE", "THREADS"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        impl, B, repeats, device, threads = args.worker
+        print(json.dumps(worker(impl, int(B), int(repeats), device, int(threads))))
+        return
+    rows = []
+    for B in args.sizes:
+        repeats = args.repeats or (7 if B < 2048 else 5 if B < 8192 else 3)
+        by_impl = {}
+        for impl in args.impls:
+            r = {**run_child(impl, B, 0, args.device, args.threads),
+                 **run_child(impl, B, repeats, args.device, args.threads)}
+            r["total"], r["score"] = summarise(r["total_s"]), summarise(r["score_s"])
+            by_impl[impl] = r
+            print(f"B={B:6d} {impl:6s} total {r['total']['median']:.4f}s score {r['score']['median']:.4f}s "
+                  f"peak +{r['peak_extra_bytes'] / 2**20:.1f} MiB", flush=True)
+        if len(by_impl) == 2:
+            same = by_impl["fused"]["indices_seed1"] == by_impl["naive"]["indices_seed1"]
+            for r in by_impl.values():
+                r["same_selection"] = same
+        for r in by_impl.values():
+            r.pop("indices_seed1")
+            rows.append(r)
+    report = {"benchmark": "kernel", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+              "command": "python benchmarks/kernel.py " + " ".join(sys.argv[1:]), "machine": machine(),
+              "rows": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.out / "kernel.json", report)
+    atomic_write_bytes(args.out / "kernel.md", to_markdown(report).encode())
+    print(to_markdown(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""`aced import ...`, `aced data synth`, `aced sql`, `aced inspect`: data in, and a look at what is on disk.
+
+Thin layer over `storage.importers`, `storage.shards`, `storage.sql` and `storage.inspect`
+(`aced cache verify` lives with `aced cache` in flows/cmd_flows.py and calls `storage.cache.verify_cache`).
+Every command exits non-zero with a one-line error naming the file and sample on bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def add_commands(subparsers) -> None:
+    imp = subparsers.add_parser("import", help="import real data as pair shards under <root>/datasets",
+                                description="Turn a real layout into pair shards (webdataset tar + Parquet).")
+    kinds = imp.add_subparsers(dest="kind", required=True, metavar="KIND")
+
+    c = kinds.add_parser("captions", help="folder of images + caption table (CSV/TSV image,caption) [+ splits/]",
+                         description="SRC holds images/, captions.csv (or .tsv) and optionally splits/<split>.txt; "
+                                     "with split lists the datasets are NAME/<split> plus NAME/other.")
+    c.add_argument("src", type=Path)
+    c.add_argument("--images", type=Path, default=None, help="image folder (default SRC/images)")
+    c.add_argument("--captions", type=Path, default=None, help="caption table (default SRC/captions.csv|.tsv)")
+    c.add_argument("--splits", type=Path, default=None, help="folder of <split>.txt lists (default SRC/splits if present)")
+    c.add_argument("--no-splits", action="store_true", help="ignore split lists: one dataset NAME")
+    _common(c)
+    c.set_defaults(func=_cmd_import_captions)
+
+    k = kinds.add_parser("coco", help="COCO-captions JSON + image folder")
+    k.add_argument("annotations", type=Path, help="captions_*.json with images[] and annotations[]")
+    k.add_argument("--images", type=Path, required=True, help="folder the file_name entries are relative to")
+    k.add_argument("--split", default=None, help="value for the split column (e.g. val2014)")
+    _common(k)
+    k.set_defaults(func=_cmd_import_coco)
+
+    w = kinds.add_parser("webdataset", help="existing webdataset / img2dataset tars (images copied untouched)")
+    w.add_argument("src", type=Path, help="folder of *.tar (+ optional <shard>.parquet sidecars) or one tar")
+    _common(w)
+    w.set_defaults(func=_cmd_import_webdataset)
+
+    f = kinds.add_parser("classes", help="class folders <class>/<image> for zero-shot evaluation")
+    f.add_argument("src", type=Path)
+    _common(f)
+    f.set_defaults(func=_cmd_import_classes)
+
+    data = subparsers.add_parser("data", help="generate data (synthetic pairs / classes)")
+    dsub = data.add_subparsers(dest="data_cmd", required=True, metavar="ACTION")
+    s = dsub.add_parser("synth", help="synthetic pairs with known caption noise (pipeline.synthetic)",
+                        description="Writes generate_pairs(N, seed, noise_frac) as dataset NAME; with --classes, "
+                                    "generate_classification(N, seed) (N images per class) as a class set.")
+    s.add_argument("--name", required=True, help="dataset name under <root>/datasets")
+    s.add_argument("--n", type=int, required=True, help="number of pairs (with --classes: images per class)")
+    s.add_argument("--noise-frac", type=float, default=0.0, help="fraction of pairs with a mismatched caption")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--image-size", type=int, default=64)
+    s.add_argument("--classes", action="store_true", help="write a zero-shot class set instead of pairs")
+    s.add_argument("--samples-per-shard", type=int, default=1000)
+    s.add_argument("--overwrite", action="store_true", help="replace an existing dataset of that name")
+    s.set_defaults(func=_cmd_synth)
+
+    q = subparsers.add_parser("sql", help="read-only SQL (DuckDB) over pairs, datasets, cache, manifest, metrics, selections",
+                              description="Views: pairs, datasets, cache, manifest, metrics, selections "
+                                          "(see storage/sql.py). Only one SELECT statement is accepted.")
+    q.add_argument("query")
+    q.add_argument("--format", choices=("table", "csv", "json", "parquet"), default="table")
+    q.add_argument("--out", type=Path, default=None, help="write the result here (required for parquet)")
+    q.add_argument("--max-rows", type=int, default=50, help="rows shown by --format table on the terminal")
+    q.set_defaults(func=_cmd_sql)
+
+    i = subparsers.add_parser("inspect", help="summarise a dataset folder, a cache folder or a workspace")
+    i.add_argument("path", type=Path, nargs="?", default=None, help="default: the workspace root")
+    i.add_argument("--verify", action="store_true", help="also check tar checksums and decode every image")
+    i.add_argument("--json", action="store_true", help="print the summary as JSON")
+    i.set_defaults(func=_cmd_inspect)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--name", required=True, help="dataset name under <root>/datasets (may contain '/')")
+    p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip (and count, and log) bad samples instead of stopping at the first")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset of that name")
+
+
+def _opts(args) -> dict:
+    return {"samples_per_shard": args.samples_per_shard, "on_error": "skip" if args.skip_bad else "raise",
+            "overwrite": args.overwrite}
+
+
+def _report(infos: dict, t0: float) -> int:
+    total = 0
+    for name, info in infos.items():
+        total += info.rows
+        extra = info.extra.get("skipped_at_import", 0) + info.skipped
+        print(f"{info.name}: {info.rows} pairs in {len(info.shards)} shard(s) -> {info.path}"
+              + (f" ({extra} skipped)" if extra else ""))
+    print(f"{total} pairs in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _run(fn) -> int:
+    """Run an import, turning the expected failures into one clear line and exit code 1."""
+    from storage.shards import ShardError
+
+    try:
+        return fn()
+    except (ShardError, FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def _cmd_import_captions(args) -> int:
+    from storage.importers import import_captions
+
+    t0 = time.perf_counter()
+    return _run(lambda: _report({k: v for k, v in import_captions(
+        args.src, args.root, args.name, images=args.images, captions=args.captions,
+        splits=False if args.no_splits else args.splits,
+        **_opts(args)).items()}, t0))
+
+
+def _cmd_import_coco(args) -> int:
+    from storage.importers import import_coco
+
+    t0 = time.perf_counter()
+    return _run(lambda: _report({"": import_coco(args.annotations, args.images, args.root, args.name,
+                                                 split=args.split, **_opts(args))}, t0))
+
+
+def _cmd_import_webdataset(args) -> int:
+    from storage.importers import import_webdataset
+
+    t0 = time.perf_counter()
+    return _run(lambda: _report({"": import_webdataset(args.src, args.root, args.name, **_opts(args))}, t0))
+
+
+def _cmd_import_classes(args) -> int:
+    from storage.importers import import_class_folders
+
+    t0 = time.perf_counter()
+    return _run(lambda: _report({"": import_class_folders(args.src, args.root, args.name, **_opts(args))}, t0))
+
+
+def _cmd_synth(args) -> int:
+    from storage.importers import dataset_dir
+    from storage.shards import write_shards
+
+    import pipeline.synthetic as synthetic  # lazy: pipeline/ is only needed for this command
+
+    t0 = time.perf_counter()
+    if args.classes:
+        samples = synthetic.generate_classification(args.n, seed=args.seed, image_size=args.image_size)
+        extra = {"classnames": list(synthetic.CLASSNAMES), "seed": args.seed}
+        source = f"synthetic-classes:seed={args.seed},n_per_class={args.n}"
+    else:
+        samples = synthetic.generate_pairs(args.n, seed=args.seed, noise_frac=args.noise_frac,
+                                           image_size=args.image_size)
+        extra = {"seed": args.seed, "noise_frac": args.noise_frac}
+        source = f"synthetic:seed={args.seed},n={args.n},noise_frac={args.noise_frac}"
+    return _run(lambda: _report({"": write_shards(samples, dataset_dir(args.root, args.name), name=args.name,
+                                                  source=source, samples_per_shard=args.samples_per_shard,
+                                                  overwrite=args.overwrite, extra=extra)}, t0))
+
+
+def _cmd_sql(args) -> int:
+    import duckdb
+
+    from storage.sql import QueryRefused, render, run_query, write_result
+
+    if args.format == "parquet" and args.out is None:
+        print("error: --format parquet needs --out FILE", file=sys.stderr)
+        return 2
+    try:
+        table = run_query(args.root, args.query)
+    except QueryRefused as e:
+        print(f"refused: {e}", file=sys.stderr)
+        return 2
+    except duckdb.Error as e:
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    if args.out is not None:
+        write_result(table, args.format, args.out)
+        print(f"{table.num_rows} rows -> {args.out}", file=sys.stderr)
+    else:
+        sys.stdout.buffer.write(render(table, args.format, max_rows=args.max_rows))
+        sys.stdout.flush()
+    return 0
+
+
+def _cmd_inspect(args) -> int:
+    from storage.inspect import format_summary, inspect_path
+
+    path = args.path if args.path is not None else args.root
+    try:
+        summary = inspect_path(path, verify=args.verify)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary, indent=2, default=str) if args.json else format_summary(summary))
+    return 0

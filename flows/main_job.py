@@ -1,0 +1,191 @@
+"""The main job: the whole pipeline as one Prefect flow (README's first command).
+
+data -> train reference and teacher on clean pairs -> cache flow (both models, one pass) ->
+train students (iid, h-acid, aced-acidistill) on noisy pairs -> evaluate on held-out sets ->
+comparison table + curves plot. Every stage is idempotent: re-running the job skips finished data,
+models and caches and resumes unfinished training runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from flows.cache_flow import cache_flow
+from flows.train_flow import train_flow
+from pipeline.recipes import recipe
+from pipeline.report import markdown_table, plot_runs
+from storage.atomic import atomic_write_bytes
+
+
+@dataclass(frozen=True)
+class JobSize:
+    """How big the built-in run is. `default` fits the 15-minute budget on a 2-core CPU."""
+
+    train_pairs: int
+    """Noisy synthetic pairs the students train on."""
+    clean_pairs: int
+    """Clean synthetic pairs the reference and teacher train on (disjoint from the rest)."""
+    test_pairs: int
+    """Held-out pairs for retrieval evaluation."""
+    per_class: int
+    """Images per class of the held-out zero-shot set."""
+    noise_frac: float
+    """Fraction of mismatched captions in the student's training pairs (web noise)."""
+    reference_steps: int
+    teacher_steps: int
+    student_steps: int
+    batch_size: int
+    reference_model: str = "aced-vit-s"
+    teacher_model: str = "aced-vit-b"
+    student_model: str = "aced-vit-t"
+    methods: tuple[str, ...] = ("iid", "h-acid", "aced-acidistill")
+
+
+SIZES = {
+    "default": JobSize(train_pairs=6000, clean_pairs=6000, test_pairs=1000, per_class=50, noise_frac=0.3,
+                       reference_steps=250, teacher_steps=250, student_steps=200, batch_size=64),
+    "tiny": JobSize(train_pairs=400, clean_pairs=300, test_pairs=100, per_class=5, noise_frac=0.3,
+                    reference_steps=6, teacher_steps=6, student_steps=6, batch_size=16,
+                    reference_model="aced-vit-t", teacher_model="aced-vit-t"),
+}
+
+
+@task(name="prepare-data", cache_policy=NO_CACHE)
+def prepare_data(root: str, size: JobSize, seed: int, data: str | None) -> dict[str, list[str]]:
+    """Dataset folders for each role: {"student": [...], "clean": [...], "retrieval": [...], "zeroshot": [...]}."""
+    from storage.shards import write_shards
+
+    datasets = Path(root) / "datasets"
+    logger = get_run_logger()
+    if data is not None:
+        return _prepare_real(Path(root), Path(data), logger)
+    from pipeline.synthetic import generate_classification, generate_pairs
+
+    # Disjoint index ranges of one seeded world: no test pair is ever seen in training.
+    parts = {
+        "synthetic/train": (size.train_pairs, 0, size.noise_frac),
+        "synthetic/clean": (size.clean_pairs, size.train_pairs, 0.0),
+        "synthetic/test": (size.test_pairs, size.train_pairs + size.clean_pairs, 0.0),
+    }
+    for name, (n, start, noise) in parts.items():
+        out = datasets / name
+        if (out / "_dataset.json").exists():
+            logger.info("%s exists: kept", out)
+            continue
+        t0 = time.perf_counter()
+        write_shards(generate_pairs(n, seed=seed, noise_frac=noise, start=start), out, name=name,
+                     source="synthetic", samples_per_shard=1000)
+        logger.info("wrote %s: %d pairs in %.1f s", out, n, time.perf_counter() - t0)
+    classes = datasets / "synthetic/classes"
+    if not (classes / "_dataset.json").exists():
+        from pipeline.synthetic import CLASSNAMES
+        write_shards(generate_classification(size.per_class, seed=seed + 1), classes, name="synthetic/classes",
+                     source="synthetic", samples_per_shard=1000, extra={"classnames": list(CLASSNAMES)})
+    return {"student": [str(datasets / "synthetic/train")], "clean": [str(datasets / "synthetic/clean")],
+            "retrieval": [str(datasets / "synthetic/test")], "zeroshot": [str(classes)]}
+
+
+def _prepare_real(root: Path, data: Path, logger) -> dict[str, list[str]]:
+    """A real folder of images + captions (e.g. ../shared/data/flickr8k), imported once; CIFAR-10 beside it
+    becomes the zero-shot set when present."""
+    from storage.importers import import_captions, import_class_folders
+
+    name = data.resolve().name
+    target = root / "datasets" / name
+    if not (target / "train" / "_dataset.json").exists():
+        import_captions(data, root, name)
+    out = {"student": [str(target / "train")], "clean": [str(target / "train")],
+           "retrieval": [str(target / "test")], "zeroshot": []}
+    cifar = data.resolve().parent / "cifar10" / "test"
+    if cifar.is_dir():
+        if not (root / "datasets" / "cifar10" / "_dataset.json").exists():
+            import_class_folders(cifar, root, "cifar10")
+        out["zeroshot"] = [str(root / "datasets" / "cifar10")]
+    logger.info("real data: %s", json.dumps(out))
+    return out
+
+
+@task(name="export-model", cache_policy=NO_CACHE)
+def export_task(run_dir: str, out_dir: str) -> str:
+    from pipeline.trainer import export_model
+
+    export_model(Path(run_dir), Path(out_dir))
+    return out_dir
+
+
+def _evals(sets: dict[str, list[str]]) -> dict[str, list[str]]:
+    evals = {f"{Path(d).name}-retrieval": ["retrieval", d] for d in sets["retrieval"]}
+    evals.update({f"{Path(d).name}-zeroshot": ["zeroshot", d] for d in sets["zeroshot"]})
+    return evals
+
+
+@flow(name="main-job", log_prints=True)
+def main_job(root: str, size: str = "default", seed: int = 0, data: str | None = None,
+             engine: str = "ray") -> dict:
+    """Run the whole pipeline in workspace `root`; returns {run name: headline metrics}."""
+    job = SIZES[size]
+    rootp = Path(root)
+    sets = prepare_data(root, job, seed, data)
+    evals = _evals(sets)
+    cache_root = str(rootp / "cache")
+
+    # Stage 0: the paper trains its own reference/teacher on cleaner data; so does the main job.
+    models = {}
+    for role, model, steps in (("reference", job.reference_model, job.reference_steps),
+                               ("teacher", job.teacher_model, job.teacher_steps)):
+        cfg = recipe("reference", model=model, steps=steps, batch_size=job.batch_size, seed=seed,
+                     train_data=tuple(sets["clean"]), checkpoint_every=max(1, steps // 4))
+        run_dir = rootp / "runs" / role
+        train_flow(dataclasses.asdict(cfg), str(run_dir), evals)
+        models[role] = export_task(str(run_dir), str(rootp / "models" / role))
+
+    # Stage 1: both models embed the students' data in one pass.
+    cache_flow(root, datasets=[str(Path(d)) for d in sets["student"]], models=[models["reference"], models["teacher"]],
+               engine=engine)
+
+    # Stage 2: students.
+    runs = {}
+    for method in job.methods:
+        cfg = recipe("student", method=method, model=job.student_model, steps=job.student_steps,
+                     batch_size=job.batch_size, seed=seed, train_data=tuple(sets["student"]),
+                     cache_root=cache_root, reference="reference", teacher=("teacher",),
+                     checkpoint_every=max(1, job.student_steps // 4),
+                     n_chunks=min(16, job.batch_size // 4))
+        run_dir = rootp / "runs" / f"student-{method}"
+        train_flow(dataclasses.asdict(cfg), str(run_dir), evals)
+        runs[method] = run_dir
+    return summarize(rootp, runs, {"reference": rootp / "runs" / "reference", "teacher": rootp / "runs" / "teacher"})
+
+
+def summarize(root: Path, students: dict[str, Path], others: dict[str, Path]) -> dict:
+    """Comparison table (printed and written to <root>/report.md) and the curves plot."""
+    from pipeline.evaluate import headline_metrics
+    from pipeline.report import read_metrics
+
+    rows, evals = {}, {}
+    for name, run_dir in {**others, **{f"student-{m}": d for m, d in students.items()}}.items():
+        res_file = run_dir / "eval" / "results.json"
+        results = json.loads(res_file.read_text()) if res_file.exists() else {}
+        head = headline_metrics(results)
+        metrics = read_metrics(run_dir).to_pydict()
+        tail = max(1, len(metrics["step"]) // 5)  # last 20% of steps
+        sel = [v for v in metrics.get("noisy_frac_selected", [])[-tail:] if v is not None]
+        row = dict(head)
+        if sel:
+            row["noisy_frac_trained"] = sum(sel) / len(sel)
+        rows[name] = row
+        if name.startswith("student-"):
+            evals[name] = head
+    table = markdown_table(rows)
+    png = plot_runs(students and {f"student-{m}": d for m, d in students.items()}, root / "curves.png", evals=evals)
+    text = f"# Main job\n\n{table}\n\nCurves: {png}\n"
+    atomic_write_bytes(root / "report.md", text.encode())
+    print(table)
+    print(f"\nreport: {root / 'report.md'}\ncurves: {png}")
+    return rows

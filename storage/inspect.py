@@ -1,0 +1,261 @@
+"""Summaries of what is on disk, for `aced inspect PATH`: a dataset folder, a cache folder, a folder
+of several of either, or a whole workspace (ARCHITECTURE.md: "inspect shards/caches/selections").
+
+Each summary is a plain dict (JSON-able), with a "problems" list for things that make the data
+unusable (missing or extra shards, non-finite embeddings, row counts that disagree) and "notes" for
+harmless leftovers (temporary files of an interrupted write). `format_summary` renders one as text.
+`aced cache verify` is the strict check; this module counts and describes.
+
+(The module is `storage.inspect`; it is only ever imported as part of the package, so it does not
+shadow the standard library's `inspect`.)
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from storage.atomic import is_temp_name, sha256_file
+from storage.cache import MANIFEST_FILE, CacheError, find_cache_folders, read_manifest
+from storage.shards import (DATASET_FILE, ShardError, find_datasets, iter_samples, list_shards, load_dataset,
+                            read_metadata)
+
+
+def _folder_files(folder: Path, listed: set[str], suffixes: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """(extra files with `suffixes` not in `listed`, leftover temp files) of a folder."""
+    extra, temps = [], []
+    for p in sorted(folder.iterdir()):
+        if not p.is_file():
+            continue
+        if is_temp_name(p.name):
+            temps.append(str(p))
+        elif p.suffix in suffixes and p.name not in listed:
+            extra.append(str(p))
+    return extra, temps
+
+
+def summarize_dataset(dataset_dir: str | os.PathLike, *, verify: bool = False) -> dict[str, Any]:
+    """Counts of a dataset folder; with `verify`, also tar checksums and a full decode of every image."""
+    folder = Path(dataset_dir)
+    out: dict[str, Any] = {"kind": "dataset", "path": str(folder), "problems": [], "notes": []}
+    try:
+        info = load_dataset(folder)
+    except ShardError as e:
+        out["problems"].append(str(e))
+        return out
+    out.update(name=info.name, source=info.source, created=info.created, shards=len(info.shards), rows=info.rows,
+               skipped_at_write=info.skipped)
+    if info.classnames:
+        out["classnames"] = info.classnames
+    listed = {f"{s.name}{ext}" for s in info.shards for ext in (".tar", ".parquet")}
+    extra, temps = _folder_files(folder, listed, (".tar", ".parquet"))
+    out["problems"] += [f"{p}: shard file not in {DATASET_FILE} (extra)" for p in extra]
+    out["notes"] += [f"{p}: leftover temporary file" for p in temps]
+    tables, tar_bytes = [], 0
+    for s in info.shards:
+        if not s.tar_path.exists():
+            out["problems"].append(f"{s.tar_path}: missing")
+        else:
+            tar_bytes += s.tar_path.stat().st_size
+            if verify and sha256_file(s.tar_path) != s.sha256:
+                out["problems"].append(f"{s.tar_path}: sha256 differs from {DATASET_FILE}")
+        try:
+            tables.append(read_metadata(s))
+        except ShardError as e:
+            out["problems"].append(str(e))
+            continue
+        if verify and s.tar_path.exists():
+            stats: dict[str, int] = {}
+            try:
+                n = sum(1 for _ in iter_samples(s, on_error="skip", decode=True, stats=stats))
+            except ShardError as e:
+                out["problems"].append(str(e))
+                continue
+            if stats["skipped"]:
+                out["problems"].append(f"{s.tar_path}: {stats['skipped']} bad sample(s) of {s.rows} (see log), {n} good")
+    out["tar_bytes"] = tar_bytes
+    if info.rows:
+        out["tar_bytes_per_pair"] = round(tar_bytes / info.rows, 1)
+    if tables:
+        t = pa.concat_tables(tables)
+        out["distinct_uid"] = pc.count_distinct(t["uid"]).as_py()
+        out["distinct_image_id"] = pc.count_distinct(t["image_id"]).as_py()
+        if out["distinct_uid"] != t.num_rows:
+            out["problems"].append(f"{folder}: {t.num_rows - out['distinct_uid']} duplicate uid(s)")
+        out["width_min_max"] = [pc.min(t["width"]).as_py(), pc.max(t["width"]).as_py()]
+        out["height_min_max"] = [pc.min(t["height"]).as_py(), pc.max(t["height"]).as_py()]
+        out["caption_chars_mean"] = round(pc.mean(pc.utf8_length(t["caption"])).as_py(), 1)
+        out["noisy"] = pc.sum(t["noisy"].fill_null(False)).as_py() or 0
+        splits = pc.value_counts(t["split"]).to_pylist()
+        out["splits"] = {str(d["values"]): d["counts"] for d in splits}
+        if t["label"].null_count < t.num_rows:
+            out["labels"] = pc.count_distinct(t["label"]).as_py()
+    return out
+
+
+def _norm_stats(acc: dict, a: np.ndarray) -> None:
+    finite = np.isfinite(a).all(axis=1)
+    acc["nonfinite_rows"] += int((~finite).sum())
+    if finite.any():
+        n = np.linalg.norm(a[finite].astype(np.float32), axis=1)
+        acc["min"] = min(acc["min"], float(n.min()))
+        acc["max"] = max(acc["max"], float(n.max()))
+        acc["sum"] += float(n.sum())
+        acc["n"] += int(n.size)
+
+
+def summarize_cache(folder: str | os.PathLike) -> dict[str, Any]:
+    """Counts, dims and embedding-norm statistics of one cache folder `<root>/cache/<model>/<dataset>`,
+    with missing/extra shards against the pair dataset (found from the folder's place in the workspace)."""
+    folder = Path(folder)
+    out: dict[str, Any] = {"kind": "cache", "path": str(folder), "problems": [], "notes": []}
+    try:
+        doc = read_manifest(folder)
+    except CacheError as e:
+        out["problems"].append(str(e))
+        return out
+    if doc is None:
+        out["problems"].append(f"{folder / MANIFEST_FILE}: missing")
+        return out
+    out.update(model_id=doc["model_id"], fingerprint=doc["fingerprint"], dim=doc["dim"], dtype=doc["dtype"],
+               logit_scale=doc.get("logit_scale"), logit_bias=doc.get("logit_bias"), shards=len(doc["shards"]))
+    dataset = doc.get("dataset")
+    parts = folder.resolve().parts
+    k = len(dataset.split("/")) if dataset else 0
+    if dataset and len(parts) > k + 2 and parts[-(k + 2)] == "cache" and "/".join(parts[-k:]) == dataset:
+        root = Path(*parts[: -(k + 2)])
+        out["dataset"] = dataset
+        try:
+            pair = {s.name: s for s in list_shards(root / "datasets" / dataset)}
+        except ShardError as e:
+            out["problems"].append(str(e))
+            pair = None
+        if pair is not None:
+            out["missing_shards"] = sorted(set(pair) - set(doc["shards"]))
+            out["extra_shards"] = sorted(set(doc["shards"]) - set(pair))
+            out["stale_shards"] = sorted(n for n, e in doc["shards"].items()
+                                         if n in pair and e.get("source_sha256") != pair[n].sha256)
+            for key in ("missing_shards", "extra_shards", "stale_shards"):
+                if out[key]:
+                    out["problems"].append(f"{folder}: {key.replace('_', ' ')}: {out[key]}")
+    else:
+        out["notes"].append(f"{folder}: not inside a workspace's cache/<model>/<dataset>: pair shards not compared")
+    extra, temps = _folder_files(folder, {f"{n}.parquet" for n in doc["shards"]}, (".parquet",))
+    out["problems"] += [f"{p}: not in the manifest (extra)" for p in extra]
+    out["notes"] += [f"{p}: leftover temporary file" for p in temps]
+    rows, nbytes = 0, 0
+    acc = {c: {"min": np.inf, "max": -np.inf, "sum": 0.0, "n": 0, "nonfinite_rows": 0} for c in ("image_emb", "text_emb")}
+    for name in doc["shards"]:
+        path = folder / f"{name}.parquet"
+        if not path.exists():
+            out["problems"].append(f"{path}: in the manifest but missing")
+            continue
+        nbytes += path.stat().st_size
+        try:
+            t = pq.read_table(path)
+        except Exception as e:
+            out["problems"].append(f"{path}: unreadable Parquet ({type(e).__name__}: {e})")
+            continue
+        rows += t.num_rows
+        for c in acc:
+            arr = t[c].combine_chunks()
+            width = getattr(arr.type, "list_size", None)
+            if width != doc["dim"]:
+                out["problems"].append(f"{path}: {c} has width {width}, manifest dim {doc['dim']}")
+                continue
+            _norm_stats(acc[c], arr.flatten().to_numpy(zero_copy_only=False).reshape(len(arr), width))
+    out["rows"], out["file_bytes"] = rows, nbytes
+    if rows:
+        out["bytes_per_sample"] = round(nbytes / rows, 1)
+    for c, a in acc.items():
+        out[f"{c}_norm"] = ({"min": round(a["min"], 4), "mean": round(a["sum"] / a["n"], 4), "max": round(a["max"], 4)}
+                            if a["n"] else None)
+        out[f"{c}_nonfinite_rows"] = a["nonfinite_rows"]
+        if a["nonfinite_rows"]:
+            out["problems"].append(f"{folder}: {a['nonfinite_rows']} row(s) with non-finite {c}")
+    return out
+
+
+def summarize_runs(root: str | os.PathLike) -> list[dict[str, Any]]:
+    """Per run folder: metric and selection row counts and the last step logged."""
+    runs = Path(root) / "runs"
+    out = []
+    for run in sorted(p for p in runs.iterdir() if p.is_dir() and not p.name.startswith(".")) if runs.is_dir() else []:
+        r: dict[str, Any] = {"run": run.name}
+        for kind in ("metrics", "selections"):
+            files = sorted(p for p in (run / kind).glob("*.parquet") if not p.name.startswith("."))
+            n, last = 0, None
+            for f in files:
+                try:
+                    steps = pq.read_table(f, columns=["step"])["step"]
+                except Exception as e:
+                    r.setdefault("problems", []).append(f"{f}: unreadable ({type(e).__name__}: {e})")
+                    continue
+                n += len(steps)
+                if len(steps):
+                    m = pc.max(steps).as_py()
+                    last = m if last is None else max(last, m)
+            r[f"{kind}_rows"], r[f"{kind}_last_step"] = n, last
+        out.append(r)
+    return out
+
+
+def summarize_workspace(root: str | os.PathLike, *, verify: bool = False) -> dict[str, Any]:
+    root = Path(root)
+    datasets = [summarize_dataset(p, verify=verify) for p in find_datasets(root / "datasets").values()]
+    caches = [summarize_cache(p) for p in find_cache_folders(root).values()]
+    runs = summarize_runs(root)
+    problems = [p for d in datasets + caches for p in d["problems"]] + [p for r in runs for p in r.get("problems", [])]
+    return {"kind": "workspace", "path": str(root), "datasets": datasets, "caches": caches, "runs": runs,
+            "problems": problems, "notes": [n for d in datasets + caches for n in d["notes"]]}
+
+
+def inspect_path(path: str | os.PathLike, *, verify: bool = False) -> dict[str, Any]:
+    """Summarise whatever `path` is: dataset folder, cache folder, workspace, or a folder of datasets/caches."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: not a folder")
+    if (path / DATASET_FILE).exists():
+        return summarize_dataset(path, verify=verify)
+    if (path / MANIFEST_FILE).exists():
+        return summarize_cache(path)
+    if any((path / d).is_dir() for d in ("datasets", "cache", "runs")):
+        return summarize_workspace(path, verify=verify)
+    datasets = find_datasets(path)
+    caches = [Path(dp) for dp, _, files in os.walk(path) if MANIFEST_FILE in files and "/." not in dp]
+    if not datasets and not caches:
+        raise FileNotFoundError(f"{path}: no dataset ({DATASET_FILE}), cache ({MANIFEST_FILE}) or workspace here")
+    items = [summarize_dataset(p, verify=verify) for p in datasets.values()] + [summarize_cache(p) for p in sorted(caches)]
+    return {"kind": "folder", "path": str(path), "items": items,
+            "problems": [p for d in items for p in d["problems"]], "notes": [n for d in items for n in d["notes"]]}
+
+
+def format_summary(s: Any, indent: int = 0) -> str:
+    """Indented text of a summary dict (problems and notes listed last)."""
+    pad = "  " * indent
+    if isinstance(s, dict):
+        lines = []
+        keys = [k for k in s if k not in ("problems", "notes")] + [k for k in ("problems", "notes") if k in s]
+        for k in keys:
+            v = s[k]
+            if isinstance(v, (dict, list)) and v and not (isinstance(v, list) and all(isinstance(x, (int, float, str)) for x in v) and len(str(v)) < 100):
+                lines.append(f"{pad}{k}:")
+                lines.append(format_summary(v, indent + 1))
+            else:
+                lines.append(f"{pad}{k}: {v}")
+        return "\n".join(lines)
+    if isinstance(s, list):
+        parts = []
+        for x in s:
+            if isinstance(x, dict):
+                body = format_summary(x, indent + 1).lstrip()
+                parts.append(f"{pad}- {body}")
+            else:
+                parts.append(f"{pad}- {x}")
+        return "\n".join(parts)
+    return f"{pad}{s}"

@@ -1,0 +1,108 @@
+"""`aced serve` end to end: a real `prefect server start` supervised by `aced serve`, an interval
+schedule of a few seconds, scheduled cache runs that really execute (the manifest gains the
+shards, a flow run completes), a dataset that arrives while serving gets cached by a later run,
+`aced deployments` shows the schedule, and SIGTERM stops the server too.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import REFERENCE, aced_env, write_synthetic
+
+
+def _api(url: str, path: str, body: dict) -> list | dict:
+    req = urllib.request.Request(url.rstrip("/") + path, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def _completed_cache_runs(api_url: str) -> int:
+    runs = _api(api_url, "/flow_runs/filter", {"flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}},
+                                                "deployments": {"name": {"any_": ["cache"]}}})
+    return len(runs)
+
+
+def _shards(root: Path, dataset: str) -> list[str]:
+    try:
+        return sorted(json.loads((root / "cache" / REFERENCE / dataset / "_manifest.json").read_text())["shards"])
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []
+
+
+def _wait(what: str, cond, timeout: float, proc: subprocess.Popen, log: Path):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        if proc.poll() is not None:
+            break
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what} (serve rc={proc.poll()}); end of its log:\n"
+                         f"{log.read_text(errors='replace')[-6000:]}")
+
+
+def _serve_and_check(root: Path, tmp_path: Path, engine: str) -> None:
+    from flows.serve import free_port
+
+    port = free_port()
+    log = tmp_path / "serve.log"
+    cmd = [sys.executable, "-m", "flows.cli", "--root", str(root), "serve", "--cache-interval", "3",
+           "--models", REFERENCE, "--engine", engine, "--port", str(port), "--no-ui"]
+    env = aced_env(PREFECT_RUNNER_POLL_FREQUENCY="2")
+    with open(log, "wb") as logf:
+        proc = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT)
+    server_file = root / "state" / "prefect" / "server.json"
+    try:
+        api_url = _wait("the supervised server", lambda: server_file.exists() and json.loads(server_file.read_text())["api_url"],
+                        240, proc, log)
+        assert api_url == f"http://127.0.0.1:{port}/api"
+        _wait("a scheduled run to cache every shard", lambda: len(_shards(root, "synth")) == 4, 300, proc, log)
+        first = _wait("a completed cache flow run", lambda: _completed_cache_runs(api_url), 120, proc, log)
+
+        # a dataset arrives while serving: a later scheduled run caches it (and redoes nothing)
+        write_synthetic(root, "arrived", 32, seed=7)
+        _wait("the arrived dataset to be cached", lambda: len(_shards(root, "arrived")) == 2, 300, proc, log)
+        _wait("another completed run", lambda: _completed_cache_runs(api_url) > first, 120, proc, log)
+
+        # `aced deployments` finds the running server through <root>/state/prefect/server.json
+        out = subprocess.run([sys.executable, "-m", "flows.cli", "--root", str(root), "deployments"],
+                             env=aced_env(), capture_output=True, text=True, timeout=180)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert "cache/cache: every 3 s" in out.stdout and "eval/eval: no schedule" in out.stdout, out.stdout
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            rc = proc.wait(90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert rc == 0, log.read_text(errors="replace")[-4000:]
+    from flows._prefect_env import healthy
+    assert not server_file.exists() and not healthy(api_url)
+
+
+def test_serve_runs_scheduled_cache_flow_plain_engine(workspace, tmp_path):
+    _serve_and_check(workspace, tmp_path, "plain")
+
+
+@pytest.mark.slow
+def test_serve_runs_scheduled_cache_flow_ray_engine(workspace, tmp_path):
+    _serve_and_check(workspace, tmp_path, "ray")
+
+
+def test_serve_needs_a_schedule_and_models(workspace):
+    for args, msg in ((["serve", "--models", REFERENCE], "--cache-cron"),
+                      (["serve", "--cache-interval", "5"], "--models")):
+        p = subprocess.run([sys.executable, "-m", "flows.cli", "--root", str(workspace), *args], env=aced_env(),
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode != 0 and msg in p.stderr, p.stderr
