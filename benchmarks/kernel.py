@@ -21,31 +21,30 @@ same sampler reading rows/columns of that matrix. With the same generator both m
 indices (checked: "same_selection"). Timings: median and min/max over repeats, each repeat in the same
 warm process.
 
-Run:  .venv/bin/python benchmarks/kernel.py            (writes benchmarks/results/kernel.{json,md})
-      .venv/bin/python benchmarks/kernel.py --sizes 320 1024 --repeats 5
+Run:  .venv/bin/python benchmarks/kernel.py --threads 1   (writes benchmarks/results/kernel.{json,md})
+      .venv/bin/python benchmarks/kernel.py --sizes 320 1024 --repeats 5 --out /tmp/bench
 """
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import re
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+# _common first: it puts the repository ahead of benchmarks/ on sys.path (benchmarks/storage.py would
+# otherwise shadow the storage package)
+from _common import RESULTS, fmt_range, machine, markdown_table, summarise, write_report
 
-from kernels.cond_scores import conditional_scores
-from pipeline.selection import SelectionConfig, chunk_sizes, gumbel_top_k, select
-from storage.atomic import atomic_write_bytes, atomic_write_json
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from kernels.cond_scores import conditional_scores  # noqa: E402
+from pipeline.selection import SelectionConfig, chunk_sizes, gumbel_top_k, select  # noqa: E402
+
 D = 256
 N_CHUNKS = 16
 TAU = 10.0
@@ -72,6 +71,7 @@ def full_pair_loss(u: torch.Tensor, v: torch.Tensor, a: float, c: float) -> torc
 
 
 def naive_select(b: int, inputs: dict, generator: torch.Generator, timings: dict) -> torch.Tensor:
+    _sync()
     t0 = time.perf_counter()
     S = full_pair_loss(inputs["stu_img"], inputs["stu_txt"], SCALES["stu_scale"], SCALES["stu_bias"])
     S.sub_(full_pair_loss(inputs["ref_img"], inputs["ref_txt"], SCALES["ref_scale"], SCALES["ref_bias"]))
@@ -90,12 +90,19 @@ def naive_select(b: int, inputs: dict, generator: torch.Generator, timings: dict
         taken[chunk] = True
         picks.append(chunk)
         n_sel += m
-    return torch.cat(picks)
+    idx = torch.cat(picks)
+    _sync()
+    timings["total_s"] = time.perf_counter() - t0
+    return idx
 
 
 def fused_select(b: int, inputs: dict, generator: torch.Generator, timings: dict) -> torch.Tensor:
+    _sync()
+    t0 = time.perf_counter()
     res = select(SelectionConfig(rule="learnability", n_chunks=N_CHUNKS, tau=TAU), b, **inputs,
                  generator=generator)
+    _sync()
+    timings["total_s"] = time.perf_counter() - t0
     # the score work alone: the same n-1 conditional-score rounds on the chunks just drawn
     sizes = chunk_sizes(b, N_CHUNKS)
     bounds = [sum(sizes[:i]) for i in range(len(sizes))]
@@ -137,12 +144,8 @@ def worker(impl: str, B: int, repeats: int, device: str, threads: int) -> dict:
         totals, scores = [], []
         for r in range(repeats):
             t = {}
-            gen = torch.Generator(device=device).manual_seed(100 + r)
-            _sync()
-            t0 = time.perf_counter()
-            fn(b, inputs, gen, t)
-            _sync()
-            totals.append(time.perf_counter() - t0)
+            fn(b, inputs, torch.Generator(device=device).manual_seed(100 + r), t)
+            totals.append(t["total_s"])
             scores.append(t["score_s"])
         return {**out, "repeats": repeats, "total_s": totals, "score_s": scores}
     if device == "cuda":
@@ -173,51 +176,34 @@ def run_child(impl: str, B: int, repeats: int, device: str, threads: int) -> dic
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def machine() -> dict:
-    cpu = "unknown"
-    try:
-        cpu = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text()).group(1)
-    except (OSError, AttributeError):
-        pass
-    info = {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
-def summarise(xs: list[float]) -> dict:
-    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
-
-
-def to_markdown(report: dict) -> str:
-    m = report["machine"]
-    lines = [
+def to_markdown(rows: list[dict], info: dict) -> str:
+    head = [
         "# Joint selection: fused conditional scores vs naive full matrix",
         "",
-        f"Machine: {m['cpu']} ({m['cores']} cores, torch {m['torch']}, {report['rows'][0]['threads']} torch threads"
-        + (f", GPU {m['gpu']}" if "gpu" in m else ", no GPU: fused = blocked PyTorch reference path") + ").",
-        f"Date: {report['date']}. Command: `{report['command']}`.",
+        f"Device: {rows[0]['device']}"
+        + (f" ({info['gpu']}): fused = Triton kernel" if "gpu" in info else
+           ": fused = the blocked PyTorch reference path (no GPU)")
+        + f"; torch threads: {rows[0]['threads']}.",
         f"Setup: learnability rule, b = B/5, d = {D} (student and reference), n = {N_CHUNKS} chunks, tau = {TAU}.",
-        "Times: median [min-max] over the repeats. total = one whole select call; score = the score work alone "
-        "(n-1 conditional-score calls for fused, building the B x B matrix for naive).",
-        f"Memory: {report['rows'][0]['memory_method']}.",
+        "Times in seconds, median [min-max] over the repeats: total = one whole select call; score = the score "
+        "work alone (n-1 conditional-score calls for fused, building the B x B matrix for naive).",
+        f"Memory: {rows[0]['memory_method']}.",
         "",
-        "| B | b | impl | repeats | total (s) | score (s) | peak extra memory (MiB) | B x B float32 (MiB) | same selection |",
-        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in report["rows"]:
-        t, s = r["total"], r["score"]
-        lines.append(
-            f"| {r['B']} | {r['b']} | {r['impl']} | {r['repeats']} | {t['median']:.4f} [{t['min']:.4f}-{t['max']:.4f}] "
-            f"| {s['median']:.4f} [{s['min']:.4f}-{s['max']:.4f}] | {r['peak_extra_bytes'] / 2**20:.1f} "
-            f"| {r['B'] ** 2 * 4 / 2**20:.0f} | {r.get('same_selection', '')} |")
-    return "\n".join(lines) + "\n"
+    cols = [("B", "B"), ("b", "b"), ("impl", "impl"), ("repeats", "repeats"), ("total", "total (s)"),
+            ("score", "score (s)"), ("peak", "peak extra memory (MiB)"), ("bxb", "one B x B float32 (MiB)"),
+            ("same", "same selection as naive")]
+    cells = [{"B": r["B"], "b": r["b"], "impl": r["impl"], "repeats": r["repeats"],
+              "total": fmt_range(r["total"], 4), "score": fmt_range(r["score"], 4),
+              "peak": f"{r['peak_extra_bytes'] / 2**20:,.1f}", "bxb": f"{r['B'] ** 2 * 4 / 2**20:,.0f}",
+              "same": r.get("same_selection", "")} for r in rows]
+    return "\n".join(head) + "\n" + markdown_table(cols, cells) + "\n"
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 16384])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[320, 1024, 4096, 16384],
+                    help="super-batch sizes B (320 = the trainer's default step)")
     ap.add_argument("--repeats", type=int, default=None, help="default: 7 / 5 / 3 for B < 2048 / < 8192 / larger")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--impls", nargs="+", default=["fused", "naive"], choices=list(IMPLS))
@@ -247,13 +233,11 @@ def main(argv=None) -> None:
         for r in by_impl.values():
             r.pop("indices_seed1")
             rows.append(r)
-    report = {"benchmark": "kernel", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-              "command": "python benchmarks/kernel.py " + " ".join(sys.argv[1:]), "machine": machine(),
-              "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.out / "kernel.json", report)
-    atomic_write_bytes(args.out / "kernel.md", to_markdown(report).encode())
-    print(to_markdown(report))
+    torch_info = machine()
+    jp, mp = write_report("kernel", {"setup": {"d": D, "n_chunks": N_CHUNKS, "tau": TAU, "rule": "learnability",
+                                               "b": "B // 5", **SCALES}, "rows": rows},
+                          to_markdown(rows, torch_info), out=args.out)
+    print(mp.read_text())
 
 
 if __name__ == "__main__":

@@ -176,6 +176,8 @@ def _cmd_sql(args) -> int:
     if args.format == "parquet" and args.out is None:
         print("error: --format parquet needs --out FILE", file=sys.stderr)
         return 2
+    if not Path(args.root).is_dir():
+        print(f"note: workspace {args.root} does not exist: every view is empty", file=sys.stderr)
     try:
         table = run_query(args.root, args.query)
     except QueryRefused as e:

@@ -508,21 +508,31 @@ def embed_shards_plain(plan: CachePlan, *, chunk_size: int = 64, torch_threads: 
                        device: str = "auto", on_shard: Callable[[ShardWritten], None] | None = None) -> EmbedResult:
     """Embed every pending item of `plan` in this process, shard after shard, chunk after chunk.
 
-    Same chunking and same `embed_chunk` as the Ray engine, hence the same cache files.
+    Same chunking and same `embed_chunk` as the Ray engine, hence the same cache files when both
+    run torch on the same number of threads (float32 CPU results differ in the last bits between
+    thread counts and between batch sizes: measured). `torch_threads` applies for the duration of
+    the call (torch's setting is process-wide; it is restored afterwards).
     """
+    import torch
+
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     result = EmbedResult("plain")
     t0 = time.perf_counter()
-    if plan.items:
-        embedder = MultiModelEmbedder([str(m.model_dir) for m in plan.models], torch_threads=torch_threads, device=device)
-        committer = _ShardCommitter(plan, result, on_shard)
-        for idx, item in enumerate(plan.items):
-            where = f"{item.dataset}/{item.shard.name}"
-            for start, uids, images, captions in _shard_chunks(item, chunk_size):
-                embs = embedder.embed_chunk(images, captions, item.model_ids, where=f"{where}:{start}")
-                committer.add(idx, start, uids, embs)
-        committer.check_finished()
+    threads_before = torch.get_num_threads()
+    try:
+        if plan.items:
+            embedder = MultiModelEmbedder([str(m.model_dir) for m in plan.models], torch_threads=torch_threads,
+                                          device=device)
+            committer = _ShardCommitter(plan, result, on_shard)
+            for idx, item in enumerate(plan.items):
+                where = f"{item.dataset}/{item.shard.name}"
+                for start, uids, images, captions in _shard_chunks(item, chunk_size):
+                    embs = embedder.embed_chunk(images, captions, item.model_ids, where=f"{where}:{start}")
+                    committer.add(idx, start, uids, embs)
+            committer.check_finished()
+    finally:
+        torch.set_num_threads(threads_before)
     result.seconds = time.perf_counter() - t0
     return result
 

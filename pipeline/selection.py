@@ -115,9 +115,8 @@ def gumbel_top_k(scores: torch.Tensor, m: int, *, tau: float, taken: torch.Tenso
     """
     keys = scores.to(torch.float64)
     if not topk:
-        keys = keys * tau
-        if tau == 0:  # exp(0 * s) is uniform: drop the scores so no inf * 0 can appear
-            keys = torch.zeros_like(keys)
+        # tau = 0: exp(0 * s) is uniform; zeros rather than 0 * s keeps the branch exact
+        keys = torch.zeros_like(keys) if tau == 0 else keys * tau
         gen_device = generator.device if generator is not None else keys.device
         u = torch.rand(keys.shape, dtype=torch.float64, device=gen_device, generator=generator)
         tiny = torch.finfo(torch.float64).tiny

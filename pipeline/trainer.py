@@ -34,7 +34,7 @@ from pipeline.models import ModelBundle, create_model, load_model, save_model
 from pipeline.recipes import TrainConfig
 from pipeline.selection import SelectionConfig, select
 from storage.atomic import atomic_write_json
-from storage.runlog import ParquetLog
+from storage.runlog import SELECTIONS_SCHEMA, ParquetLog
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +254,7 @@ def train(cfg: TrainConfig, run_dir: Path, *, progress: bool | None = None) -> T
 
     ckpt_dir = run_dir / "checkpoints"
     metrics_log = ParquetLog(run_dir / "metrics")
-    selections_log = ParquetLog(run_dir / "selections")
+    selections_log = ParquetLog(run_dir / "selections", schema=SELECTIONS_SCHEMA)
     start = 0
     latest = latest_checkpoint(ckpt_dir)
     if latest is not None:

@@ -70,8 +70,13 @@ class _Skips:
         self.reasons[kind] = self.reasons.get(kind, 0) + n
         log.warning("skipping %s", msg)
 
-    def extra(self) -> dict:
-        return {"skipped_at_import": self.count, "skip_reasons": dict(self.reasons)}
+    def snapshot(self) -> tuple[int, dict[str, int]]:
+        return self.count, dict(self.reasons)
+
+    def extra(self, since: tuple[int, dict[str, int]] = (0, {})) -> dict:
+        """`_dataset.json` keys: pairs skipped (and why) since `since` (a `snapshot()`)."""
+        reasons = {k: v - since[1].get(k, 0) for k, v in self.reasons.items() if v - since[1].get(k, 0)}
+        return {"skipped_at_import": self.count - since[0], "skip_reasons": reasons}
 
 
 def load_image(path: Path) -> tuple[bytes, int, int]:
@@ -198,6 +203,7 @@ def import_captions(src: str | os.PathLike, root: str | os.PathLike, name: str, 
     skips = _Skips(on_error)
     source = name.split("/")[0]
     rows = read_caption_table(captions, skips)
+    table_skips = skips.extra()  # rows of the table itself (no image name, empty caption): no split to blame
     by_image: OrderedDict[str, list[tuple[str, int]]] = OrderedDict()
     for image, caption, line in rows:
         by_image.setdefault(image, []).append((caption, line))
@@ -230,12 +236,13 @@ def import_captions(src: str | os.PathLike, root: str | os.PathLike, name: str, 
         ds_name = name if split is None else f"{name}/{split}"
         groups = ((n, by_image[n]) for n in names)
         samples = _caption_samples(groups, images, captions, source=source, split=split, skips=skips)
-        before = skips.count
+        before = skips.snapshot()
         info = write_shards(samples, dataset_dir(root, ds_name), name=ds_name,
                             source=f"captions:{captions.resolve()}", samples_per_shard=samples_per_shard,
                             on_error=on_error, overwrite=overwrite,
-                            extra=lambda: {"skipped_at_import": skips.count - before,
-                                           "skip_reasons_total": dict(skips.reasons)})
+                            extra=lambda: {**skips.extra(before),
+                                           "skipped_rows_in_caption_table": table_skips["skipped_at_import"],
+                                           "caption_table_skip_reasons": table_skips["skip_reasons"]})
         out[split or ""] = info
         log.info("imported %s: %d pairs, %d images, %d shards", ds_name, info.rows, len(names), len(info.shards))
     if skips.count:
@@ -398,8 +405,12 @@ def import_webdataset(src: str | os.PathLike, root: str | os.PathLike, name: str
                 if image_format(data) is None:
                     skips.bad(f"{where}: image is not JPEG/PNG/WebP (kept untouched, so not accepted)", kind="bad image")
                     continue
-                caption = m["txt"].decode("utf-8", errors="strict").strip() if "txt" in m else (
-                    meta.get("caption") or row.get("caption") or "")
+                try:
+                    caption = m["txt"].decode("utf-8").strip() if "txt" in m else (
+                        meta.get("caption") or row.get("caption") or "")
+                except UnicodeDecodeError as e:
+                    skips.bad(f"{where}: .txt caption is not UTF-8 ({e})", kind="bad caption")
+                    continue
                 caption = caption.strip() if isinstance(caption, str) else ""
                 if not caption:
                     skips.bad(f"{where}: empty or missing caption", kind="empty caption")

@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from storage.atomic import atomic_path, atomic_write_json, fsync_dir, is_temp_name, sha256_file
+from storage.atomic import atomic_path, atomic_write_json, fsync_dir, is_temp_name
 
 log = logging.getLogger(__name__)
 
@@ -317,6 +317,8 @@ def write_shards(samples: Iterable[Sample], out_dir: str | os.PathLike, *, name:
                 buf = []
         if buf:
             shards.append(_write_shard(work, shard_name(len(shards)), buf, dataset=name))
+        if not shards:
+            raise ShardError(f"{out_dir}: no samples to write" + (f" (all {skipped} skipped)" if skipped else ""))
         created = datetime.now(timezone.utc).isoformat(timespec="seconds")
         doc = {"name": name, "source": source, "format_version": FORMAT_VERSION,
                "shards": [{"name": r.name, "rows": r.rows, "sha256": r.sha256} for r in shards],

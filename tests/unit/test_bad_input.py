@@ -63,7 +63,7 @@ def test_undecodable_and_truncated_images(tmp_path):
     out = import_captions(src, tmp_path / "ws", "d", on_error="skip")[""]
     assert out.rows == 2 and [s.caption for s in iter_samples(out.shards[0])] == ["fine", "fine too"]
     doc = json.loads((out.path / "_dataset.json").read_text())
-    assert doc["skipped_at_import"] == 2 and doc["skip_reasons_total"] == {"bad image": 2}
+    assert doc["skipped_at_import"] == 2 and doc["skip_reasons"] == {"bad image": 2}
 
 
 def test_empty_or_missing_caption_and_missing_image(tmp_path):
@@ -71,7 +71,9 @@ def test_empty_or_missing_caption_and_missing_image(tmp_path):
     with pytest.raises(ShardError, match=r"captions\.csv:3: image 'a\.jpg': empty or missing caption"):
         import_captions(src, tmp_path / "ws", "d")
     out = import_captions(src, tmp_path / "ws", "d", on_error="skip")[""]
-    assert out.rows == 1 and out.extra["skip_reasons_total"] == {"empty caption": 2, "missing image": 1}
+    assert out.rows == 1 and out.extra["skip_reasons"] == {"missing image": 1}
+    assert out.extra["skipped_rows_in_caption_table"] == 2
+    assert out.extra["caption_table_skip_reasons"] == {"empty caption": 2}
     with pytest.raises(ShardError, match=r"gone\.jpg: missing image"):
         import_captions(_folder(tmp_path / "b", [["gone.jpg", "z"]], {}), tmp_path / "ws", "e")
     with pytest.raises(ShardError, match=r"key='00000000'.*empty or missing caption"):

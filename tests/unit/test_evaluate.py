@@ -349,3 +349,61 @@ def test_cli_stable_eval(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["kept"] == ["ret:i2t", "zs"]
     with pytest.raises(SystemExit, match="needs results of >= 2 seeds"):
         _cli(["stable-eval", paths[0]], tmp_path)
+
+
+# ---------------------------------------------------------------- end to end with a real tiny model
+
+
+@pytest.fixture
+def tiny_sets(tmp_path):
+    from dataclasses import replace
+
+    from pipeline.synthetic import CLASSNAMES, generate_classification, generate_pairs
+
+    pairs = list(generate_pairs(6, seed=3, noise_frac=0.0))
+    # two more captions for image 0 and one more for image 1: 6 images, 9 captions
+    extra = [replace(pairs[0], key="x0", caption=pairs[2].caption, uid=make_uid("t", "x", "0", 0)),
+             replace(pairs[0], key="x1", caption=pairs[3].caption, uid=make_uid("t", "x", "1", 1)),
+             replace(pairs[1], key="x2", caption=pairs[4].caption, uid=make_uid("t", "x", "2", 2))]
+    write_shards(pairs + extra, tmp_path / "ret", name="tiny/ret", source="t", samples_per_shard=4)
+    write_shards(generate_classification(2, seed=3), tmp_path / "cls", name="tiny/cls", source="t",
+                 samples_per_shard=5, extra={"classnames": list(CLASSNAMES)})
+    return tmp_path / "ret", tmp_path / "cls", pairs + extra
+
+
+def test_end_to_end_tiny_model(tiny_sets, tmp_path, capsys):
+    from pipeline.models import create_model, save_model
+
+    ret_dir, cls_dir, samples = tiny_sets
+    bundle = create_model("aced-vit-t", seed=0)
+    res = E.evaluate(bundle, {"ret": ("retrieval", ret_dir), "cls": ("zeroshot", cls_dir)}, batch_size=4,
+                     faiss_device="cpu")
+    r, z = res["evals"]["ret"]["metrics"], res["evals"]["cls"]["metrics"]
+    assert (r["n_images"], r["n_texts"]) == (6, 9)
+    assert z["n"] == z["n_classes"] * 2 and 0.0 <= z["top1"] <= z["top5"] <= 1.0
+
+    # the same numbers from embeddings computed by hand, one image per image_id
+    with torch.inference_mode():
+        bundle.model.eval()
+        first = {}
+        for s in samples:
+            first.setdefault(s.image_id, s)
+        ids = list(first)
+        img = bundle.encode_image(torch.stack([bundle.preprocess(Image.open(io.BytesIO(first[i].image_bytes)).convert("RGB"))
+                                               for i in ids]))
+        txt = bundle.encode_text(bundle.tokenizer([s.caption for s in samples]))
+    # shards keep the written order, so caption t of the dataset is samples[t]
+    want = E.retrieval_from_embeddings(img, txt, [ids.index(s.image_id) for s in samples], faiss_device="cpu")
+    assert r == pytest.approx(want)
+
+    # `aced eval` on the saved model reproduces them and writes the files
+    model_dir = tmp_path / "models" / "tiny"
+    save_model(bundle, model_dir)
+    out = tmp_path / "eval-out"
+    assert _cli(["eval", str(model_dir), "--retrieval", str(ret_dir), "--zeroshot", str(cls_dir), "--out", str(out),
+                 "--batch-size", "4", "--device", "cpu", "--faiss", "cpu"], tmp_path) == 0
+    printed = capsys.readouterr().out
+    assert "Image-text retrieval" in printed and "Zero-shot classification" in printed
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["evals"]["tiny/ret"]["metrics"] == pytest.approx(r)
+    assert saved["evals"]["tiny/cls"]["metrics"]["top1"] == pytest.approx(z["top1"])

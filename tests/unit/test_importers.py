@@ -11,7 +11,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
 from storage.importers import import_captions, import_class_folders, import_coco, import_webdataset
 from storage.shards import iter_samples, list_shards, load_dataset, make_uid, read_metadata

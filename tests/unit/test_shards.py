@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import tarfile
+from dataclasses import replace
 
 import pyarrow.parquet as pq
 import pytest
@@ -126,3 +127,12 @@ def test_metadata_parquet_records_tar_checksum(pair_root):
     ref = list_shards(pair_root / "datasets" / "tiny")[1]
     kv = pq.read_schema(ref.meta_path).metadata
     assert kv[b"aced.tar_sha256"].decode() == ref.sha256 and kv[b"aced.shard"] == b"00000001"
+
+
+def test_nothing_to_write_is_an_error(tmp_path):
+    with pytest.raises(ShardError, match="no samples to write"):
+        write_shards([], tmp_path / "e", name="e", source="s")
+    bad = replace(samples(1)[0], caption=" ")
+    with pytest.raises(ShardError, match=r"no samples to write \(all 1 skipped\)"):
+        write_shards([bad], tmp_path / "e", name="e", source="s", on_error="skip")
+    assert list(tmp_path.iterdir()) == []
