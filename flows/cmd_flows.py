@@ -121,6 +121,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from flows.serve import LocalPrefectServer
 
     _sigterm_as_interrupt()
+    for noisy in ("httpx", "faiss.loader"):  # one INFO line per API poll / import otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     server = None
     if os.environ.get("PREFECT_API_URL"):
         log.info("using the Prefect server at %s", os.environ["PREFECT_API_URL"])

@@ -20,10 +20,12 @@ import hashlib
 import io
 import logging
 import math
+import queue
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import faiss
 import numpy as np
@@ -101,14 +103,56 @@ def _samples(dataset_dir: Path):
             yield shard, sample
 
 
-def _encode_images(bundle, tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    x = torch.stack(tensors).to(device, non_blocking=True)
-    return bundle.encode_image(x).float()
+def _prefetch(items: Iterable, depth: int = 2) -> Iterator:
+    """Iterate `items` in a background thread, `depth` items ahead.
+
+    Reading shards, decoding JPEGs and preprocessing run while the model encodes the previous batch
+    (torch releases the GIL in its kernels); on a GPU the model would otherwise wait for them.
+    Exceptions of the producer are re-raised here; leaving the loop early stops the producer.
+    """
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(x) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(x, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def work() -> None:
+        try:
+            for x in items:
+                if not put((None, x)):
+                    return
+            put((None, end))
+        except BaseException as e:  # handed to the consumer, which raises it
+            put((e, None))
+
+    thread = threading.Thread(target=work, name="eval-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            err, x = q.get()
+            if err is not None:
+                raise err
+            if x is end:
+                return
+            yield x
+    finally:
+        stop.set()
+        thread.join()
 
 
-def _encode_texts(bundle, texts: list[str], device: torch.device) -> torch.Tensor:
-    tokens = bundle.tokenizer(list(texts)).to(device, non_blocking=True)
-    return bundle.encode_text(tokens).float()
+def _encode_images(bundle, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return bundle.encode_image(x.to(device, non_blocking=True)).float().cpu()
+
+
+def _encode_tokens(bundle, tokens: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return bundle.encode_text(tokens.to(device, non_blocking=True)).float().cpu()
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,7 +169,7 @@ def class_weights(bundle, classnames: Sequence[str], templates: Sequence[str] = 
         raise ValueError(f"class_weights: every template needs a '{{}}' placeholder, got {list(templates)!r}")
     device = _device_of(bundle)
     texts = [t.format(c) for c in classnames for t in templates]
-    embs = torch.cat([_encode_texts(bundle, texts[i:i + batch_size], device)
+    embs = torch.cat([_encode_tokens(bundle, bundle.tokenizer(texts[i:i + batch_size]), device)
                       for i in range(0, len(texts), batch_size)])
     # encode_text already normalises each prompt; normalise again anyway so a bundle that returns
     # slightly denormalised (e.g. half precision) rows cannot skew the template mean.
@@ -172,6 +216,23 @@ def zero_shot_from_embeddings(img_emb: torch.Tensor, labels: torch.Tensor, weigh
     return out
 
 
+def _labelled_batches(dataset_dir: Path, n_classes: int, preprocess, batch_size: int):
+    """(images[B, 3, H, W], labels[B]) batches of a zero-shot set, in dataset order."""
+    batch: list[torch.Tensor] = []
+    labels: list[int] = []
+    for shard, s in _samples(dataset_dir):
+        if s.label is None or not 0 <= s.label < n_classes:
+            raise ShardError(f"{shard.tar_path}: sample {s.key!r}: label {s.label!r} is not in "
+                             f"[0, {n_classes}) of {dataset_dir / '_dataset.json'}")
+        batch.append(_decode(shard, s.key, s.image_bytes, preprocess))
+        labels.append(int(s.label))
+        if len(batch) == batch_size:
+            yield torch.stack(batch), torch.tensor(labels)
+            batch, labels = [], []
+    if batch:
+        yield torch.stack(batch), torch.tensor(labels)
+
+
 def zero_shot(bundle, dataset_dir: str | Path, *, templates: Sequence[str] = DEFAULT_TEMPLATES,
               batch_size: int = 256) -> dict:
     """Zero-shot classification of a class-folder pair-shard dataset (every sample has ``label``;
@@ -182,22 +243,13 @@ def zero_shot(bundle, dataset_dir: str | Path, *, templates: Sequence[str] = DEF
         raise ValueError(f"{dataset_dir / '_dataset.json'}: no 'classnames' list: not a zero-shot classification set")
     device = _device_of(bundle)
     embs: list[torch.Tensor] = []
-    labels: list[int] = []
-    batch: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
     with _eval_mode(bundle):
         weights = class_weights(bundle, classnames, templates, batch_size=batch_size)
-        for shard, s in _samples(dataset_dir):
-            if s.label is None or not 0 <= s.label < len(classnames):
-                raise ShardError(f"{shard.tar_path}: sample {s.key!r}: label {s.label!r} is not in "
-                                 f"[0, {len(classnames)}) of {dataset_dir / '_dataset.json'}")
-            batch.append(_decode(shard, s.key, s.image_bytes, bundle.preprocess))
-            labels.append(int(s.label))
-            if len(batch) == batch_size:
-                embs.append(_encode_images(bundle, batch, device).cpu())
-                batch = []
-        if batch:
-            embs.append(_encode_images(bundle, batch, device).cpu())
-    return zero_shot_from_embeddings(torch.cat(embs), torch.tensor(labels), weights.cpu(), classnames)
+        for x, y in _prefetch(_labelled_batches(dataset_dir, len(classnames), bundle.preprocess, batch_size)):
+            embs.append(_encode_images(bundle, x, device))
+            labels.append(y)
+    return zero_shot_from_embeddings(torch.cat(embs), torch.cat(labels), weights.cpu(), classnames)
 
 
 # --------------------------------------------------------------------------------------------
@@ -297,15 +349,12 @@ def retrieval_from_embeddings(img_emb, txt_emb, txt_image_index, *, ks: Sequence
     return out
 
 
-def _embed_retrieval_set(bundle, dataset_dir: Path, batch_size: int):
-    """Embed each unique image (by image_id) once and every caption. Returns (img[N,d], txt[M,d],
-    txt_image_index[M])."""
-    device = _device_of(bundle)
+def _retrieval_batches(dataset_dir: Path, preprocess, tokenizer, batch_size: int):
+    """Batches ("image", images[B, 3, H, W]) of the unique images (first sample of each image_id)
+    and ("text", tokens[B, L]) of every caption, then ("owner", txt_image_index[M])."""
     image_row: dict[str, int] = {}
     image_digest: dict[str, tuple[bytes, str]] = {}
     owner: list[int] = []
-    img_chunks: list[torch.Tensor] = []
-    txt_chunks: list[torch.Tensor] = []
     img_batch: list[torch.Tensor] = []
     txt_batch: list[str] = []
     for shard, s in _samples(dataset_dir):
@@ -313,7 +362,7 @@ def _embed_retrieval_set(bundle, dataset_dir: Path, batch_size: int):
         if s.image_id not in image_row:
             image_row[s.image_id] = len(image_row)
             image_digest[s.image_id] = (digest, f"{shard.tar_path}:{s.key}")
-            img_batch.append(_decode(shard, s.key, s.image_bytes, bundle.preprocess))
+            img_batch.append(_decode(shard, s.key, s.image_bytes, preprocess))
         elif image_digest[s.image_id][0] != digest:
             # One image_id must mean one image, or "any caption of the image" is meaningless.
             raise ShardError(f"{shard.tar_path}: sample {s.key!r}: image_id {s.image_id!r} has different "
@@ -321,16 +370,32 @@ def _embed_retrieval_set(bundle, dataset_dir: Path, batch_size: int):
         owner.append(image_row[s.image_id])
         txt_batch.append(s.caption)
         if len(img_batch) == batch_size:
-            img_chunks.append(_encode_images(bundle, img_batch, device).cpu())
+            yield "image", torch.stack(img_batch)
             img_batch = []
         if len(txt_batch) == batch_size:
-            txt_chunks.append(_encode_texts(bundle, txt_batch, device).cpu())
+            yield "text", tokenizer(txt_batch)
             txt_batch = []
     if img_batch:
-        img_chunks.append(_encode_images(bundle, img_batch, device).cpu())
+        yield "image", torch.stack(img_batch)
     if txt_batch:
-        txt_chunks.append(_encode_texts(bundle, txt_batch, device).cpu())
-    return torch.cat(img_chunks), torch.cat(txt_chunks), torch.tensor(owner)
+        yield "text", tokenizer(txt_batch)
+    yield "owner", torch.tensor(owner)
+
+
+def _embed_retrieval_set(bundle, dataset_dir: Path, batch_size: int):
+    """(img[N, d], txt[M, d], txt_image_index[M]): each unique image (by image_id) once, every caption."""
+    device = _device_of(bundle)
+    img_chunks: list[torch.Tensor] = []
+    txt_chunks: list[torch.Tensor] = []
+    owner = None
+    for kind, x in _prefetch(_retrieval_batches(dataset_dir, bundle.preprocess, bundle.tokenizer, batch_size)):
+        if kind == "image":
+            img_chunks.append(_encode_images(bundle, x, device))
+        elif kind == "text":
+            txt_chunks.append(_encode_tokens(bundle, x, device))
+        else:
+            owner = x
+    return torch.cat(img_chunks), torch.cat(txt_chunks), owner
 
 
 def retrieval(bundle, dataset_dir: str | Path, *, batch_size: int = 256, ks: Sequence[int] = RETRIEVAL_KS,

@@ -132,6 +132,9 @@ class CachePlan:
         """(row, model) pairs to compute."""
         return sum(it.shard.rows * len(it.model_ids) for it in self.items)
 
+    def fingerprints(self) -> dict[str, str]:
+        return {m.model_id: m.meta.fingerprint for m in self.models}
+
     def spec(self, model_id: str) -> ModelSpec:
         for m in self.models:
             if m.model_id == model_id:
@@ -296,10 +299,11 @@ class MultiModelEmbedder:
     the plain engine (`embed_chunk`). Inference is float32, eval mode, `torch.inference_mode`.
     """
 
-    def __init__(self, model_dirs: Sequence[str], *, torch_threads: int | None = None, device: str = "auto"):
+    def __init__(self, model_dirs: Sequence[str], *, torch_threads: int | None = None, device: str = "auto",
+                 expect_fingerprints: dict[str, str] | None = None):
         import torch
 
-        from pipeline.models import load_model
+        from pipeline.models import fingerprint, load_model
 
         if torch_threads is not None:
             # Ray pins OMP_NUM_THREADS=1 in actors with fractional CPUs; say how many we may use.
@@ -310,6 +314,11 @@ class MultiModelEmbedder:
         self.models: dict[str, object] = {}
         for d in model_dirs:
             bundle = load_model(Path(d))
+            want = (expect_fingerprints or {}).get(Path(d).name)
+            if want is not None and fingerprint(bundle) != want:
+                # the folder changed after planning: its cache files would carry a wrong fingerprint
+                raise RuntimeError(f"model {d} changed since the run was planned (fingerprint {fingerprint(bundle)[:12]} "
+                                   f"!= {want[:12]}); re-run to re-plan")
             bundle.model.to(self.device).eval()
             self.models[Path(d).name] = bundle
         self.model_ids = tuple(self.models)
@@ -523,7 +532,7 @@ def embed_shards_plain(plan: CachePlan, *, chunk_size: int = 64, torch_threads: 
     try:
         if plan.items:
             embedder = MultiModelEmbedder([str(m.model_dir) for m in plan.models], torch_threads=torch_threads,
-                                          device=device)
+                                          device=device, expect_fingerprints=plan.fingerprints())
             committer = _ShardCommitter(plan, result, on_shard)
             for idx, item in enumerate(plan.items):
                 where = f"{item.dataset}/{item.shard.name}"
@@ -639,7 +648,8 @@ def embed_shards_ray(plan: CachePlan, *, chunk_size: int = 64, actors: int | Non
                             fn_kwargs={"plan": plan, "chunk_size": chunk_size}, num_cpus=0.5)
         ds = ds.map_batches(MultiModelEmbedder,
                             fn_constructor_args=([str(m.model_dir) for m in plan.models],),
-                            fn_constructor_kwargs={"torch_threads": torch_threads},
+                            fn_constructor_kwargs={"torch_threads": torch_threads,
+                                                   "expect_fingerprints": plan.fingerprints()},
                             batch_size=chunks_per_call, batch_format="pyarrow",
                             compute=ray.data.ActorPoolStrategy(size=actors),
                             num_cpus=actor_cpus, num_gpus=num_gpus)

@@ -140,8 +140,8 @@ def select_subbatch(cfg: TrainConfig, model: torch.nn.Module, stu: tuple[torch.T
     gen.manual_seed((cfg.seed * 1_000_003 + step) % (2**63 - 1))
     sel_cfg = SelectionConfig(rule=cfg.spec.selection, n_chunks=cfg.n_chunks, tau=cfg.tau, topk=cfg.topk,
                               backend=cfg.kernel_backend)
-    kwargs: dict[str, Any] = dict(stu_img=stu[0], stu_txt=stu[1], stu_scale=float(model.logit_scale.exp()),
-                                  stu_bias=float(model.logit_bias))
+    kwargs: dict[str, Any] = dict(stu_img=stu[0], stu_txt=stu[1], stu_scale=float(model.logit_scale.detach().exp()),
+                                  stu_bias=float(model.logit_bias.detach()))
     if ref is not None:
         kwargs.update(ref_img=ref[0].to(stu[0].device), ref_txt=ref[1].to(stu[0].device),
                       ref_scale=ref_meta.logit_scale, ref_bias=ref_meta.logit_bias)
@@ -198,8 +198,9 @@ def train_step(cfg: TrainConfig, model: torch.nn.Module, proj: torch.nn.Module |
     with torch.no_grad():
         model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
     out = {name: float(v) for name, v in terms.items()}
-    out.update(grad_norm=float(grad_norm), lr=lr, logit_scale=float(model.logit_scale.exp()),
-               logit_bias=float(model.logit_bias) if getattr(model, "logit_bias", None) is not None else 0.0)
+    with torch.no_grad():
+        out.update(grad_norm=float(grad_norm), lr=lr, logit_scale=float(model.logit_scale.exp()),
+                   logit_bias=float(model.logit_bias) if getattr(model, "logit_bias", None) is not None else 0.0)
     return out
 
 

@@ -106,3 +106,33 @@ def test_serve_needs_a_schedule_and_models(workspace):
         p = subprocess.run([sys.executable, "-m", "flows.cli", "--root", str(workspace), *args], env=aced_env(),
                            capture_output=True, text=True, timeout=120)
         assert p.returncode != 0 and msg in p.stderr, p.stderr
+
+
+def test_compose_file_wires_server_worker_and_ray_cluster():
+    """docker/compose.yaml (no Docker engine here): the services exist, share the image and the
+    workspace volume, the GPU worker reserves a GPU, the worker polls the pool `register` fills."""
+    import yaml
+
+    doc = yaml.safe_load((Path(__file__).resolve().parents[2] / "docker" / "compose.yaml").read_text())
+    services = doc["services"]
+    assert set(services) == {"prefect-server", "ray-head", "ray-gpu-worker", "register", "worker"}
+    for name, svc in services.items():
+        assert svc["image"] == "aced:gpu" and svc["build"]["dockerfile"] == "docker/Dockerfile", name
+        assert "aced-data:/data/aced" in svc["volumes"], name
+    gpu = services["ray-gpu-worker"]["deploy"]["resources"]["reservations"]["devices"][0]
+    assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
+    assert "--address=ray-head:6379" in services["ray-gpu-worker"]["command"]
+    register = services["register"]["command"]
+    pool = register[register.index("--work-pool") + 1]
+    assert register[:2] == ["aced", "serve"] and "--cache-cron" in register
+    assert f"--pool {pool} --type process" in services["worker"]["command"][-1]
+    for client in ("register", "worker"):
+        assert services[client]["environment"]["PREFECT_API_URL"] == "http://prefect-server:4200/api"
+        assert services[client]["depends_on"]["prefect-server"]["condition"] == "service_healthy"
+    assert services["worker"]["environment"]["RAY_ADDRESS"] == "auto"
+    assert "aced-data" in doc["volumes"]
+    # the registration command parses with the real CLI
+    from flows.cli import build_parser
+
+    args = build_parser().parse_args(register[1:])
+    assert args.work_pool == pool and args.models == ["reference", "teacher"] and args.cache_cron == "0 2 * * *"
