@@ -30,6 +30,10 @@ import tempfile
 import time
 from pathlib import Path
 
+# The repository before benchmarks/ (which `python benchmarks/cache.py` puts first): otherwise
+# benchmarks/storage.py would shadow the `storage` package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 _STATE = Path(tempfile.mkdtemp(prefix="aced-bench-cache-"))
 # Prefect reads its settings at import: keep its state (and the temporary server's database) here
 os.environ["PREFECT_HOME"] = str(_STATE / "prefect")

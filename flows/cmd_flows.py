@@ -94,6 +94,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     from flows._prefect_env import use_workspace_state
 
     mode = use_workspace_state(args.root)
+    _quiet_libraries()
     log.info("prefect: %s", {"api-url": f"server {os.environ.get('PREFECT_API_URL')}",
                              "serve": f"the workspace's aced serve server {os.environ.get('PREFECT_API_URL')}",
                              "ephemeral": "temporary local server"}[mode])
@@ -102,6 +103,12 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     summary = cache_flow(**params)
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def _quiet_libraries() -> None:
+    """The CLI logs at INFO; these would add a line per Prefect API request / per import."""
+    for name in ("httpx", "faiss.loader"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _sigterm_as_interrupt() -> None:
@@ -121,8 +128,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from flows.serve import LocalPrefectServer
 
     _sigterm_as_interrupt()
-    for noisy in ("httpx", "faiss.loader"):  # one INFO line per API poll / import otherwise
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    _quiet_libraries()
     server = None
     if os.environ.get("PREFECT_API_URL"):
         log.info("using the Prefect server at %s", os.environ["PREFECT_API_URL"])

@@ -91,3 +91,61 @@ def test_sigkill_and_rerun_reproduces_the_uninterrupted_losses_exactly(synthetic
     assert a["step"] == b["step"] == list(range(steps))
     for key in ("total", "contrastive", "lr", "grad_norm", "logit_scale"):
         assert a[key] == b[key], key  # bit-identical, not approximately equal
+
+
+@pytest.fixture(scope="module")
+def cached_workspace(synthetic_dataset) -> Path:
+    """The synthetic dataset cached by a tiny 'reference' and a tiny 'teacher' (plain single-process engine)."""
+    from pipeline.models import create_model, save_model
+    from pipeline.ray_embed import embed_shards_plain, plan_cache
+
+    root = synthetic_dataset.parent.parent
+    for seed, model_id in ((1, "reference"), (2, "teacher")):
+        if not (root / "models" / model_id).exists():
+            save_model(create_model("aced-vit-t", seed=seed), root / "models" / model_id)
+    embed_shards_plain(plan_cache(root, ["synthetic"], ["reference", "teacher"]), chunk_size=50)
+    return root
+
+
+@pytest.mark.parametrize("method", ["h-acid", "i-acid", "aced-acidistill", "aced-iidistill", "softmax-kd",
+                                    "rho-topk", "student-loss"])
+def test_every_method_trains_and_logs_its_selection(cached_workspace, synthetic_dataset, tmp_path, method):
+    cfg = recipe("tiny", method=method, train_data=(str(synthetic_dataset),), steps=3, checkpoint_every=3,
+                 cache_root=str(cached_workspace / "cache"), reference="reference", teacher=("teacher",))
+    train(cfg, tmp_path / "run", progress=False)
+    m = _metrics(tmp_path / "run")
+    assert m["step"] == [0, 1, 2]
+    if cfg.spec.kd:
+        assert all(v > 0 for v in m["kd"])
+    else:
+        assert "kd" not in m
+    sel_files = sorted((tmp_path / "run" / "selections").glob("part-*.parquet"))
+    if cfg.spec.selection is None:
+        assert not sel_files
+        return
+    sel = pq.ParquetDataset(sel_files).read().to_pydict()
+    B, b = cfg.superbatch_size, cfg.batch_size
+    assert len(sel["uid"]) == 3 * B
+    for step in range(3):
+        chosen = [k for s, k in zip(sel["step"], sel["selected"]) if s == step]
+        assert len(chosen) == B and sum(chosen) == b
+    assert 0.0 <= m["noisy_frac_selected"][0] <= 1.0
+
+
+def test_a_cache_of_another_dataset_version_fails_loudly(cached_workspace, synthetic_dataset, tmp_path):
+    """The trainer zips by uid and refuses a cache whose rows do not match the pair shard."""
+    import shutil
+
+    from storage.cache import CacheError
+
+    data2 = tmp_path / "datasets" / "synthetic"
+    from pipeline.synthetic import generate_pairs
+    from storage.shards import write_shards
+
+    write_shards(generate_pairs(300, seed=99, noise_frac=0.2), data2, name="synthetic", source="synthetic",
+                 samples_per_shard=100)
+    shutil.copytree(cached_workspace / "cache", tmp_path / "cache")
+    cfg = recipe("tiny", method="h-acid", train_data=(str(data2),), steps=2, cache_root=str(tmp_path / "cache"),
+                 reference="reference")
+    with pytest.raises((CacheError, ValueError), match="uid|stale|checksum|sha"):
+        train(cfg, tmp_path / "run", progress=False)
