@@ -13,6 +13,7 @@ Prefect reads its settings when first imported, so every command here points it 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -123,26 +124,29 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return _cmd_deployments(argparse.Namespace(**{**vars(args), "json": False}))
     if not (args.cache_cron or args.cache_interval):
         raise SystemExit("aced serve: give --cache-cron CRON or --cache-interval SECONDS")
+    if args.work_pool and not os.environ.get("PREFECT_API_URL"):
+        raise SystemExit("aced serve --work-pool: set PREFECT_API_URL to the server the pool's worker polls")
     params = _cache_params(args)
     from flows._prefect_env import running_server, server_env
     from flows.serve import LocalPrefectServer
 
     _sigterm_as_interrupt()
     _quiet_libraries()
-    server = None
-    if os.environ.get("PREFECT_API_URL"):
-        log.info("using the Prefect server at %s", os.environ["PREFECT_API_URL"])
-    else:
-        os.environ.update(server_env(args.root))
-        other = running_server(args.root)
-        if other:
-            raise SystemExit(f"aced serve: this workspace is already served by the server at {other} "
-                             f"(stop that `aced serve`, or set PREFECT_API_URL={other} to register elsewhere)")
-        server = LocalPrefectServer(args.root, host=args.host, port=args.port, ui=not args.no_ui)
-    try:
-        if server is not None:
-            server.__enter__()
-            os.environ["PREFECT_API_URL"] = server.api_url
+    with contextlib.ExitStack() as stack:
+        if os.environ.get("PREFECT_API_URL"):
+            log.info("using the Prefect server at %s", os.environ["PREFECT_API_URL"])
+        else:
+            os.environ.update(server_env(args.root))
+            other = running_server(args.root)
+            if other:
+                raise SystemExit(f"aced serve: this workspace is already served by the server at {other} "
+                                 f"(stop that `aced serve`, or set PREFECT_API_URL={other} to register elsewhere)")
+            try:
+                server = stack.enter_context(
+                    LocalPrefectServer(args.root, host=args.host, port=args.port, ui=not args.no_ui))
+            except KeyboardInterrupt:
+                return 130
+            os.environ["PREFECT_API_URL"] = server.api_url  # before prefect is imported below
             print(f"prefect server: {server.api_url} (state in {server.home})", flush=True)
         from flows.serve import build_deployments, format_deployments, list_deployments, register_in_pool, serve_deployments
 
@@ -156,13 +160,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print("serving cache/cache ("
               + (f"cron {args.cache_cron!r} {args.timezone}" if args.cache_cron else f"every {args.cache_interval:g} s")
               + ") and eval/eval (on demand); Ctrl-C stops", flush=True)
-        serve_deployments(deployments)
-        return 0
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        if server is not None:
-            server.__exit__(None, None, None)
+        try:
+            serve_deployments(deployments)
+        except KeyboardInterrupt:
+            pass
+        return 0  # leaving the `with` stops the server
 
 
 def _cmd_deployments(args: argparse.Namespace) -> int:

@@ -165,14 +165,13 @@ def main_job(root: str, size: str = "default", seed: int = 0, data: str | None =
 
 def summarize(root: Path, students: dict[str, Path], others: dict[str, Path]) -> dict:
     """Comparison table (printed and written to <root>/report.md) and the curves plot."""
-    from pipeline.evaluate import headline_metrics
-    from pipeline.report import read_metrics
+    from pipeline.report import read_metrics, summary_metrics
 
     rows, evals = {}, {}
     for name, run_dir in {**others, **{f"student-{m}": d for m, d in students.items()}}.items():
         res_file = run_dir / "eval" / "results.json"
         results = json.loads(res_file.read_text()) if res_file.exists() else {}
-        head = headline_metrics(results)
+        head = summary_metrics(results) if results else {}
         metrics = read_metrics(run_dir).to_pydict()
         tail = max(1, len(metrics["step"]) // 5)  # last 20% of steps
         sel = [v for v in metrics.get("noisy_frac_selected", [])[-tail:] if v is not None]

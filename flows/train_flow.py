@@ -17,7 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from pipeline.evaluate import evaluate, write_results
 from pipeline.models import load_model
 from pipeline.recipes import TrainConfig
-from pipeline.report import markdown_table, plot_runs, read_metrics
+from pipeline.report import markdown_table, plot_runs, read_metrics, summary_metrics
 from pipeline.trainer import train
 
 _CURVE_KEYS = ("contrastive", "kd", "total", "noisy_frac_selected", "noisy_frac_superbatch", "pairs_per_s")
@@ -48,13 +48,12 @@ def publish_task(run_dir: str, results: dict) -> str:
     run = Path(run_dir)
     table = read_metrics(run).to_pydict()
     last = {k: float(table[k][-1]) for k in _CURVE_KEYS if k in table and table[k][-1] is not None}
-    flat = {f"{name}/{k}": float(v) for name, res in results.items() for k, v in res.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    flat = summary_metrics(results) if results else {}
     md = ["## " + run.name, "", "Final training step", "", markdown_table({run.name: last}), ""]
     if flat:
         md += ["Evaluation", "", markdown_table({run.name: flat}), ""]
     png = plot_runs({run.name: run}, run / "curves.png",
-                    evals={run.name: {k: v for k, v in flat.items() if "recall" in k or "top1" in k}} if flat else None)
+                    evals={run.name: flat} if flat else None)
     md += [f"Curves: `{png}`"]
     text = "\n".join(md)
     (run / "report.md").write_text(text)

@@ -257,6 +257,9 @@ def loader(dataset: SuperBatches, *, start_step: int, stop_step: int, num_worker
         # Workers are forked: each keeps its own shard LRU. One torch thread each so decoding does not
         # fight the training step for the two cores.
         worker_init_fn=_worker_init if num_workers > 0 else None,
+        # spawn, not fork: the trainer often runs inside a Prefect flow whose threads (API client, log
+        # shipping) make a forked child unsafe; measured here as workers dying with exit code 1.
+        multiprocessing_context="spawn" if num_workers > 0 else None,
     )
 
 

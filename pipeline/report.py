@@ -73,6 +73,21 @@ def plot_runs(runs: Mapping[str, Path], out_png: Path, *, evals: Mapping[str, Ma
     return Path(out_png)
 
 
+def summary_metrics(results: Mapping) -> dict[str, float]:
+    """The numbers a comparison table shows per evaluation of `pipeline.evaluate.evaluate` results:
+    zero-shot top-1, and for retrieval the mean of the six recalls (R@1/5/10 both ways) plus both R@1."""
+    out: dict[str, float] = {}
+    for name, ev in results.get("evals", {}).items():
+        m = ev["metrics"]
+        if ev["kind"] == "zeroshot":
+            out[f"{name}:top1"] = float(m["top1"])
+        else:
+            out[f"{name}:mean_recall"] = float(m["mean_recall"])
+            out[f"{name}:i2t_r1"] = float(m["i2t_r1"])
+            out[f"{name}:t2i_r1"] = float(m["t2i_r1"])
+    return out
+
+
 def markdown_table(rows: Mapping[str, Mapping[str, float | str]], *, columns: Sequence[str] | None = None,
                    digits: int = 4) -> str:
     """{row name: {column: value}} as a Markdown table (missing cells blank)."""

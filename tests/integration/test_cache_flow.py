@@ -257,3 +257,25 @@ def test_eval_flow_writes_results_and_a_markdown_artifact(workspace, tmp_path, p
     with get_client(sync_client=True) as client:
         arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[f"eval-{REFERENCE}"])))
     assert arts and "| synth |" in arts[0].data
+
+
+# ---------------------------------------------------------------------------- deployments
+
+
+def test_deployments_register_in_a_process_work_pool(workspace, prefect_harness):
+    """`aced serve --work-pool` (docker/compose.yaml's `register`): module-path entrypoints, the
+    cron schedule, the pool created as a process pool; `list_deployments` reads them back."""
+    from flows.serve import build_deployments, format_deployments, list_deployments, register_in_pool
+
+    with pytest.raises(ValueError, match="not both"):
+        build_deployments({}, cache_cron="0 2 * * *", cache_interval=5)
+    deployments = build_deployments({"root": str(workspace), "models": [REFERENCE], "engine": "plain"},
+                                    cache_cron="0 2 * * *")
+    assert len(register_in_pool(deployments, "aced-test-pool")) == 2
+    rows = {r["name"]: r for r in list_deployments()}
+    cache, ev = rows["cache/cache"], rows["eval/eval"]
+    assert cache["work_pool"] == ev["work_pool"] == "aced-test-pool"
+    assert cache["schedules"] == ["cron '0 2 * * *' (UTC)"] and ev["schedules"] == []
+    assert cache["entrypoint"] == "flows.cache_flow:cache_flow" and ev["entrypoint"] == "flows.eval_flow:eval_flow"
+    assert cache["parameters"]["models"] == [REFERENCE] and cache["next_run"] is not None
+    assert "cache/cache: cron '0 2 * * *' (UTC); pool=aced-test-pool" in format_deployments(list(rows.values()))

@@ -285,6 +285,35 @@ def test_zero_shot_over_shards(zeroshot_set):
     assert r["per_class"] == pytest.approx({"red": 2 / 3, "green": 1.0, "blue": 1.0, "yellow": 1.0})
 
 
+def test_zero_shot_rejects_a_label_outside_the_classes(tmp_path):
+    samples = [_sample(0, "red", "red", "a", label=0), _sample(1, "blue", "blue", "b", label=7)]
+    write_shards(samples, tmp_path / "zs", name="zs", source="test", extra={"classnames": ["red", "blue"]})
+    with pytest.raises(ShardError, match=r"00000000.tar: sample 's0001': label 7 is not in \[0, 2\)"):
+        E.zero_shot(ColourBundle(), tmp_path / "zs")
+
+
+def test_prefetch_order_errors_and_early_exit():
+    assert list(E._prefetch(iter(range(50)), depth=3)) == list(range(50))
+
+    def failing():
+        yield 1
+        raise ShardError("x.tar: sample 'k': broken")
+    with pytest.raises(ShardError, match="broken"):
+        list(E._prefetch(failing()))
+    produced = []
+
+    def endless():
+        i = 0
+        while True:
+            produced.append(i)
+            yield i
+            i += 1
+    for x in E._prefetch(endless(), depth=2):
+        if x == 3:
+            break  # the producer thread must stop (join returns) instead of running on
+    assert len(produced) <= 3 + 2 + 2
+
+
 def test_zero_shot_needs_classnames(retrieval_set):
     with pytest.raises(ValueError, match="no 'classnames'"):
         E.zero_shot(ColourBundle(), retrieval_set)
