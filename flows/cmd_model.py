@@ -3,32 +3,48 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 
-def _bundle(name: str):
-    from pipeline.models import create_model, load_model
+def _forward_seconds(bundle, batch: int, repeats: int = 3) -> float:
+    """Best-of-`repeats` wall time of one image + text forward over `batch` pairs (after a warm-up)."""
+    import torch
 
-    path = Path(name)
-    return load_model(path) if path.is_dir() else create_model(name)
+    x = torch.randn(batch, 3, bundle.image_size, bundle.image_size)
+    t = bundle.tokenizer(["a small red circle above two blue stars"] * batch)
+    best = float("inf")
+    with torch.inference_mode():
+        bundle.encode_image(x), bundle.encode_text(t)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            bundle.encode_image(x), bundle.encode_text(t)
+            best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def _info(args: argparse.Namespace) -> int:
-    from pipeline.models import count_flops, fingerprint
+    from pipeline.models import count_flops, create_model, fingerprint
 
     rows = {}
     for name in args.models:
-        bundle = _bundle(name)
-        rows[name] = {**count_flops(bundle), "embed_dim": bundle.embed_dim, "image_size": bundle.image_size,
-                      "context_length": bundle.context_length, "fingerprint": fingerprint(bundle)[:16]}
+        bundle = create_model(name)  # also takes a model folder
+        row = {**count_flops(bundle), "embed_dim": bundle.embed_dim, "image_size": bundle.image_size,
+               "context_length": bundle.context_length, "logit_scale": bundle.logit_scale,
+               "logit_bias": bundle.logit_bias, "fingerprint": fingerprint(bundle)}
+        if args.time_batch:
+            row[f"forward_s_batch{args.time_batch}"] = _forward_seconds(bundle, args.time_batch)
+        rows[name] = row
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
+    timed = f"forward_s_batch{args.time_batch}" if args.time_batch else None
     print(f"{'model':<28} {'params':>11} {'img params':>11} {'txt params':>11} {'GFLOPs/img':>11} "
-          f"{'GFLOPs/txt':>11} {'GFLOPs/pair':>12} {'dim':>5}")
+          f"{'GFLOPs/txt':>11} {'GFLOPs/pair':>12} {'dim':>5}" + (f" {'fwd s/' + str(args.time_batch):>10}" if timed else ""))
     for name, r in rows.items():
         print(f"{name:<28} {r['params']:>11,} {r['params_image']:>11,} {r['params_text']:>11,} "
-              f"{r['gflops_image']:>11.4f} {r['gflops_text']:>11.4f} {r['gflops_pair']:>12.4f} {r['embed_dim']:>5}")
+              f"{r['gflops_image']:>11.4f} {r['gflops_text']:>11.4f} {r['gflops_pair']:>12.4f} {r['embed_dim']:>5}"
+              + (f" {r[timed]:>10.3f}" if timed else ""))
     print("GFLOPs = 2 x multiply-accumulates of one forward pass (one image at its size, one text at context length)")
     return 0
 
@@ -37,8 +53,9 @@ def _create(args: argparse.Namespace) -> int:
     from pipeline.models import create_model, fingerprint, save_model
 
     bundle = create_model(args.name, pretrained=args.pretrained, seed=args.seed)
-    out = save_model(bundle, args.out)
-    print(f"wrote {out} (fingerprint {fingerprint(bundle)[:16]})")
+    out = args.out if args.out is not None else Path(args.root) / "models" / bundle.name
+    save_model(bundle, out)
+    print(f"wrote {out} ({bundle.name}, fingerprint {fingerprint(bundle)[:16]})")
     return 0
 
 
@@ -46,12 +63,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("model", help="model info (params, GFLOPs) and creation")
     msub = p.add_subparsers(dest="model_command", required=True, metavar="ACTION")
     i = msub.add_parser("info", help="parameters and inference GFLOPs per image-text pair")
-    i.add_argument("models", nargs="+", help="ladder/open_clip name, JSON config or model folder")
-    i.add_argument("--json", action="store_true")
+    i.add_argument("models", nargs="+", metavar="NAME_OR_DIR",
+                   help="ladder/open_clip name, JSON config or model folder")
+    i.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    i.add_argument("--time-batch", type=int, default=0, metavar="N",
+                   help="also time one forward of N images + N texts on this machine")
     i.set_defaults(func=_info)
     c = msub.add_parser("create", help="write a freshly initialised (or locally pretrained) model folder")
-    c.add_argument("name")
-    c.add_argument("--out", type=Path, required=True)
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("name", help="ladder/open_clip name or JSON config")
+    c.add_argument("--out", type=Path, default=None, help="model folder (default: <root>/models/<name>)")
+    c.add_argument("--seed", type=int, default=0, help="initialisation seed")
     c.add_argument("--pretrained", help="local weights file or folder (never a hub tag)")
     c.set_defaults(func=_create)

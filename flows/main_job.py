@@ -20,6 +20,7 @@ from flows.cache_flow import cache_flow
 from flows.train_flow import train_flow
 from pipeline.recipes import recipe
 from pipeline.report import markdown_table, plot_runs
+from pipeline.workspace import eval_specs, prepare_real, prepare_synthetic
 from storage.atomic import atomic_write_bytes
 
 
@@ -58,57 +59,15 @@ SIZES = {
 
 @task(name="prepare-data", cache_policy=NO_CACHE)
 def prepare_data(root: str, size: JobSize, seed: int, data: str | None) -> dict[str, list[str]]:
-    """Dataset folders for each role: {"student": [...], "clean": [...], "retrieval": [...], "zeroshot": [...]}."""
-    from storage.shards import write_shards
-
-    datasets = Path(root) / "datasets"
-    logger = get_run_logger()
+    """Dataset folders for each role: {"student", "clean", "retrieval", "zeroshot"} -> [folders]."""
     if data is not None:
-        return _prepare_real(Path(root), Path(data), logger)
-    from pipeline.synthetic import generate_classification, generate_pairs
-
-    # Disjoint index ranges of one seeded world: no test pair is ever seen in training.
-    parts = {
-        "synthetic/train": (size.train_pairs, 0, size.noise_frac),
-        "synthetic/clean": (size.clean_pairs, size.train_pairs, 0.0),
-        "synthetic/test": (size.test_pairs, size.train_pairs + size.clean_pairs, 0.0),
-    }
-    for name, (n, start, noise) in parts.items():
-        out = datasets / name
-        if (out / "_dataset.json").exists():
-            logger.info("%s exists: kept", out)
-            continue
-        t0 = time.perf_counter()
-        write_shards(generate_pairs(n, seed=seed, noise_frac=noise, start=start), out, name=name,
-                     source="synthetic", samples_per_shard=1000)
-        logger.info("wrote %s: %d pairs in %.1f s", out, n, time.perf_counter() - t0)
-    classes = datasets / "synthetic/classes"
-    if not (classes / "_dataset.json").exists():
-        from pipeline.synthetic import CLASSNAMES
-        write_shards(generate_classification(size.per_class, seed=seed + 1), classes, name="synthetic/classes",
-                     source="synthetic", samples_per_shard=1000, extra={"classnames": list(CLASSNAMES)})
-    return {"student": [str(datasets / "synthetic/train")], "clean": [str(datasets / "synthetic/clean")],
-            "retrieval": [str(datasets / "synthetic/test")], "zeroshot": [str(classes)]}
-
-
-def _prepare_real(root: Path, data: Path, logger) -> dict[str, list[str]]:
-    """A real folder of images + captions (e.g. ../shared/data/flickr8k), imported once; CIFAR-10 beside it
-    becomes the zero-shot set when present."""
-    from storage.importers import import_captions, import_class_folders
-
-    name = data.resolve().name
-    target = root / "datasets" / name
-    if not (target / "train" / "_dataset.json").exists():
-        import_captions(data, root, name)
-    out = {"student": [str(target / "train")], "clean": [str(target / "train")],
-           "retrieval": [str(target / "test")], "zeroshot": []}
-    cifar = data.resolve().parent / "cifar10" / "test"
-    if cifar.is_dir():
-        if not (root / "datasets" / "cifar10" / "_dataset.json").exists():
-            import_class_folders(cifar, root, "cifar10")
-        out["zeroshot"] = [str(root / "datasets" / "cifar10")]
-    logger.info("real data: %s", json.dumps(out))
-    return out
+        sets = prepare_real(Path(root), Path(data))
+    else:
+        sets = prepare_synthetic(Path(root), train_pairs=size.train_pairs, clean_pairs=size.clean_pairs,
+                                 test_pairs=size.test_pairs, per_class=size.per_class, noise_frac=size.noise_frac,
+                                 seed=seed)
+    get_run_logger().info("datasets: %s", json.dumps(sets))
+    return sets
 
 
 @task(name="export-model", cache_policy=NO_CACHE)
@@ -119,12 +78,6 @@ def export_task(run_dir: str, out_dir: str) -> str:
     return out_dir
 
 
-def _evals(sets: dict[str, list[str]]) -> dict[str, list[str]]:
-    evals = {f"{Path(d).name}-retrieval": ["retrieval", d] for d in sets["retrieval"]}
-    evals.update({f"{Path(d).name}-zeroshot": ["zeroshot", d] for d in sets["zeroshot"]})
-    return evals
-
-
 @flow(name="main-job", log_prints=True)
 def main_job(root: str, size: str = "default", seed: int = 0, data: str | None = None,
              engine: str = "ray") -> dict:
@@ -132,7 +85,7 @@ def main_job(root: str, size: str = "default", seed: int = 0, data: str | None =
     job = SIZES[size]
     rootp = Path(root)
     sets = prepare_data(root, job, seed, data)
-    evals = _evals(sets)
+    evals = eval_specs(sets)
     cache_root = str(rootp / "cache")
 
     # Stage 0: the paper trains its own reference/teacher on cleaner data; so does the main job.

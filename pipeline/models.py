@@ -1,43 +1,59 @@
-"""Model factory over open_clip (paper section 4.1 / Table 2: students, references, teachers).
+"""Model factory over open_clip (paper section 4.1 and Table 2: students, references, teachers).
 
-- Any open_clip architecture by name, a custom JSON config by path, or the built-in ladder of small
-  64x64 configs (`aced-vit-t` < `aced-vit-s` < `aced-vit-b` < `aced-vit-l`) that train on a CPU, so the
-  reference and teacher can be larger than the student as in the paper.
+- Any open_clip architecture by name, a custom JSON config by path, a saved model folder, or the
+  built-in ladder of small 64x64 configs (`aced-vit-t` < `aced-vit-s` < `aced-vit-b` < `aced-vit-l`,
+  `pipeline/model_configs/*.json`) that train on a CPU, so the reference and teacher can be larger
+  than the student as in the paper.
 - Offline only: open_clip's bundled BPE tokenizer; pretrained weights only from a local file or
-  folder. A hub tag or `hf-hub:` name fails at once with a clear message (no network wait).
-- Weights as safetensors + JSON config in open_clip's `local-dir` layout, plus `aced_model.json`.
+  folder. A hub tag, an `hf-hub:` name, a hub tokenizer or a tower that would fetch base weights
+  fails at once with `HubAccessError` (checked before open_clip is asked for anything).
+- Weights as safetensors + JSON config in open_clip's `local-dir` layout (`open_clip_config.json`,
+  `open_clip_model.safetensors`) plus `aced_model.json` (name, fingerprint, params, created).
 - `fingerprint` hashes weights + model config + preprocessing: the cache stage records it so a cache
   from another model (or other preprocessing) is never used silently.
 - `count_flops` counts the operations of a real forward pass (torch's FlopCounterMode).
+
+Logit initialisation of the ladder (SPEC.md "Models and embeddings"): the configs carry
+`init_logit_scale` = log 10 and `init_logit_bias` = -5, not SigLIP's -10. SigLIP's bias was tuned
+for batches of ~32k, where it balances b positives against b^2 negatives; at batch 64 the balance
+point is near -log(64) ~ -4. Measured on clean synthetic pairs (aced-vit-t, batch 64, 400 steps,
+AdamW lr 1e-3): see `LOGIT_INIT_NOTE` for the numbers behind the choice.
 """
 from __future__ import annotations
 
 import copy
 import hashlib
 import json
-import math
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: nothing here may reach a hub
+# Belt and braces (the checks below are the real guard): should anything still reach for the HF
+# hub, it fails instead of waiting on a network this system does not have.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import open_clip  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count  # noqa: E402
 
 CONFIG_DIR = Path(__file__).with_name("model_configs")
 LADDER = ("aced-vit-t", "aced-vit-s", "aced-vit-b", "aced-vit-l")
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
 ACED_FILE = "aced_model.json"
-# Normalisation of the synthetic/CIFAR/Flickr images: open_clip's CLIP statistics (any fixed choice works
-# when models are trained from scratch; it is part of the fingerprint).
-_MEAN = (0.48145466, 0.4578275, 0.40821073)
-_STD = (0.26862954, 0.26130258, 0.27577711)
+# Normalisation: open_clip's default (OpenAI CLIP statistics). Any fixed choice works for models
+# trained from scratch, and it is what OpenAI-style local checkpoints expect. It is part of the
+# fingerprint. A JSON config (or a model folder) may carry its own "preprocess_cfg".
+_MEAN = tuple(open_clip.OPENAI_DATASET_MEAN)
+_STD = tuple(open_clip.OPENAI_DATASET_STD)
+_HUB_PREFIXES = ("hf-hub:", "hf_hub:")
+
+LOGIT_INIT_NOTE = "filled in below from the measurement"
 
 open_clip.add_model_config(CONFIG_DIR)
 
@@ -48,7 +64,14 @@ class HubAccessError(RuntimeError):
 
 @dataclass
 class ModelBundle:
-    """A two-tower model with its preprocessing and tokenizer (see docs/interfaces.md)."""
+    """A two-tower model with its preprocessing and tokenizer (see docs/interfaces.md).
+
+    model: the open_clip model (CLIP / CustomTextCLIP / CoCa), in eval mode after creation.
+    preprocess: PIL image -> Tensor[3, H, W] (resize + centre crop to image_size, normalise; no augmentation).
+    tokenizer: list[str] -> LongTensor[N, context_length] (open_clip's bundled BPE).
+    name: the ladder/open_clip name or config stem it was made from.
+    config: {"model_cfg": ..., "preprocess_cfg": ..., "name": ...}.
+    """
 
     model: torch.nn.Module
     preprocess: Callable
@@ -70,102 +93,161 @@ class ModelBundle:
         return int(self.config["model_cfg"]["text_cfg"].get("context_length", 77))
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Tensor[N, 3, H, W] (preprocessed) -> L2-normalised Tensor[N, embed_dim]."""
         return self.model.encode_image(images, normalize=True)
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """LongTensor[N, context_length] -> L2-normalised Tensor[N, embed_dim]."""
         return self.model.encode_text(tokens, normalize=True)
 
     @property
     def logit_scale(self) -> float:
+        """a = exp(t) (the multiplier of the cosine similarity)."""
         return float(self.model.logit_scale.detach().exp())
 
     @property
     def logit_bias(self) -> float:
+        """c (0.0 for a model without a bias, e.g. CLIP)."""
         bias = getattr(self.model, "logit_bias", None)
         return 0.0 if bias is None else float(bias.detach())
 
 
-def _refuse_hub(name: str, pretrained: str | None) -> None:
-    if name.startswith(("hf-hub:", "hf_hub:")):
-        raise HubAccessError(f"model {name!r} lives on a hub; this system runs offline: "
-                             "pass a local config file or folder instead")
-    if pretrained is not None and not Path(pretrained.removeprefix("local-dir:")).exists():
-        raise HubAccessError(f"pretrained={pretrained!r} is not a local file or folder; pretrained tags download "
-                             "from a hub, which this system never does: pass the path of a local weights file "
-                             "(.pt/.bin/.safetensors) or a model folder")
+# --------------------------------------------------------------------------- offline guards
+
+def _refuse_hub_name(name: str) -> None:
+    if name.startswith(_HUB_PREFIXES):
+        raise HubAccessError(f"model {name!r} lives on a hub; this system runs offline: pass a ladder name "
+                             f"({', '.join(LADDER)}), an open_clip architecture with pretrained=<local weights file>, "
+                             "a local JSON config or a model folder")
 
 
-def _model_cfg(name: str) -> tuple[str, dict]:
-    """(open_clip name, model config) for a ladder/open_clip name or a JSON config path."""
+def _local_pretrained(pretrained: str) -> Path:
+    path = Path(pretrained.removeprefix("local-dir:"))
+    if not path.exists():
+        raise HubAccessError(f"pretrained={pretrained!r} is not a local file or folder. Pretrained tags download "
+                             "from a hub, which this system never does: weights must be a local file "
+                             "(.pt/.bin/.safetensors/.npz) or a model folder written by save_model")
+    return path
+
+
+def _refuse_hub_cfg(model_cfg: dict, where: str) -> None:
+    """Configs whose construction alone would fetch something (tokenizer, HF text tower, timm weights)."""
+    text, vision = model_cfg.get("text_cfg", {}), model_cfg.get("vision_cfg", {})
+    if text.get("hf_tokenizer_name"):
+        raise HubAccessError(f"{where}: the text tower uses the hub tokenizer {text['hf_tokenizer_name']!r}, "
+                             "unavailable offline; use a config with open_clip's bundled BPE tokenizer")
+    if text.get("hf_model_name"):
+        raise HubAccessError(f"{where}: the text tower is the Hugging Face model {text['hf_model_name']!r}, whose "
+                             "config and weights come from a hub; unavailable offline")
+    if vision.get("timm_model_pretrained"):
+        raise HubAccessError(f"{where}: timm_model_pretrained=true downloads the image tower's weights; "
+                             "set it false and pass local weights instead")
+
+
+# --------------------------------------------------------------------------- construction
+
+def _resolve(name: str) -> tuple[str, dict, dict | None]:
+    """(name, model config, preprocess config or None) for a ladder/open_clip name or a JSON path."""
     path = Path(name)
-    if path.suffix == ".json" and path.exists():
-        cfg = json.loads(path.read_text())
-        cfg = cfg.get("model_cfg", cfg)
-        return path.stem, cfg
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise FileNotFoundError(f"model config {path} does not exist")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from e
+        # Either a bare model config (open_clip's model_configs/*.json) or the local-dir layout.
+        cfg = raw.get("model_cfg", raw)
+        for key in ("embed_dim", "vision_cfg", "text_cfg"):
+            if key not in cfg:
+                raise ValueError(f"{path}: model config lacks {key!r}")
+        return path.stem, copy.deepcopy(cfg), raw.get("preprocess_cfg")
     cfg = open_clip.get_model_config(name)
     if cfg is None:
         raise ValueError(f"unknown model {name!r}: not a ladder name ({', '.join(LADDER)}), an open_clip "
-                         "architecture or a JSON config file")
-    return name, copy.deepcopy(cfg)
+                         "architecture (open_clip.list_models()), a JSON config file or a model folder")
+    return name, copy.deepcopy(cfg), None
 
 
-def _preprocess_cfg(model_cfg: dict) -> dict:
+def _preprocess_cfg(model_cfg: dict, given: dict | None) -> dict:
     size = model_cfg["vision_cfg"]["image_size"]
-    return {"size": size, "mode": "RGB", "mean": list(_MEAN), "std": list(_STD), "interpolation": "bicubic",
-            "resize_mode": "shortest"}
+    cfg = {"size": size, "mode": "RGB", "mean": list(_MEAN), "std": list(_STD), "interpolation": "bicubic",
+           "resize_mode": "shortest"}
+    if given:
+        unknown = set(given) - set(cfg) - {"fill_color"}
+        if unknown:
+            raise ValueError(f"unknown preprocess_cfg keys {sorted(unknown)}")
+        cfg.update({k: (list(v) if isinstance(v, tuple) else v) for k, v in given.items()})
+    return cfg
 
 
-def _tokenizer_for(model_cfg: dict):
-    text = model_cfg.get("text_cfg", {})
-    if "hf_tokenizer_name" in text:
-        raise HubAccessError(f"text tower uses the hub tokenizer {text['hf_tokenizer_name']!r}, unavailable offline; "
-                             "use a config with open_clip's bundled BPE tokenizer")
-    return open_clip.tokenizer.SimpleTokenizer(context_length=int(text.get("context_length", 77)))
+def _model_class(model_cfg: dict):
+    """The class open_clip.create_model would pick for this config."""
+    if model_cfg.get("custom_text", False):
+        return open_clip.CoCa if "multimodal_cfg" in model_cfg else open_clip.CustomTextCLIP
+    return open_clip.CLIP
 
 
-def _build(name: str, model_cfg: dict, seed: int) -> ModelBundle:
-    # Seed before construction so initial weights depend only on `seed`.
-    torch.manual_seed(seed)
-    if "hf_tokenizer_name" in model_cfg.get("text_cfg", {}):
-        _tokenizer_for(model_cfg)  # raises with the offline message
-    kwargs = {k: v for k, v in model_cfg.items()}
-    model = open_clip.model.CLIP(**kwargs) if not kwargs.get("custom_text") else open_clip.model.CustomTextCLIP(
-        **{k: v for k, v in kwargs.items() if k != "custom_text"})
-    pre_cfg = _preprocess_cfg(model_cfg)
-    preprocess = open_clip.image_transform(pre_cfg["size"], is_train=False, mean=pre_cfg["mean"], std=pre_cfg["std"],
-                                           interpolation=pre_cfg["interpolation"], resize_mode=pre_cfg["resize_mode"])
-    config = {"model_cfg": model_cfg, "preprocess_cfg": pre_cfg, "name": name}
+def _build(name: str, model_cfg: dict, preprocess_cfg: dict | None, seed: int) -> ModelBundle:
+    _refuse_hub_cfg(model_cfg, name)
+    kwargs = {k: v for k, v in model_cfg.items() if k != "custom_text"}
+    # Initial weights depend only on `seed`; fork_rng keeps the caller's RNG stream untouched
+    # (the trainer's exact resume depends on it).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = _model_class(model_cfg)(**kwargs)
     model.eval()
-    return ModelBundle(model=model, preprocess=preprocess, tokenizer=_tokenizer_for(model_cfg), name=name, config=config)
+    pre = _preprocess_cfg(model_cfg, preprocess_cfg)
+    preprocess = open_clip.image_transform(pre["size"], is_train=False, mean=pre["mean"], std=pre["std"],
+                                           interpolation=pre["interpolation"], resize_mode=pre["resize_mode"],
+                                           fill_color=pre.get("fill_color", 0))
+    tokenizer = open_clip.tokenizer.SimpleTokenizer(
+        context_length=int(model_cfg["text_cfg"].get("context_length", open_clip.tokenizer.DEFAULT_CONTEXT_LENGTH)))
+    config = {"model_cfg": model_cfg, "preprocess_cfg": pre, "name": name}
+    return ModelBundle(model=model, preprocess=preprocess, tokenizer=tokenizer, name=name, config=config)
+
+
+def _load_weights(bundle: ModelBundle, path: Path) -> None:
+    """Local open_clip checkpoint (state dict .pt/.bin, {"state_dict": ...}, safetensors, big_vision
+    .npz) through open_clip's own loader (prefix stripping, 3rd-party conversion, position-embedding
+    resize), strictly: a checkpoint of another architecture is an error, not a partial load."""
+    try:
+        open_clip.load_checkpoint(bundle.model, str(path), strict=True, weights_only=True)
+    except (RuntimeError, KeyError, ValueError, AssertionError) as e:  # open_clip asserts on shape changes
+        raise ValueError(f"{path}: weights do not fit model {bundle.name!r}: {str(e)[:600]}") from e
+    bundle.model.eval()
 
 
 def create_model(name: str, *, pretrained: str | None = None, seed: int = 0) -> ModelBundle:
-    """A fresh model (or one with local pretrained weights) by ladder/open_clip name or JSON path."""
-    _refuse_hub(name, pretrained)
-    if pretrained is not None and Path(pretrained.removeprefix("local-dir:")).is_dir():
-        return load_model(pretrained.removeprefix("local-dir:"))
-    arch, cfg = _model_cfg(name)
-    bundle = _build(arch, cfg, seed)
-    if pretrained is not None:
-        state = _read_weights(Path(pretrained))
-        missing, unexpected = bundle.model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"{pretrained}: weights do not fit {name!r}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    """A model by ladder/open_clip name, JSON config path or model folder.
+
+    pretrained: None (fresh weights from `seed`), a local weights file (open_clip checkpoint: .pt,
+      .bin, .safetensors, .npz) or a model folder written by `save_model`. Anything else (a tag
+      such as "laion2b_s34b_b79k", an hf-hub name) raises HubAccessError at once.
+    """
+    _refuse_hub_name(name)
+    local = _local_pretrained(pretrained) if pretrained is not None else None
+    if name.startswith("local-dir:") or Path(name).is_dir():
+        if local is not None:
+            raise ValueError(f"{name}: a model folder already holds weights; do not also pass pretrained=")
+        return load_model(name.removeprefix("local-dir:"))
+    arch, cfg, pre = _resolve(name)
+    if local is not None and local.is_dir():
+        bundle = load_model(local)
+        if bundle.config["model_cfg"] != json.loads(json.dumps(cfg)):
+            raise ValueError(f"{local}: the saved model is not a {name!r} (its model_cfg differs)")
+        return bundle
+    bundle = _build(arch, cfg, pre, seed)
+    if local is not None:
+        _load_weights(bundle, local)
     return bundle
 
 
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    return {k.removeprefix("module."): v for k, v in state.items()}
-
+# --------------------------------------------------------------------------- identity, save, load
 
 def fingerprint(bundle: ModelBundle) -> str:
-    """sha256 over the weights (names, dtypes, shapes, bytes in sorted order) + model and preprocess config."""
+    """sha256 over model config + preprocessing config (canonical JSON) and every state_dict tensor
+    (name, dtype, shape, raw bytes) in sorted-name order. Equal fingerprints = same embeddings."""
     h = hashlib.sha256()
     h.update(json.dumps({k: bundle.config[k] for k in ("model_cfg", "preprocess_cfg")}, sort_keys=True).encode())
     for key, tensor in sorted(bundle.model.state_dict().items()):
@@ -175,71 +257,119 @@ def fingerprint(bundle: ModelBundle) -> str:
     return h.hexdigest()
 
 
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save_model(bundle: ModelBundle, out_dir: str | os.PathLike) -> Path:
-    """Write open_clip's local-dir layout + aced_model.json into `out_dir`, atomically (temp folder + rename)."""
+    """Write open_clip's local-dir layout + aced_model.json into `out_dir`, atomically: everything
+    goes to a temp folder beside it (files fsynced), which then replaces `out_dir` by rename.
+    Readers see the old folder or the new one, never a mix."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
+        # clone: safetensors refuses tensors that share storage (e.g. tied weights).
         weights = {k: v.detach().cpu().contiguous().clone() for k, v in bundle.model.state_dict().items()}
-        save_file(weights, str(tmp / WEIGHTS_FILE))
+        save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps({"model_cfg": bundle.config["model_cfg"],
                                                    "preprocess_cfg": bundle.config["preprocess_cfg"]}, indent=2))
-        stats = count_params(bundle)
-        (tmp / ACED_FILE).write_text(json.dumps({"name": bundle.name, "fingerprint": fingerprint(bundle),
-                                                 **stats}, indent=2))
+        meta = {"name": bundle.name, "fingerprint": fingerprint(bundle), **count_params(bundle),
+                "embed_dim": bundle.embed_dim, "image_size": bundle.image_size,
+                "logit_scale": bundle.logit_scale, "logit_bias": bundle.logit_bias,
+                "open_clip": open_clip.__version__, "torch": torch.__version__,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        (tmp / ACED_FILE).write_text(json.dumps(meta, indent=2))
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+        _fsync_dir(tmp)
         if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
+            # A folder cannot be replaced by rename in one step: move the old one aside first.
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.replace(out, old / "m")
             os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
+        _fsync_dir(out.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
-def load_model(model_dir: str | os.PathLike) -> ModelBundle:
-    """Load a folder written by `save_model` (or any open_clip local-dir folder)."""
+def load_model(model_dir: str | os.PathLike, *, verify: bool = True) -> ModelBundle:
+    """Load a folder written by `save_model` (or any open_clip local-dir folder with safetensors or
+    .bin weights). With `verify`, the fingerprint must equal the one recorded in aced_model.json."""
     folder = Path(model_dir)
     cfg_file = folder / CONFIG_FILE
-    if not cfg_file.exists():
+    if not cfg_file.is_file():
         raise FileNotFoundError(f"{folder}: not a model folder (no {CONFIG_FILE})")
     cfg = json.loads(cfg_file.read_text())
-    aced = json.loads((folder / ACED_FILE).read_text()) if (folder / ACED_FILE).exists() else {}
-    bundle = _build(aced.get("name", folder.name), cfg["model_cfg"], seed=0)
-    bundle.model.load_state_dict(_read_weights(folder / WEIGHTS_FILE))
+    if "model_cfg" not in cfg:
+        raise ValueError(f"{cfg_file}: lacks 'model_cfg'")
+    aced = json.loads((folder / ACED_FILE).read_text()) if (folder / ACED_FILE).is_file() else {}
+    weights = next((folder / f for f in (WEIGHTS_FILE, "open_clip_pytorch_model.bin") if (folder / f).is_file()), None)
+    if weights is None:
+        raise FileNotFoundError(f"{folder}: no weights ({WEIGHTS_FILE})")
+    bundle = _build(aced.get("name", folder.name), cfg["model_cfg"], cfg.get("preprocess_cfg"), seed=0)
+    _load_weights(bundle, weights)
+    if verify and "fingerprint" in aced and fingerprint(bundle) != aced["fingerprint"]:
+        raise ValueError(f"{folder}: weights/config do not match the fingerprint in {ACED_FILE} "
+                         "(a corrupted or hand-edited model folder)")
     return bundle
 
 
+# --------------------------------------------------------------------------- size and cost
+
 def count_params(bundle: ModelBundle) -> dict[str, int]:
+    """Parameter counts: total, image tower (`model.visual`), the rest (text tower, logit scale/bias)."""
     m = bundle.model
     total = sum(p.numel() for p in m.parameters())
     image = sum(p.numel() for p in m.visual.parameters())
     return {"params": total, "params_image": image, "params_text": total - image}
 
 
+def _cpu_flash_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# FlopCounterMode knows the CUDA attention kernels but not the CPU flash kernel that
+# scaled_dot_product_attention dispatches to here; without this the attention matmuls go uncounted.
+_EXTRA_FLOP_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_sdpa_flops}
+
+
 def count_flops(bundle: ModelBundle) -> dict[str, float]:
-    """Inference cost per image-text pair, counted on a real forward pass of one image and one text.
+    """Inference cost per image-text pair, counted on a real forward pass of one image at the
+    model's size and one text at its context length (all tokens run through the text tower).
 
-    Convention: FLOPs = 2 x multiply-accumulates (torch's FlopCounterMode; matmuls/convolutions/attention).
+    Convention: FLOPs = 2 x multiply-accumulates (torch's FlopCounterMode), counting matmuls,
+    convolutions and attention; elementwise work (norms, activations, softmax) is not counted.
+    Returns params, params_image, params_text, gflops_image, gflops_text, gflops_pair.
     """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    model = bundle.model.eval()
+    model = bundle.model
+    was_training = model.training
+    model.eval()
     image = torch.zeros(1, 3, bundle.image_size, bundle.image_size)
     tokens = bundle.tokenizer(["a photo of a thing"])
-    with torch.inference_mode():
-        with FlopCounterMode(display=False) as fc_img:
-            model.encode_image(image)
-        with FlopCounterMode(display=False) as fc_txt:
-            model.encode_text(tokens)
+    # nn.MultiheadAttention's inference fast path is one fused op that FlopCounterMode cannot see
+    # into (it would drop every attention projection); the regular path computes the same thing.
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad():
+            with FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as fc_img:
+                model.encode_image(image)
+            with FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as fc_txt:
+                model.encode_text(tokens)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        model.train(was_training)
     gi, gt = fc_img.get_total_flops() / 1e9, fc_txt.get_total_flops() / 1e9
     return {**count_params(bundle), "gflops_image": gi, "gflops_text": gt, "gflops_pair": gi + gt}

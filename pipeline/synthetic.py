@@ -144,10 +144,12 @@ class Scene:
 @dataclass(frozen=True)
 class SyntheticPair:
     """A generated pair with what it shows: `scene.caption` is the true caption, and
-    `sample.caption` differs from it exactly when `sample.noisy`."""
+    `sample.caption` differs from it exactly when `sample.noisy`. `caption_scene` is the scene the
+    caption describes (`scene` itself for a clean pair, another scene's for a noisy one)."""
 
     sample: Sample
     scene: Scene
+    caption_scene: Scene
 
 
 # --------------------------------------------------------------------------- scene sampling
@@ -474,20 +476,22 @@ def make_pair(index: int, *, seed: int, noise_frac: float, image_size: int = 64)
     if not 0.0 <= noise_frac <= 1.0:
         raise ValueError(f"noise_frac must be in [0, 1], got {noise_frac}")
     scene = scene_at(index, seed=seed)
-    caption, noisy = scene.caption, False
+    caption_scene, noisy = scene, False
     nrng = _rng(seed, index, _STREAM_NOISE)
     if nrng.random() < noise_frac:
         while True:
             other = scene_at(nrng.randrange(2**62), seed=seed)
-            if _signature(other) != _signature(scene):  # a mismatch must really not describe the image
+            # A swapped caption must name a different set of objects, or it would still be true.
+            if _signature(other) != _signature(scene):
                 break
-        caption, noisy = other.caption, True
+        caption_scene, noisy = other, True
+    caption = caption_scene.caption
     img = render(scene, image_size=image_size, rng=_rng(seed, index, _STREAM_RENDER))
     image_id = f"syn{seed}-{index:08d}"
     sample = Sample(key=image_id, uid=make_uid(SOURCE, image_id, caption, index), image_bytes=_jpeg(img),
                     caption=caption, image_id=image_id, width=image_size, height=image_size,
                     source=SOURCE, noisy=noisy)
-    return SyntheticPair(sample, scene)
+    return SyntheticPair(sample, scene, caption_scene)
 
 
 def generate_pairs(n: int, *, seed: int, noise_frac: float, image_size: int = 64,

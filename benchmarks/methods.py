@@ -1,0 +1,141 @@
+"""The methods table (SPEC.md "Methods"; paper Table 1 / Fig. 6) on built-in noisy synthetic data.
+
+A reference and a teacher are trained IID on clean pairs and cached once; then every method trains
+the same tiny student for the same number of steps on noisy pairs, for several seeds, and is
+evaluated on held-out data (retrieval on unseen pairs, zero-shot on an unseen class set). Reported:
+mean +/- std over seeds of each evaluation, and the noisy fraction of the batches each method trained
+on vs that of the super-batches they were drawn from.
+
+Resumable: finished runs (eval results present) are skipped, unfinished ones resume from checkpoints,
+so the benchmark can run in the background across interruptions:
+    python benchmarks/methods.py --root /tmp/aced-methods --seeds 0 1 2
+"""
+from __future__ import annotations
+
+import _common  # noqa: F401  (puts the repo on sys.path; must come first)
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+from _common import machine, machine_name, write_report
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--root", type=Path, default=Path("aced-bench-methods"))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--methods", nargs="+", default=["iid", "softmax-kd", "i-acid", "h-acid", "aced-acidistill"])
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--filter-ratio", type=float, default=0.8)
+    p.add_argument("--student-model", default="aced-vit-t")
+    p.add_argument("--reference-model", default="aced-vit-s")
+    p.add_argument("--teacher-model", default="aced-vit-s")
+    p.add_argument("--reference-steps", type=int, default=500)
+    p.add_argument("--train-pairs", type=int, default=8000)
+    p.add_argument("--clean-pairs", type=int, default=8000)
+    p.add_argument("--test-pairs", type=int, default=1000)
+    p.add_argument("--per-class", type=int, default=100)
+    p.add_argument("--noise-frac", type=float, default=0.5)
+    p.add_argument("--name", default="methods", help="results file stem in benchmarks/results/")
+    return p.parse_args()
+
+
+def train_and_eval(cfg, run_dir: Path, evals: dict) -> dict:
+    from pipeline.evaluate import evaluate, write_results
+    from pipeline.models import load_model
+    from pipeline.trainer import train
+
+    res_file = run_dir / "eval" / "results.json"
+    if res_file.exists():
+        return json.loads(res_file.read_text())
+    t0 = time.perf_counter()
+    result = train(cfg, run_dir, progress=False)
+    seconds = time.perf_counter() - t0
+    results = evaluate(load_model(result.model_dir), {k: tuple(v) for k, v in evals.items()})
+    results["train_seconds"] = seconds
+    write_results(results, run_dir / "eval")
+    return results
+
+
+def noisy_fractions(run_dir: Path) -> dict[str, float]:
+    from pipeline.report import read_metrics
+
+    m = read_metrics(run_dir).to_pydict()
+    return {"noisy_frac_trained": statistics.fmean(m["noisy_frac_selected"]),
+            "noisy_frac_superbatch": statistics.fmean(m["noisy_frac_superbatch"])}
+
+
+def main() -> None:
+    args = parse()
+    from pipeline.ray_embed import embed_shards_plain, plan_cache
+    from pipeline.recipes import recipe
+    from pipeline.report import summary_metrics
+    from pipeline.trainer import export_model
+    from pipeline.workspace import eval_specs, prepare_synthetic
+
+    root = args.root.resolve()
+    sets = prepare_synthetic(root, train_pairs=args.train_pairs, clean_pairs=args.clean_pairs,
+                             test_pairs=args.test_pairs, per_class=args.per_class, noise_frac=args.noise_frac, seed=1000)
+    evals = eval_specs(sets)
+    rows: dict[str, dict] = {}
+
+    # Reference and teacher: larger models, IID on clean pairs (the paper trains its own).
+    for role, model, seed in (("reference", args.reference_model, 100), ("teacher", args.teacher_model, 200)):
+        cfg = recipe("reference", model=model, steps=args.reference_steps, batch_size=64, seed=seed,
+                     train_data=tuple(sets["clean"]), checkpoint_every=max(1, args.reference_steps // 4))
+        res = train_and_eval(cfg, root / "runs" / role, evals)
+        if not (root / "models" / role).exists():
+            export_model(root / "runs" / role, root / "models" / role)
+        rows[role] = {"seeds": {"-": summary_metrics(res)}}
+        print(role, json.dumps(summary_metrics(res)), flush=True)
+    embed_shards_plain(plan_cache(root, [Path(d).relative_to(root / "datasets").as_posix() for d in sets["student"]],
+                                  ["reference", "teacher"]), chunk_size=256)
+
+    for seed in args.seeds:
+        for method in args.methods:
+            cfg = recipe("student", method=method, model=args.student_model, steps=args.steps,
+                         batch_size=args.batch_size, filter_ratio=args.filter_ratio, seed=seed,
+                         train_data=tuple(sets["student"]), cache_root=str(root / "cache"),
+                         reference="reference", teacher=("teacher",), checkpoint_every=max(1, args.steps // 3),
+                         n_chunks=min(16, args.batch_size // 2))
+            run_dir = root / "runs" / f"{method}-seed{seed}"
+            res = train_and_eval(cfg, run_dir, evals)
+            metrics = {**summary_metrics(res), **noisy_fractions(run_dir), "train_seconds": res.get("train_seconds")}
+            rows.setdefault(method, {"seeds": {}})["seeds"][str(seed)] = metrics
+            print(method, seed, json.dumps(metrics), flush=True)
+            report(args, rows)
+    report(args, rows)
+
+
+def report(args: argparse.Namespace, rows: dict[str, dict]) -> None:
+    keys = sorted({k for r in rows.values() for s in r["seeds"].values() for k in s if k != "train_seconds"})
+    lines = ["| method | seeds | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+    for method, row in rows.items():
+        per = row["seeds"].values()
+        cells = []
+        for k in keys:
+            vals = [s[k] for s in per if s.get(k) is not None]
+            if not vals:
+                cells.append("")
+                continue
+            mean = statistics.fmean(vals)
+            std = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            row.setdefault("mean", {})[k] = mean
+            row.setdefault("std", {})[k] = std
+            cells.append(f"{100 * mean:.2f} ± {100 * std:.2f}")
+        lines.append(f"| {method} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
+    md = (f"# Methods on noisy synthetic data ({machine_name()})\n\n"
+          f"Student {args.student_model}, {args.steps} steps, b={args.batch_size}, f={args.filter_ratio}; "
+          f"reference {args.reference_model} / teacher {args.teacher_model} ({args.reference_steps} steps on clean pairs); "
+          f"{args.noise_frac:.0%} of training captions mismatched. Values in % (mean ± std over seeds, held-out data; "
+          "retrieval: mean of R@1/5/10 both ways and R@1; zero-shot: top-1).\n\n" + "\n".join(lines) + "\n")
+    write_report(args.name, {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                             "machine": machine(), "rows": rows}, md)
+
+
+if __name__ == "__main__":
+    main()
