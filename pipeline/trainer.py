@@ -38,7 +38,8 @@ from storage.runlog import SELECTIONS_SCHEMA, ParquetLog
 
 log = logging.getLogger(__name__)
 
-MAX_LOGIT_SCALE = math.log(100.0)  # CLIP/open_clip clamp: keeps a = exp(t) <= 100
+MAX_LOGIT_SCALE = math.log(100.0)
+LOG_EVERY = 25  # steps between progress log lines when no progress bar is shown  # CLIP/open_clip clamp: keeps a = exp(t) <= 100
 
 
 @dataclass
@@ -327,6 +328,9 @@ def train(cfg: TrainConfig, run_dir: Path, *, progress: bool | None = None) -> T
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['total']:.3f}")
+        elif done % LOG_EVERY == 0 or done == cfg.steps:  # no terminal: a log line instead of a bar
+            log.info("%s step %d/%d loss %.4f (%.2f s/step)", run_dir.name, done, cfg.steps, metrics["total"],
+                     metrics["step_s"])
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             _checkpoint(cfg, ckpt_dir, done, model, opt, sched, metrics_log, selections_log)
         t_wait = time.perf_counter()
