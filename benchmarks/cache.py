@@ -27,7 +27,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 # The repository before benchmarks/ (which `python benchmarks/cache.py` puts first): otherwise
