@@ -29,6 +29,7 @@ import torch
 
 from pipeline import losses
 from pipeline.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from pipeline.flexi import at_resolution
 from pipeline.data import CacheSpec, PairIndex, SuperBatches, cached_model_meta, loader
 from pipeline.models import ModelBundle, create_model, load_model, save_model
 from pipeline.recipes import TrainConfig
@@ -125,10 +126,12 @@ def score_superbatch(model: torch.nn.Module, batch: dict[str, Any], device: torc
                      resolution: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Student embeddings of every candidate, under inference mode (optionally at lower resolution)."""
     images = batch["images"].to(device, non_blocking=True)
-    if resolution is not None and resolution != images.shape[-1]:
+    lowres = resolution is not None and resolution != images.shape[-1]
+    if lowres:
         images = torch.nn.functional.interpolate(images, size=(resolution, resolution), mode="bilinear",
                                                  antialias=True, align_corners=False)
-    with torch.inference_mode(), autocast(device):
+    with torch.inference_mode(), autocast(device), (at_resolution(model, resolution) if lowres
+                                                    else contextlib.nullcontext()):
         img, txt = embed(model, images, batch["tokens"].to(device, non_blocking=True))
     return img.float(), txt.float()
 

@@ -149,3 +149,10 @@ def test_a_cache_of_another_dataset_version_fails_loudly(cached_workspace, synth
                  reference="reference")
     with pytest.raises((CacheError, ValueError), match="uid|stale|checksum|sha"):
         train(cfg, tmp_path / "run", progress=False)
+
+
+def test_h_acid_scores_at_lower_resolution(cached_workspace, synthetic_dataset, tmp_path):
+    cfg = recipe("tiny", method="h-acid", train_data=(str(synthetic_dataset),), steps=2, checkpoint_every=2,
+                 cache_root=str(cached_workspace / "cache"), reference="reference", score_resolution=32)
+    train(cfg, tmp_path / "run", progress=False)
+    assert _metrics(tmp_path / "run")["step"] == [0, 1]

@@ -1,0 +1,33 @@
+"""Low-resolution scoring (Flexi-JEST style): positional embeddings resized only inside the block."""
+import pytest
+import torch
+
+from pipeline.flexi import _resized_pos_embed, at_resolution
+from pipeline.models import create_model
+
+
+def test_lowres_forward_runs_and_restores_the_parameter_in_place():
+    model = create_model("aced-vit-t", seed=0).model
+    before = [name for name, _ in model.named_parameters()]
+    original = model.visual.positional_embedding
+    with torch.inference_mode(), at_resolution(model, 32):
+        out = model.encode_image(torch.randn(3, 3, 32, 32), normalize=True)
+    assert out.shape[0] == 3 and torch.allclose(out.norm(dim=-1), torch.ones(3), atol=1e-5)
+    assert model.visual.positional_embedding is original  # same object, unchanged, same position
+    assert [name for name, _ in model.named_parameters()] == before
+    with pytest.raises(RuntimeError):  # outside the block the tower is back to its native resolution
+        model.encode_image(torch.randn(1, 3, 32, 32))
+
+
+def test_resize_keeps_class_token_and_is_identity_at_native_grid():
+    pos = torch.randn(1 + 8 * 8, 16)
+    assert _resized_pos_embed(pos, 8) is pos
+    small = _resized_pos_embed(pos, 4)
+    assert small.shape == (1 + 16, 16) and torch.equal(small[0], pos[0])
+
+
+def test_resolution_must_be_a_multiple_of_the_patch():
+    model = create_model("aced-vit-t", seed=0).model
+    with pytest.raises(ValueError, match="multiple of the patch"):
+        with at_resolution(model, 30):
+            pass
