@@ -33,7 +33,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--filter-ratio", type=float, default=0.8)
     p.add_argument("--student-model", default="aced-vit-t")
     p.add_argument("--reference-model", default="aced-vit-s")
-    p.add_argument("--teacher-model", default="aced-vit-s")
+    p.add_argument("--teacher-model", default="aced-vit-s",
+                   help="teacher architecture, or 'reference' to distill from the reference model itself")
     p.add_argument("--reference-steps", type=int, default=500)
     p.add_argument("--train-pairs", type=int, default=8000)
     p.add_argument("--clean-pairs", type=int, default=8000)
@@ -84,7 +85,11 @@ def main() -> None:
     rows: dict[str, dict] = {}
 
     # Reference and teacher: larger models, IID on clean pairs (the paper trains its own).
-    for role, model, seed in (("reference", args.reference_model, 100), ("teacher", args.teacher_model, 200)):
+    roles = [("reference", args.reference_model, 100)]
+    if args.teacher_model != "reference":
+        roles.append(("teacher", args.teacher_model, 200))
+    teacher_id = "teacher" if args.teacher_model != "reference" else "reference"
+    for role, model, seed in roles:
         cfg = recipe("reference", model=model, steps=args.reference_steps, batch_size=64, seed=seed,
                      train_data=tuple(sets["clean"]), checkpoint_every=max(1, args.reference_steps // 4))
         res = train_and_eval(cfg, root / "runs" / role, evals)
@@ -93,14 +98,14 @@ def main() -> None:
         rows[role] = {"seeds": {"-": summary_metrics(res)}}
         print(role, json.dumps(summary_metrics(res)), flush=True)
     embed_shards_plain(plan_cache(root, [Path(d).relative_to(root / "datasets").as_posix() for d in sets["student"]],
-                                  ["reference", "teacher"]), chunk_size=256)
+                                  sorted({"reference", teacher_id})), chunk_size=256)
 
     for seed in args.seeds:
         for method in args.methods:
             cfg = recipe("student", method=method, model=args.student_model, steps=args.steps,
                          batch_size=args.batch_size, filter_ratio=args.filter_ratio, seed=seed,
                          train_data=tuple(sets["student"]), cache_root=str(root / "cache"),
-                         reference="reference", teacher=("teacher",), checkpoint_every=max(1, args.steps // 3),
+                         reference="reference", teacher=(teacher_id,), checkpoint_every=max(1, args.steps // 3),
                          n_chunks=min(16, args.batch_size // 2))
             run_dir = root / "runs" / f"{method}-seed{seed}"
             res = train_and_eval(cfg, run_dir, evals)

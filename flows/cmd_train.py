@@ -90,9 +90,11 @@ def _train(args: argparse.Namespace) -> int:
 def _train_flow(args: argparse.Namespace) -> int:
     """`aced train --flow`: the same run through the Prefect train flow (evaluation + artifacts)."""
     from flows._prefect_env import use_workspace_state
+    from flows.cmd_flows import _quiet_libraries
 
     cfg = config_from_args(args)
     use_workspace_state(args.root)
+    _quiet_libraries()
     from flows.train_flow import train_flow
 
     evals = {f"{Path(d).name}-zeroshot": ["zeroshot", d] for d in cfg.eval_zeroshot}
@@ -105,11 +107,16 @@ def _train_flow(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     """The main job (README's first command)."""
     from flows._prefect_env import use_workspace_state
+    from flows.cmd_flows import _quiet_libraries
 
     use_workspace_state(args.root)
+    _quiet_libraries()
     from flows.main_job import main_job
 
-    main_job(str(args.root.resolve()), size=args.size, seed=args.seed, data=args.data, engine=args.engine)
+    root = args.root.resolve()
+    main_job(str(root), size=args.size, seed=args.seed, data=args.data, engine=args.engine)
+    # The flow's own prints go to the run log (stderr, the UI); the comparison goes to stdout.
+    print((root / "report.md").read_text(), end="", flush=True)
     return 0
 
 

@@ -19,6 +19,7 @@ from pipeline.models import load_model
 from pipeline.recipes import TrainConfig
 from pipeline.report import markdown_table, plot_runs, read_metrics, summary_metrics
 from pipeline.trainer import train
+from storage.atomic import atomic_write_bytes
 
 _CURVE_KEYS = ("contrastive", "kd", "total", "noisy_frac_selected", "noisy_frac_superbatch", "pairs_per_s")
 
@@ -56,7 +57,7 @@ def publish_task(run_dir: str, results: dict) -> str:
                     evals={run.name: flat} if flat else None)
     md += [f"Curves: `{png}`"]
     text = "\n".join(md)
-    (run / "report.md").write_text(text)
+    atomic_write_bytes(run / "report.md", text.encode())
     create_markdown_artifact(markdown=text, key=_artifact_key(run.name), description=f"training run {run.name}")
     return text
 

@@ -12,9 +12,10 @@ above a blue star"), count identical objects ("three green crosses and a white r
 positions (a 3x3 grid, or a relation between two objects). A tiny CLIP learns colour and shape
 words within minutes on a CPU; binding, counting and relations need more capacity.
 
-Determinism: pair ``index`` under ``seed`` is a pure function of ``(seed, index)`` (three
-independent numpy streams seeded from ``(seed, index, stream)``), so any slice
-``[start, start + n)`` can be generated on its own, in any order, on any worker, byte for byte.
+Determinism: pair ``index`` under ``seed`` is a pure function of ``(seed, index)`` (independent
+random streams seeded from ``(seed, index, stream)``: scene + caption, caption swap, texture), so
+any slice ``[start, start + n)`` can be generated on its own, in any order, on any worker, byte for
+byte (given the same Pillow/libjpeg, which encode the JPEG).
 
 Also here: ``CLASSNAMES`` and ``generate_classification`` (single objects labelled by shape) for a
 zero-shot classification set of the same world (paper section 4.1, "zero-shot classification").

@@ -89,8 +89,9 @@ def test_every_candidate_has_a_reference_embedding_in_the_cache(trained_workspac
         SELECT count(*) AS n, count(c.uid) AS cached, min(len(c.image_emb)) AS dim
         FROM selections s LEFT JOIN cache c ON c.uid = s.uid AND c.model_id = 'reference'""")
     assert rows == [{"n": 3 * 80, "cached": 3 * 80, "dim": 128}]
+    # sum() of a BIGINT is a HUGEINT (Arrow decimal128), which --format json writes as a string: cast
     rows = sql(capsys, trained_workspace,
-               "SELECT model_id, dataset, sum(rows) AS rows FROM manifest GROUP BY ALL")
+               "SELECT model_id, dataset, sum(rows)::BIGINT AS rows FROM manifest GROUP BY ALL")
     assert rows == [{"model_id": "reference", "dataset": "synth", "rows": PAIRS}]
 
 

@@ -166,12 +166,13 @@ def test_classification_set():
 
 
 def test_throughput():
-    # The target is >= 1,000 pairs/s on one core (measured ~2,500/s); the bound here is softer
-    # because the test machine's cores are shared.
+    # Target: >= 1,000 pairs/s on one core including JPEG encoding (measured ~2,600/s on an idle
+    # machine). Measured in this process's CPU time so that other jobs on the shared cores do not
+    # make the test flaky; the bound is softer than the target for slower CPUs.
     list(S.generate_pairs(50, seed=0, noise_frac=0.2))  # warm-up (noise bank, imports)
     n = 1000
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     for _ in S.generate_pairs(n, seed=0, noise_frac=0.2, start=1000):
         pass
-    rate = n / (time.perf_counter() - t0)
-    assert rate > 300, f"{rate:.0f} pairs/s"
+    rate = n / (time.process_time() - t0)
+    assert rate > 600, f"{rate:.0f} pairs per CPU second"
