@@ -270,6 +270,13 @@ def train(cfg: TrainConfig, run_dir: Path, *, progress: bool | None = None) -> T
     metrics_log.truncate_after(start - 1)
     selections_log.truncate_after(start - 1)
 
+    if start >= cfg.steps:  # already finished: nothing to read or train; export only what is missing
+        model_dir = run_dir / "model"
+        if not (model_dir / "open_clip_config.json").exists():
+            export_model(run_dir, model_dir)
+        log.info("%s: finished run (step %d), nothing to do", run_dir, start)
+        return TrainResult(run_dir=run_dir, step=start, metrics={}, model_dir=model_dir)
+
     caches = ([ref_spec] if ref_spec else []) + teacher_specs
     index = PairIndex(cfg.train_data)
     data = SuperBatches(index, size=cfg.superbatch_size, seed=cfg.seed, window=cfg.shuffle_window,

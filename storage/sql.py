@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import io
+import decimal
 import json
 import logging
 import os
@@ -222,6 +223,10 @@ def _jsonable(v):
         return v.hex()
     if isinstance(v, float) and v != v:
         return None
+    if isinstance(v, decimal.Decimal):  # DuckDB's sum() of BIGINT is a HUGEINT/DECIMAL: keep it a number
+        return int(v) if v == v.to_integral_value() else float(v)
+    if isinstance(v, list):
+        return [_jsonable(x) for x in v]
     return v if isinstance(v, (str, int, float, bool, type(None), list, dict)) else str(v)
 
 

@@ -107,8 +107,11 @@ def cached_workspace(synthetic_dataset) -> Path:
     return root
 
 
-@pytest.mark.parametrize("method", ["h-acid", "i-acid", "aced-acidistill", "aced-iidistill", "softmax-kd",
-                                    "rho-topk", "student-loss"])
+@pytest.mark.parametrize("method", ["h-acid", "aced-acidistill", "softmax-kd",
+                                    pytest.param("i-acid", marks=pytest.mark.slow),
+                                    pytest.param("aced-iidistill", marks=pytest.mark.slow),
+                                    pytest.param("rho-topk", marks=pytest.mark.slow),
+                                    pytest.param("student-loss", marks=pytest.mark.slow)])
 def test_every_method_trains_and_logs_its_selection(cached_workspace, synthetic_dataset, tmp_path, method):
     cfg = recipe("tiny", method=method, train_data=(str(synthetic_dataset),), steps=3, checkpoint_every=3,
                  cache_root=str(cached_workspace / "cache"), reference="reference", teacher=("teacher",))
