@@ -20,17 +20,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from storage.atomic import atomic_write_bytes
+from storage.atomic import atomic_write_bytes, fsync_dir
 
 LATEST = "latest"
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fsync_file(path: Path) -> None:
@@ -59,11 +52,11 @@ def save_checkpoint(folder: Path, step: int, *, model: torch.nn.Module, optimize
     (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2, sort_keys=True))
     for part in tmp.iterdir():
         _fsync_file(part)
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     if final.exists():  # a re-run of the same step after a crash between rename and pointer update
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(folder)
+    fsync_dir(folder)
     atomic_write_bytes(folder / LATEST, name.encode())
     _prune(folder, keep)
     return final

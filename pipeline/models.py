@@ -47,6 +47,8 @@ from typing import Callable
 
 import torch
 
+from storage.atomic import fsync_dir
+
 # Belt and braces (the checks below are the real guard): should anything still reach for the HF
 # hub, it fails instead of waiting on a network this system does not have.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -268,13 +270,6 @@ def fingerprint(bundle: ModelBundle) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def save_model(bundle: ModelBundle, out_dir: str | os.PathLike) -> Path:
     """Write open_clip's local-dir layout + aced_model.json into `out_dir`, atomically: everything
@@ -300,7 +295,7 @@ def save_model(bundle: ModelBundle, out_dir: str | os.PathLike) -> Path:
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if out.exists():
             # A folder cannot be replaced by rename in one step: move the old one aside first.
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
@@ -309,7 +304,7 @@ def save_model(bundle: ModelBundle, out_dir: str | os.PathLike) -> Path:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
