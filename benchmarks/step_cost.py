@@ -29,8 +29,8 @@ Needs a reference cache: a randomly initialised aced-vit-s (seed 1) saved as <ro
 and cached over the training pairs with `pipeline.ray_embed.embed_shards_plain` (its quality does not
 matter for timing: selection costs the same whatever the scores are).
 
-Run:  .venv/bin/python benchmarks/step_cost.py            (writes benchmarks/results/step_cost.{json,md})
-      .venv/bin/python benchmarks/step_cost.py --steps 12 --discard 2 --repeats 1 --name /tmp/x   (quick)
+Run:  .venv/bin/python benchmarks/step_cost.py   (writes benchmarks/results/step_cost.{json,md}; 9-13 min on the shared 2 cores)
+      .venv/bin/python benchmarks/step_cost.py --steps 6 --discard 2 --repeats 1 --whatif-repeats 1 --name /tmp/x/step_cost   (quick)
 """
 from __future__ import annotations
 
@@ -352,8 +352,9 @@ def explanation(args: argparse.Namespace, summary: dict, whatif_rows: list[dict]
         f"At f = {args.filter_ratio} (B = {B}) the H-ACID step costs {r['median']:.2f}x the IID step "
         f"(range over repeats {r['min']:.2f}-{r['max']:.2f}) at full resolution, and "
         f"{acid['step_over_own_train']['median']:.2f}x its own train step (per-step median; "
-        f"{acid['step_over_own_train']['min']:.2f}-{acid['step_over_own_train']['max']:.2f}); the two differ by the "
-        f"load on the shared machine, the second is the steadier. The paper's FLOP model says 7/3 = 2.33: "
+        f"{acid['step_over_own_train']['min']:.2f}-{acid['step_over_own_train']['max']:.2f}); the two differ because "
+        f"the IID runs and the ACID train steps met different load on the shared machine. The paper's FLOP model "
+        f"says 7/3 = 2.33: "
         f"it counts 4 extra forwards per b pairs, whereas this trainer scores all B = {B} candidates (5 forwards), "
         f"so its FLOP model is 8/3 = 2.67. In units of the median IID step the ACID step is: scoring forward "
         f"{u['score_s']:.2f}, train step {u['train_s']:.2f} (IID: {iid['train_s']['median'] / unit:.2f}), "
@@ -391,8 +392,8 @@ def explanation(args: argparse.Namespace, summary: dict, whatif_rows: list[dict]
              "above).")
     parts.append(text)
     t_acid, t_iid = u["train_s"], iid["train_s"]["median"] / unit
-    per_rep = (" (per-repeat medians, s: IID " + ", ".join(f"{x:.2f}" for x in iid["repeat_medians"]["train_s"])
-               + "; ACID " + ", ".join(f"{x:.2f}" for x in acid["repeat_medians"]["train_s"]) + ")")
+    per_rep = ("; per-repeat medians, s: IID " + ", ".join(f"{x:.2f}" for x in iid["repeat_medians"]["train_s"])
+               + "; ACID " + ", ".join(f"{x:.2f}" for x in acid["repeat_medians"]["train_s"]))
     if t_acid > 1.05 * t_iid:
         parts.append(
             f"ACID's train step is slower than IID's ({t_acid:.2f} vs {t_iid:.2f}{per_rep}): it includes cutting the "

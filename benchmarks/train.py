@@ -19,7 +19,7 @@ interleaved, after a warm-up call. The bundle's encode_image / encode_text are w
 besides the wall time of each evaluation (decoding, the towers, faiss) the rates of the image tower
 (images/s) and the text tower (texts/s; the zero-shot texts are class prompts) are reported.
 
-Run:  .venv/bin/python benchmarks/train.py        (writes benchmarks/results/train.{json,md}; ~7 min on 2 cores)
+Run:  .venv/bin/python benchmarks/train.py        (writes benchmarks/results/train.{json,md}; 7-9 min on the shared 2 cores)
       .venv/bin/python benchmarks/train.py --steps 8 --warmup 2 --repeats 1 --eval-repeats 1 --name /tmp/x/train
 """
 from __future__ import annotations
