@@ -56,13 +56,14 @@ class JobSize:
 
 
 SIZES = {
-    # Budget (2-core CPU, unloaded): reference + teacher ~2 min each, cache ~1 min, three students ~3 min,
+    # Budget (2-core CPU, measured ~0.9 s per aced-vit-t step at b=64): reference + teacher ~5 min, cache ~1 min,
+    # three students ~4-5 min,
     # Prefect/Ray/evaluation overheads ~2 min.
     # Reference and teacher are the student's architecture trained longer on clean pairs: in measured runs
     # here (lr 1e-3, b=64) aced-vit-s stayed on the loss plateau (~4.9) for 200 steps, which this budget
     # cannot outlast; larger references are a `--size`/recipe choice on bigger machines.
     "default": JobSize(train_pairs=4000, clean_pairs=6000, test_pairs=500, per_class=30, noise_frac=0.5,
-                       reference_steps=250, teacher_steps=250, student_steps=150, batch_size=32,
+                       reference_steps=200, teacher_steps=150, student_steps=150, batch_size=32,
                        reference_model="aced-vit-t", teacher_model="aced-vit-t"),
     "tiny": JobSize(train_pairs=240, clean_pairs=160, test_pairs=48, per_class=3, noise_frac=0.5,
                     reference_steps=4, teacher_steps=4, student_steps=4, batch_size=16,
