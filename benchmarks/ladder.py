@@ -2,8 +2,11 @@
 
 Both models train IID with the `reference` recipe on the Flickr8k train split (human captions, i.e.
 clean), then are evaluated on Flickr8k test retrieval (mean of the six recalls) and CIFAR-10 zero-shot.
-Resumable (runs resume from checkpoints; finished evaluations are kept):
-    python benchmarks/ladder.py --root /tmp/aced-ladder --steps 500
+Resumable (runs resume from checkpoints; finished evaluations are kept), so the models can train in
+parallel processes (one torch thread each) and a last call with all of them writes the report:
+    python benchmarks/ladder.py --root /tmp/aced-ladder --steps 1000 --models aced-vit-s &
+    python benchmarks/ladder.py --root /tmp/aced-ladder --steps 1000 --models aced-vit-t; wait
+    python benchmarks/ladder.py --root /tmp/aced-ladder --steps 1000
 """
 from __future__ import annotations
 
@@ -27,6 +30,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the recipe's)")
+    p.add_argument("--tag", default="", help="suffix of the run folders, to keep variants apart")
     args = p.parse_args()
 
     from pipeline.evaluate import evaluate, write_results
@@ -41,9 +46,10 @@ def main() -> None:
     evals = eval_specs(sets)
     rows = {}
     for model in args.models:
-        run_dir = root / "runs" / model
+        run_dir = root / "runs" / f"{model}{args.tag}"
+        extra = {} if args.lr is None else {"lr": args.lr}
         cfg = recipe("reference", model=model, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
-                     train_data=tuple(sets["clean"]), checkpoint_every=max(1, args.steps // 5))
+                     train_data=tuple(sets["clean"]), checkpoint_every=max(1, args.steps // 5), **extra)
         t0 = time.perf_counter()
         result = train(cfg, run_dir, progress=False)
         train_s = time.perf_counter() - t0
@@ -56,7 +62,7 @@ def main() -> None:
             res["train_seconds"] = train_s
             write_results(res, run_dir / "eval")
         flops = count_flops(load_model(result.model_dir))
-        rows[model] = {**summary_metrics(res), "params": flops["params"], "gflops_pair": flops["gflops_pair"],
+        rows[model] = {**summary_metrics(res), "lr": cfg.lr, "params": flops["params"], "gflops_pair": flops["gflops_pair"],
                        "train_seconds": res.get("train_seconds")}
         print(model, json.dumps(rows[model]), flush=True)
 
@@ -66,7 +72,8 @@ def main() -> None:
         lines.append(f"| {model} | " + " | ".join(
             f"{r[k]:.4g}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in keys) + " |")
     md = (f"# Reference vs smaller model on Flickr8k ({machine_name()})\n\n"
-          f"Recipe `reference` (IID, sigmoid loss, b={args.batch_size}, {args.steps} steps, seed {args.seed}) on "
+          f"Recipe `reference` (IID, sigmoid loss, b={args.batch_size}, {args.steps} steps, seed {args.seed}, "
+          f"peak lr {cfg.lr:g}, cosine) on "
           "flickr8k/train (30,000 pairs); retrieval on flickr8k/test (1,000 images, 5,000 captions; chance R@1 = 0.1%), "
           "zero-shot on CIFAR-10 test (chance 10%). Metric values are fractions.\n\n" + "\n".join(lines) + "\n")
     write_report("ladder", {"args": {k: str(v) for k, v in vars(args).items()}, "machine": machine(), "rows": rows}, md)

@@ -59,7 +59,8 @@ def add_commands(subparsers) -> None:
     s.add_argument("--noise-frac", type=float, default=0.0, help="fraction of pairs with a mismatched caption")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--image-size", type=int, default=64)
-    s.add_argument("--classes", action="store_true", help="write a zero-shot class set instead of pairs")
+    s.add_argument("--classes", nargs="?", const="shape", choices=("shape", "colour"), default=None,
+                   help="write a zero-shot class set instead of pairs, labelled by shape (default) or colour")
     s.add_argument("--samples-per-shard", type=int, default=1000)
     s.add_argument("--overwrite", action="store_true", help="replace an existing dataset of that name")
     s.set_defaults(func=_cmd_synth)
@@ -155,9 +156,11 @@ def _cmd_synth(args) -> int:
 
     t0 = time.perf_counter()
     if args.classes:
-        samples = synthetic.generate_classification(args.n, seed=args.seed, image_size=args.image_size)
-        extra = {"classnames": list(synthetic.CLASSNAMES), "seed": args.seed}
-        source = f"synthetic-classes:seed={args.seed},n_per_class={args.n}"
+        by = args.classes
+        samples = synthetic.generate_classification(args.n, seed=args.seed, image_size=args.image_size, by=by)
+        extra = {"classnames": list(synthetic.classnames(by)), "templates": list(synthetic.class_templates(by)),
+                 "seed": args.seed}
+        source = f"synthetic-classes:by={by},seed={args.seed},n_per_class={args.n}"
     else:
         samples = synthetic.generate_pairs(args.n, seed=args.seed, noise_frac=args.noise_frac,
                                            image_size=args.image_size)

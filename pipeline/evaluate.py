@@ -233,14 +233,19 @@ def _labelled_batches(dataset_dir: Path, n_classes: int, preprocess, batch_size:
         yield torch.stack(batch), torch.tensor(labels)
 
 
-def zero_shot(bundle, dataset_dir: str | Path, *, templates: Sequence[str] = DEFAULT_TEMPLATES,
+def zero_shot(bundle, dataset_dir: str | Path, *, templates: Sequence[str] | None = None,
               batch_size: int = 256) -> dict:
     """Zero-shot classification of a class-folder pair-shard dataset (every sample has ``label``;
-    ``_dataset.json["classnames"]`` names the classes). Returns `zero_shot_from_embeddings`' dict."""
+    ``_dataset.json["classnames"]`` names the classes). Prompt templates: `templates` when given,
+    else the set's own (``_dataset.json["templates"]``), else `DEFAULT_TEMPLATES`.
+    Returns `zero_shot_from_embeddings`' dict plus "templates" (how many were averaged)."""
     dataset_dir = Path(dataset_dir)
-    classnames = load_dataset(dataset_dir).classnames
+    info = load_dataset(dataset_dir)
+    classnames = info.classnames
     if not classnames or not all(isinstance(c, str) for c in classnames):
         raise ValueError(f"{dataset_dir / '_dataset.json'}: no 'classnames' list: not a zero-shot classification set")
+    if templates is None:
+        templates = info.templates or DEFAULT_TEMPLATES
     device = _device_of(bundle)
     embs: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
@@ -249,7 +254,9 @@ def zero_shot(bundle, dataset_dir: str | Path, *, templates: Sequence[str] = DEF
         for x, y in _prefetch(_labelled_batches(dataset_dir, len(classnames), bundle.preprocess, batch_size)):
             embs.append(_encode_images(bundle, x, device))
             labels.append(y)
-    return zero_shot_from_embeddings(torch.cat(embs), torch.cat(labels), weights.cpu(), classnames)
+    out = zero_shot_from_embeddings(torch.cat(embs), torch.cat(labels), weights.cpu(), classnames)
+    out["templates"] = len(templates)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -414,8 +421,9 @@ def retrieval(bundle, dataset_dir: str | Path, *, batch_size: int = 256, ks: Seq
 
 
 def evaluate(bundle, evals: Mapping[str, tuple[str, str | Path]], *, batch_size: int = 256,
-             templates: Sequence[str] = DEFAULT_TEMPLATES, faiss_device: str = "auto") -> dict:
+             templates: Sequence[str] | None = None, faiss_device: str = "auto") -> dict:
     """Run named evaluations: ``evals = {name: (kind, dataset_dir)}`` with kind 'zeroshot' or 'retrieval'.
+    `templates` (None = each set's own, else CLIP-style defaults) applies to every zero-shot set.
 
     Returns {"model": bundle.name, "created": ISO time, "evals": {name: {"kind", "dataset",
     "seconds", "metrics"}}, "headline": `headline_metrics`}.

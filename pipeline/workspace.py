@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 def prepare_synthetic(root: Path, *, train_pairs: int, clean_pairs: int, test_pairs: int, per_class: int,
                       noise_frac: float, seed: int, prefix: str = "synthetic") -> dict[str, list[str]]:
     """Disjoint index ranges of one seeded synthetic world: no held-out pair is seen in training."""
-    from pipeline.synthetic import CLASSNAMES, generate_classification, generate_pairs
+    from pipeline.synthetic import class_templates, classnames, generate_classification, generate_pairs
 
     datasets = Path(root) / "datasets"
     parts = {
@@ -35,12 +35,15 @@ def prepare_synthetic(root: Path, *, train_pairs: int, clean_pairs: int, test_pa
         write_shards(generate_pairs(n, seed=seed, noise_frac=noise, start=start), out, name=name,
                      source="synthetic", samples_per_shard=1000)
         log.info("wrote %s: %d pairs (noise %.0f%%) in %.1f s", out, n, 100 * noise, time.perf_counter() - t0)
-    classes = datasets / f"{prefix}/classes"
-    if not (classes / "_dataset.json").exists():
-        write_shards(generate_classification(per_class, seed=seed + 1), classes, name=f"{prefix}/classes",
-                     source="synthetic", samples_per_shard=1000, extra={"classnames": list(CLASSNAMES)})
+    # Two zero-shot sets: shapes (the harder skill) and colours (learnt within minutes).
+    zeroshot = {"shape": datasets / f"{prefix}/classes", "colour": datasets / f"{prefix}/colours"}
+    for by, out in zeroshot.items():
+        if not (out / "_dataset.json").exists():
+            write_shards(generate_classification(per_class, seed=seed + 1, by=by), out, name=f"{prefix}/{out.name}",
+                         source="synthetic", samples_per_shard=1000,
+                         extra={"classnames": list(classnames(by)), "templates": list(class_templates(by))})
     return {"student": [str(datasets / f"{prefix}/train")], "clean": [str(datasets / f"{prefix}/clean")],
-            "retrieval": [str(datasets / f"{prefix}/test")], "zeroshot": [str(classes)]}
+            "retrieval": [str(datasets / f"{prefix}/test")], "zeroshot": [str(d) for d in zeroshot.values()]}
 
 
 def prepare_real(root: Path, data: Path) -> dict[str, list[str]]:

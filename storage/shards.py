@@ -166,6 +166,12 @@ class DatasetInfo:
     def classnames(self) -> list[str] | None:
         return self.extra.get("classnames")
 
+    @property
+    def templates(self) -> list[str] | None:
+        """The set's own zero-shot prompt templates (each with one "{}"), if it names any: CLIP uses
+        per-dataset prompts, and a set whose captions follow a known grammar should be asked in it."""
+        return self.extra.get("templates")
+
 
 def image_format(data: bytes) -> str | None:
     """Member extension for image bytes by their magic number ("jpg", "png", "webp"), else None."""

@@ -76,6 +76,7 @@ def test_main_job_runs_every_stage(micro_job):
     for name in MICRO_RUNS:
         assert 0.0 <= rows[name]["test-retrieval:mean_recall"] <= 1.0
         assert 0.0 <= rows[name]["classes-zeroshot:top1"] <= 1.0
+        assert 0.0 <= rows[name]["colours-zeroshot:top1"] <= 1.0
         assert (root / "runs" / name / "report.md").is_file()
         assert (root / "runs" / name / "checkpoints" / "latest").read_text() == "step-00000001"
     assert rows["reference"]["noisy_frac_trained"] == 0.0  # clean pairs only

@@ -85,10 +85,15 @@ def test_flow_trains_evaluates_and_publishes(flow_run):
     assert (run_dir / "model" / "open_clip_model.safetensors").is_file()
 
     # evaluation: every requested set, results returned and written
-    assert set(out["eval"]["evals"]) == set(flow_run["evals"]) == {"test-retrieval", "classes-zeroshot"}
+    assert set(out["eval"]["evals"]) == set(flow_run["evals"]) == {"test-retrieval", "classes-zeroshot",
+                                                                       "colours-zeroshot"}
     ret = out["eval"]["evals"]["test-retrieval"]["metrics"]
     assert 0.0 <= ret["i2t_r1"] <= ret["i2t_r5"] <= ret["i2t_r10"] <= 1.0
-    assert 0.0 <= out["eval"]["evals"]["classes-zeroshot"]["metrics"]["top1"] <= 1.0
+    for name, n_classes in (("classes-zeroshot", 10), ("colours-zeroshot", 8)):
+        zs = out["eval"]["evals"][name]["metrics"]
+        assert 0.0 <= zs["top1"] <= 1.0 and zs["n_classes"] == n_classes
+        assert zs["templates"] == len(json.loads((Path(out["eval"]["evals"][name]["dataset"]) / "_dataset.json")
+                                                 .read_text())["templates"])  # the set's own prompts
     assert json.loads((run_dir / "eval" / "results.json").read_text())["evals"] == out["eval"]["evals"]
 
     # publish: report + curves in the run folder and the same Markdown as a Prefect artifact

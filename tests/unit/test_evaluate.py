@@ -285,6 +285,27 @@ def test_zero_shot_over_shards(zeroshot_set):
     assert r["per_class"] == pytest.approx({"red": 2 / 3, "green": 1.0, "blue": 1.0, "yellow": 1.0})
 
 
+def test_zero_shot_asks_in_the_sets_own_templates_unless_told(tmp_path):
+    classes = ["red", "green"]
+    samples = [_sample(0, "red", "red", "a", label=0), _sample(1, "green", "green", "b", label=1)]
+    write_shards(samples, tmp_path / "zs", name="zs", source="test",
+                 extra={"classnames": classes, "templates": ["the {} one.", "a {} shape."]})
+    bundle = ColourBundle()
+    r = E.zero_shot(bundle, tmp_path / "zs")
+    assert r["top1"] == 1.0 and r["templates"] == 2
+    assert bundle.texts == ["the red one.", "a red shape.", "the green one.", "a green shape."]
+    bundle = ColourBundle()
+    r = E.zero_shot(bundle, tmp_path / "zs", templates=["itap of a {}."])  # explicit templates win
+    assert r["templates"] == 1 and bundle.texts == ["itap of a red.", "itap of a green."]
+
+
+def test_zero_shot_defaults_to_clip_templates(zeroshot_set):
+    bundle = ColourBundle()
+    r = E.zero_shot(bundle, zeroshot_set)
+    assert r["templates"] == len(E.DEFAULT_TEMPLATES)
+    assert bundle.texts[:2] == [t.format("red") for t in E.DEFAULT_TEMPLATES[:2]]
+
+
 def test_zero_shot_rejects_a_label_outside_the_classes(tmp_path):
     samples = [_sample(0, "red", "red", "a", label=0), _sample(1, "blue", "blue", "b", label=7)]
     write_shards(samples, tmp_path / "zs", name="zs", source="test", extra={"classnames": ["red", "blue"]})

@@ -167,6 +167,11 @@ def test_cli_synth_pairs_and_classes(tmp_path):
     assert _cli(root, "data", "synth", "--name", "synthetic-classes", "--n", "1", "--classes") == 0
     info = load_dataset(root / "datasets" / "synthetic-classes")
     assert info.classnames == list(synthetic.CLASSNAMES) and info.rows == len(synthetic.CLASSNAMES)
+    assert info.templates == list(synthetic.class_templates("shape"))
+    assert _cli(root, "data", "synth", "--name", "synthetic-colours", "--n", "2", "--classes", "colour") == 0
+    info = load_dataset(root / "datasets" / "synthetic-colours")
+    assert info.classnames == list(synthetic.COLOURS) and info.rows == 2 * len(synthetic.COLOURS)
+    assert info.templates == list(synthetic.class_templates("colour"))
 
 
 @pytest.mark.flickr

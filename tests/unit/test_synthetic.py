@@ -165,6 +165,33 @@ def test_classification_set():
     assert pairs.isdisjoint({s.uid for s in samples})
 
 
+@pytest.mark.parametrize("by", S.CLASS_AXES)
+def test_class_templates_speak_the_caption_language(by):
+    import re
+    templates = S.class_templates(by)
+    assert len(set(templates)) == len(templates) >= 8 and all(t.count("{}") == 1 for t in templates)
+    vocab = {w for p in S.generate_pairs(2000, seed=0, noise_frac=0.0) for w in re.findall(r"[a-z]+", p.caption.lower())}
+    for t in templates:
+        for c in S.classnames(by):
+            words = set(re.findall(r"[a-z]+", t.format(c)))
+            assert words <= vocab, (t, words - vocab)  # no word the model never saw in training
+    assert {"shape": "an orange {}.", "colour": "three {} crosses."}[by] in templates
+
+
+def test_colour_class_set():
+    samples = list(S.generate_classification(2, seed=0, by="colour"))
+    assert len(samples) == 2 * len(S.COLOURS) == 16
+    assert [s.caption for s in samples[:8]] == list(S.COLOURS) == list(S.classnames("colour"))
+    shapes = {S.classification_scene(i, seed=0, by="colour")[1].objects[0].shape for i in range(200)}
+    assert len(shapes) == 10  # the other attribute varies
+    for i in range(40):
+        label, scene = S.classification_scene(i, seed=0, by="colour")
+        assert scene.objects[0].colour == S.classnames("colour")[label]
+    assert {s.uid for s in samples}.isdisjoint({s.uid for s in S.generate_classification(2, seed=0)})
+    with pytest.raises(ValueError, match="by must be one of"):
+        list(S.generate_classification(1, seed=0, by="size"))
+
+
 def test_throughput():
     # Target: >= 1,000 pairs/s on one core including JPEG encoding (measured ~2,600/s on an idle
     # machine). Measured in this process's CPU time so that other jobs on the shared cores do not
