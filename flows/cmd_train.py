@@ -66,22 +66,54 @@ def _dataset_dir(root: Path, name: str) -> Path:
     raise SystemExit(f"dataset {name!r}: neither {path} nor {candidate} holds a _dataset.json")
 
 
+def _train_distributed(cfg, run_dir: Path, nproc: int) -> dict[str, float]:
+    """`--nproc N`: the same run as N data-parallel ranks under torchrun; returns the last step's metrics."""
+    import subprocess
+
+    from pipeline.recipes import TrainConfig
+    from pipeline.report import read_metrics
+    from pipeline.trainer import launch_command
+    from storage.atomic import atomic_write_json
+
+    saved = run_dir / "config.json"
+    if saved.exists():
+        if TrainConfig.from_json(saved) != cfg:
+            raise SystemExit(f"{run_dir} already holds a run with another config ({saved}); "
+                             "use a new run name or the same settings to resume")
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(saved, json.loads(cfg.to_json()))
+    cmd = launch_command(run_dir, nproc)
+    print("launching: " + " ".join(cmd), flush=True)
+    rc = subprocess.run(cmd).returncode
+    if rc != 0:
+        raise SystemExit(f"data-parallel training of {run_dir} failed (torchrun exit code {rc}); re-run to resume")
+    rows = read_metrics(run_dir).to_pylist()
+    return rows[-1] if rows else {}
+
+
 def _train(args: argparse.Namespace) -> int:
     from pipeline.trainer import train
 
     cfg = config_from_args(args)
     run_dir = args.root / "runs" / args.run
-    result = train(cfg, run_dir, progress=None)
-    print(f"run {run_dir}: {result.step} steps, model at {result.model_dir}")
+    if args.nproc > 1:
+        last = _train_distributed(cfg, run_dir, args.nproc)
+        model_dir = run_dir / "model"
+        print(f"run {run_dir}: {cfg.steps} steps on {args.nproc} data-parallel ranks, model at {model_dir}")
+    else:
+        result = train(cfg, run_dir, progress=None)
+        last, model_dir = result.metrics, result.model_dir
+        print(f"run {run_dir}: {result.step} steps, model at {result.model_dir}")
     keys = ("total", "contrastive", "kd", "noisy_frac_selected", "noisy_frac_superbatch", "pairs_per_s")
-    print("last step: " + ", ".join(f"{k}={result.metrics[k]:.4g}" for k in keys if k in result.metrics))
+    print("last step: " + ", ".join(f"{k}={last[k]:.4g}" for k in keys if k in last))
     if cfg.eval_zeroshot or cfg.eval_retrieval:
         from pipeline.evaluate import evaluate, write_results
         from pipeline.models import load_model
 
         evals = {Path(d).name + ":zeroshot": ("zeroshot", d) for d in cfg.eval_zeroshot}
         evals.update({Path(d).name + ":retrieval": ("retrieval", d) for d in cfg.eval_retrieval})
-        results = evaluate(load_model(result.model_dir), evals)
+        results = evaluate(load_model(model_dir), evals)
         write_results(results, run_dir / "eval")
         print(json.dumps(results, indent=2))
     return 0
@@ -149,6 +181,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--retrieval", action="append", help="pair dataset evaluated at the end; repeatable")
     p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="any other TrainConfig field; repeatable")
     p.add_argument("--flow", action="store_true", help="run through the Prefect train flow (evaluation, artifacts)")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="data-parallel ranks under torchrun (gloo on CPU, one GPU each on CUDA); batch size and "
+                        "super-batch must divide by it (default 1: one process)")
     p.set_defaults(func=lambda a: _train_flow(a) if a.flow else _train(a))
 
     r = sub.add_parser("run", help="the main job: data -> reference/teacher -> cache -> students -> eval -> table",

@@ -126,11 +126,18 @@ def epoch_order(rows: np.ndarray, *, seed: int, epoch: int, window: int) -> np.n
 
 
 class SuperBatches(torch.utils.data.Dataset):
-    """Map-style dataset whose item `step` is the whole super-batch of that training step."""
+    """Map-style dataset whose item `step` is the super-batch of that training step: all `size` pairs, or
+    with ``shard=(rank, world)`` (data-parallel training) only this rank's contiguous size/world of them,
+    so each rank reads and decodes its own share of the same global order."""
 
     def __init__(self, index: PairIndex, *, size: int, seed: int, window: int,
                  preprocess: Callable[[Image.Image], torch.Tensor], tokenizer: Callable[[list[str]], torch.Tensor],
-                 caches: Sequence[CacheSpec] = (), on_bad_sample: str = "raise", max_open_shards: int | None = None):
+                 caches: Sequence[CacheSpec] = (), on_bad_sample: str = "raise", max_open_shards: int | None = None,
+                 shard: tuple[int, int] = (0, 1)):
+        rank, world = shard
+        if not 0 <= rank < world or size % world:
+            raise ValueError(f"shard {shard}: need 0 <= rank < world and a super-batch ({size}) divisible by world")
+        self.shard = (rank, world)
         if len(index) < size:
             raise ValueError(f"the training data holds {len(index)} pairs, fewer than one super-batch of {size}")
         self.index = index
@@ -160,7 +167,10 @@ class SuperBatches(torch.utils.data.Dataset):
         if epoch != self._order_epoch:
             self._order = epoch_order(self.index.rows, seed=self.seed, epoch=epoch, window=self.window)
             self._order_epoch = epoch
-        return self._order[k * self.size:(k + 1) * self.size]
+        rank, world = self.shard
+        share = self.size // world
+        start = k * self.size + rank * share
+        return self._order[start:start + share]
 
     def _shard(self, s: int) -> dict[str, Any]:
         """Raw bytes, captions and cached rows of one shard (kept in a small LRU)."""

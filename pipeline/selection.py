@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -145,7 +146,8 @@ def _require_finite(name: str, x: torch.Tensor) -> None:
 
 def select(cfg: SelectionConfig, b: int, *, stu_img=None, stu_txt=None, stu_scale=None, stu_bias=None,
            ref_img=None, ref_txt=None, ref_scale=None, ref_bias=None,
-           generator: torch.Generator | None = None) -> SelectionResult:
+           generator: torch.Generator | None = None,
+           gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> SelectionResult:
     """Choose b of the B candidates of a super-batch with rule ``cfg.rule`` (see ``SelectionConfig``).
 
     stu_img, stu_txt: [B, ds] normalised student embeddings, stu_scale/stu_bias its a and c
@@ -154,6 +156,11 @@ def select(cfg: SelectionConfig, b: int, *, stu_img=None, stu_txt=None, stu_scal
     (needed by learnability, easy_reference, independent_learnability);
     uniform needs only one embedding tensor, to know B and the device.
     generator: torch.Generator for the sampling noise; the same generator state gives the same result.
+    gather: data-parallel selection (ARCHITECTURE.md "Scale-out"). Each of W ranks holds its own B
+        candidates and picks its own b of them, chunk by chunk, while the conditional scores see every
+        rank's picks: ``gather(rows)`` maps this rank's [m, D] rows to all ranks' [W * m, D] rows in rank
+        order (an all-gather; every rank must call ``select`` with the same b and config). cbar then
+        normalises by the global number of picks. Only the joint rules gather; the others are per rank.
     Costs n_chunks - 1 ``conditional_scores`` calls (O(B * b * d) in all) for the joint rules.
     """
     B, device = _super_batch(stu_img, ref_img)
@@ -182,6 +189,9 @@ def select(cfg: SelectionConfig, b: int, *, stu_img=None, stu_txt=None, stu_scal
     ref_scale, ref_bias = float(ref_scale), float(ref_bias)
     dtypes = (ref_img.dtype,) + ((stu_img.dtype,) if cfg.rule == "learnability" else ())
     backend = resolve_backend(cfg.backend, device, dtypes)
+    if gather is not None:
+        return _select_joint_gathered(cfg, b, s_self, stu_img, stu_txt, ref_img, ref_txt, stu_scale, stu_bias,
+                                      ref_scale, ref_bias, backend, generator, gather)
     taken = torch.zeros(B, dtype=torch.bool, device=device)
     pair_sum = torch.zeros(B, dtype=torch.float32, device=device)   # sum_{j selected} s(x,j) + s(j,x)
     picked_with = torch.zeros(B, dtype=torch.float32, device=device)
@@ -200,5 +210,55 @@ def select(cfg: SelectionConfig, b: int, *, stu_img=None, stu_txt=None, stu_scal
         taken[chunk] = True
         picks.append(chunk)
         n_selected += m
+    scores = torch.where(taken, picked_with, current)
+    return SelectionResult(torch.cat(picks), scores, s_self, backend)
+
+
+def _select_joint_gathered(cfg, b, s_self, stu_img, stu_txt, ref_img, ref_txt, stu_scale, stu_bias, ref_scale,
+                           ref_bias, backend, generator, gather) -> SelectionResult:
+    """The joint rounds of ``select`` across ranks (see its `gather`).
+
+    Every rank's picks of a round are all-gathered (student and reference rows, one call) into a
+    buffer appended after the local candidates, so the kernel scores the local candidates against them
+    by index, unchanged. The buffer rows are never candidates (they are sliced off the output), and a
+    local candidate is never compared with its own copy in the buffer, because it is taken by then.
+    """
+    B, device = s_self.shape[0], s_self.device
+    learn = cfg.rule == "learnability"
+    parts = ([stu_img, stu_txt] if learn else []) + [ref_img, ref_txt]
+    widths = [t.shape[1] for t in parts]
+    sizes = chunk_sizes(b, cfg.n_chunks)
+    probe = gather(torch.zeros(1, 1, dtype=torch.float32, device=device))
+    world = probe.shape[0]
+    ext = [torch.cat([t, t.new_zeros(world * b, t.shape[1])]) for t in parts]  # candidates + everyone's picks
+    taken = torch.zeros(B, dtype=torch.bool, device=device)
+    pair_sum = torch.zeros(B, dtype=torch.float32, device=device)
+    picked_with = torch.zeros(B, dtype=torch.float32, device=device)
+    current = s_self
+    picks: list[torch.Tensor] = []
+    filled = 0  # rows of the pick buffer written so far (global picks)
+    for r, m in enumerate(sizes):
+        if r:
+            newest = torch.arange(B + filled - world * sizes[r - 1], B + filled, device=device)
+            stu_x = (ext[0], ext[1]) if learn else (None, None)
+            full = conditional_scores(*stu_x, ext[-2], ext[-1], newest, stu_scale=stu_scale, stu_bias=stu_bias,
+                                      ref_scale=ref_scale, ref_bias=ref_bias, rule=cfg.rule, backend=backend)
+            pair_sum += full[:B]
+            current = (s_self + pair_sum) / (2 * filled + 1)      # cbar(x) over every rank's picks
+            _require_finite("conditional batch scores", current)
+        chunk = gumbel_top_k(current, m, tau=cfg.tau, taken=taken, topk=cfg.topk, generator=generator)
+        picked_with[chunk] = current[chunk]
+        taken[chunk] = True
+        picks.append(chunk)
+        if r == len(sizes) - 1:
+            break  # the last round's picks condition nothing: no gather
+        rows = torch.cat([t.index_select(0, chunk).to(torch.float32) for t in parts], dim=1)
+        everyone = gather(rows)
+        if everyone.shape != (world * m, sum(widths)):
+            raise RuntimeError(f"select: gather returned {tuple(everyone.shape)} for {m} picks on each of {world} "
+                               "ranks: every rank must select the same b with the same config")
+        for t, piece in zip(ext, torch.split(everyone, widths, dim=1)):
+            t[B + filled:B + filled + world * m] = piece.to(t.dtype)
+        filled += world * m
     scores = torch.where(taken, picked_with, current)
     return SelectionResult(torch.cat(picks), scores, s_self, backend)

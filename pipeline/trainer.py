@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from typing import Any
 import torch
 
 from pipeline import losses
+from pipeline.distributed import SINGLE, Dist
+from pipeline.distributed import setup as setup_distributed
 from pipeline.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from pipeline.flexi import at_resolution
 from pipeline.data import CacheSpec, PairIndex, SuperBatches, cached_model_meta, loader
@@ -125,6 +128,19 @@ def autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module):
+    """Eval mode for the scoring forward, then back to the mode it had. The ladder has no dropout or
+    batch norm, so the embeddings are the same; eval + inference mode lets torch take the fused
+    attention fast path (benchmarks/results/step_cost.md measured ~8% less scoring time)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 def score_superbatch(model: torch.nn.Module, batch: dict[str, Any], device: torch.device,
                      resolution: int | None, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Student embeddings of every candidate, under inference mode (optionally at lower resolution)."""
@@ -137,8 +153,8 @@ def score_superbatch(model: torch.nn.Module, batch: dict[str, Any], device: torc
     # In chunks of `chunk` rows: measured 1.3-1.4x faster than one B=320 forward on the CPU (cache-sized
     # activations; benchmarks/results/step_cost.md); on a GPU pass chunk=B.
     imgs, txts = [], []
-    with torch.inference_mode(), autocast(device), (at_resolution(model, resolution) if lowres
-                                                    else contextlib.nullcontext()):
+    with torch.inference_mode(), autocast(device), _eval_mode(model), (
+            at_resolution(model, resolution) if lowres else contextlib.nullcontext()):
         for start in range(0, images.shape[0], chunk):
             i, t = embed(model, images[start:start + chunk], tokens[start:start + chunk])
             imgs.append(i.float())
@@ -147,11 +163,12 @@ def score_superbatch(model: torch.nn.Module, batch: dict[str, Any], device: torc
 
 
 def select_subbatch(cfg: TrainConfig, model: torch.nn.Module, stu: tuple[torch.Tensor, torch.Tensor],
-                    ref: tuple[torch.Tensor, torch.Tensor] | None, ref_meta, step: int):
-    """Joint batch selection (JEST / ACID) of b candidates; noise drawn from (seed, step) for exact resume."""
+                    ref: tuple[torch.Tensor, torch.Tensor] | None, ref_meta, step: int, group: Dist = SINGLE):
+    """Joint batch selection (JEST / ACID) of this rank's b / W candidates; noise drawn from
+    (seed, step, rank) for exact resume; with W > 1 the conditional scores see every rank's picks."""
     gen = torch.Generator(device=stu[0].device)
     # Not hash(): Python salts str hashes per process, which would break exact resume.
-    gen.manual_seed((cfg.seed * 1_000_003 + step) % (2**63 - 1))
+    gen.manual_seed((cfg.seed * 1_000_003 + step + group.rank * 0x9E3779B97F4A7C15) % (2**63 - 1))
     sel_cfg = SelectionConfig(rule=cfg.spec.selection, n_chunks=cfg.n_chunks, tau=cfg.tau, topk=cfg.topk,
                               backend=cfg.kernel_backend)
     kwargs: dict[str, Any] = dict(stu_img=stu[0], stu_txt=stu[1], stu_scale=float(model.logit_scale.detach().exp()),
@@ -159,7 +176,8 @@ def select_subbatch(cfg: TrainConfig, model: torch.nn.Module, stu: tuple[torch.T
     if ref is not None:
         kwargs.update(ref_img=ref[0].to(stu[0].device), ref_txt=ref[1].to(stu[0].device),
                       ref_scale=ref_meta.logit_scale, ref_bias=ref_meta.logit_bias)
-    return select(sel_cfg, cfg.batch_size, generator=gen, **kwargs)
+    return select(sel_cfg, cfg.batch_size // group.world, generator=gen,
+                  gather=group.gather_rows if group.active else None, **kwargs)
 
 
 def contrastive_loss(cfg: TrainConfig, model: torch.nn.Module, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
@@ -187,12 +205,17 @@ def kd_loss(cfg: TrainConfig, model: torch.nn.Module, img: torch.Tensor, txt: to
 
 def train_step(cfg: TrainConfig, model: torch.nn.Module, proj: torch.nn.Module | None, opt: torch.optim.Optimizer,
                sched: Any, device: torch.device, ce_batch: dict[str, Any], kd_batch: dict[str, Any] | None,
-               teacher_metas: list) -> dict[str, float]:
-    """One update: L = L_contrastive[B_CE] + lambda * L_dist[B_KD] (SPEC "Full objective")."""
+               teacher_metas: list, group: Dist = SINGLE) -> dict[str, float]:
+    """One update: L = L_contrastive[B_CE] + lambda * L_dist[B_KD] (SPEC "Full objective").
+
+    Data-parallel (W > 1): each rank embeds its rows, the embeddings are all-gathered with their gradient
+    and every rank computes the loss over the whole b-pair batch; gradients are then averaged over ranks,
+    which makes the update the single-process update on the gathered batch."""
     model.train()
     opt.zero_grad(set_to_none=True)
     with autocast(device):
         img, txt = embed(model, ce_batch["images"].to(device), ce_batch["tokens"].to(device))
+        img, txt = group.gather_with_grad(img), group.gather_with_grad(txt)
         ce = contrastive_loss(cfg, model, img.float(), txt.float())
         kd_terms = {}
         if kd_batch is not None:
@@ -200,11 +223,15 @@ def train_step(cfg: TrainConfig, model: torch.nn.Module, proj: torch.nn.Module |
                 k_img, k_txt = img, txt
             else:
                 k_img, k_txt = embed(model, kd_batch["images"].to(device), kd_batch["tokens"].to(device))
-            teachers = [(ti.to(device), tt.to(device), meta) for (ti, tt), meta in zip(kd_batch["teacher"], teacher_metas)]
+                k_img, k_txt = group.gather_with_grad(k_img), group.gather_with_grad(k_txt)
+            teachers = [(group.gather_rows(ti.to(device)), group.gather_rows(tt.to(device)), meta)
+                        for (ti, tt), meta in zip(kd_batch["teacher"], teacher_metas)]
             kd_terms["kd"] = (cfg.kd_lambda, kd_loss(cfg, model, k_img.float(), k_txt.float(), teachers, proj))
         total, terms = losses.unified_objective(ce, kd_terms)
     total.backward()
-    params = [p for p in model.parameters() if p.requires_grad] + (list(proj.parameters()) if proj else [])
+    # model.parameters() includes the feature-matching projection (a registered submodule), once
+    params = [p for p in model.parameters() if p.requires_grad]
+    group.average_gradients(params)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
     lr = opt.param_groups[0]["lr"]
     opt.step()
@@ -241,21 +268,34 @@ def _init_student(cfg: TrainConfig) -> ModelBundle:
     return bundle
 
 
-def train(cfg: TrainConfig, run_dir: Path, *, progress: bool | None = None) -> TrainResult:
-    """Train (or resume) the run in `run_dir` to cfg.steps; export the final model to run_dir/model."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+def _check_or_write_config(cfg: TrainConfig, run_dir: Path, group: Dist) -> None:
     saved_cfg = run_dir / "config.json"
-    if saved_cfg.exists():
-        previous = TrainConfig.from_json(saved_cfg)
-        if previous != cfg:
-            raise ValueError(f"{run_dir} already holds a run with another config ({saved_cfg}); "
-                             "use a new run folder or the same config to resume")
-    else:
+    if group.is_main and not saved_cfg.exists():
         saved_cfg.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(saved_cfg, json.loads(cfg.to_json()))
+    group.barrier()  # every rank sees the file rank 0 wrote
+    previous = TrainConfig.from_json(saved_cfg)
+    if previous != cfg:
+        raise ValueError(f"{run_dir} already holds a run with another config ({saved_cfg}); "
+                         "use a new run folder or the same config to resume")
 
+
+def train(cfg: TrainConfig, run_dir: Path, *, progress: bool | None = None) -> TrainResult:
+    """Train (or resume) the run in `run_dir` to cfg.steps; export the final model to run_dir/model.
+
+    Under torchrun (WORLD_SIZE > 1) this is one rank of a data-parallel run (pipeline.distributed):
+    every rank calls it with the same config and run folder; rank 0 writes the folder."""
+    run_dir = Path(run_dir)
     device = pick_device(cfg)
+    group = setup_distributed(device)
+    device = group.device(device)
+    if group.active:
+        group.shard_size(cfg.batch_size, "batch_size")
+        group.shard_size(cfg.superbatch_size, "super-batch")
+    if group.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    _check_or_write_config(cfg, run_dir, group)
+
     torch.manual_seed(cfg.seed)
     bundle = _init_student(cfg)
     model = bundle.model.to(device)
@@ -276,14 +316,18 @@ def train(cfg: TrainConfig, run_dir: Path, *, progress: bool | None = None) -> T
         state = load_checkpoint(latest, model=model, optimizer=opt, scheduler=sched)
         start = int(state["step"])
         log.info("resuming %s from %s (step %d)", run_dir, latest.name, start)
-    # Rows logged after the checkpoint we resume from belong to steps that will run again.
-    metrics_log.truncate_after(start - 1)
-    selections_log.truncate_after(start - 1)
+    else:
+        group.broadcast_module(model)
+    if group.is_main:
+        # Rows logged after the checkpoint we resume from belong to steps that will run again.
+        metrics_log.truncate_after(start - 1)
+        selections_log.truncate_after(start - 1)
 
     if start >= cfg.steps:  # already finished: nothing to read or train; export only what is missing
         model_dir = run_dir / "model"
-        if not (model_dir / "open_clip_config.json").exists():
+        if group.is_main and not (model_dir / "open_clip_config.json").exists():
             export_model(run_dir, model_dir)
+        group.barrier()
         log.info("%s: finished run (step %d), nothing to do", run_dir, start)
         return TrainResult(run_dir=run_dir, step=start, metrics={}, model_dir=model_dir)
 
@@ -291,10 +335,10 @@ def train(cfg: TrainConfig, run_dir: Path, *, progress: bool | None = None) -> T
     index = PairIndex(cfg.train_data)
     data = SuperBatches(index, size=cfg.superbatch_size, seed=cfg.seed, window=cfg.shuffle_window,
                         preprocess=bundle.preprocess, tokenizer=bundle.tokenizer, caches=caches,
-                        on_bad_sample=cfg.on_bad_sample)
+                        on_bad_sample=cfg.on_bad_sample, shard=(group.rank, group.world))
     teacher_offset = 1 if ref_spec else 0
     teacher_metas = [t.meta for t in teacher_specs]
-    show = sys.stderr.isatty() if progress is None else progress
+    show = (sys.stderr.isatty() if progress is None else progress) and group.is_main
     bar = None
     if show and start < cfg.steps:
         from tqdm import tqdm
@@ -312,48 +356,57 @@ def train(cfg: TrainConfig, run_dir: Path, *, progress: bool | None = None) -> T
                                    chunk=len(batch["uids"]) if device.type == "cuda" else cfg.batch_size)
             t1 = time.perf_counter()
             ref = batch["cached"][0] if ref_spec else None
-            result = select_subbatch(cfg, model, stu, ref, ref_spec.meta if ref_spec else None, step)
+            result = select_subbatch(cfg, model, stu, ref, ref_spec.meta if ref_spec else None, step, group)
             t2 = time.perf_counter()
             idx = result.indices
             ce_batch = _subset(batch, idx, len(teacher_specs), teacher_offset)
             if cfg.spec.kd:
                 kd_batch = ce_batch if cfg.spec.kd_batch == "same" else _subset(
-                    batch, torch.arange(cfg.batch_size), len(teacher_specs), teacher_offset)  # uniform draw
+                    batch, torch.arange(len(idx)), len(teacher_specs), teacher_offset)  # uniform draw
             else:
                 kd_batch = None
             selected = torch.zeros(len(batch["uids"]), dtype=torch.bool)
             selected[idx.cpu()] = True
             scores = result.scores.detach().float().cpu()
+            noisy = batch["noisy"]
+            # means over the whole (global) super-batch: sums and counts added over the ranks
+            sums = group.sum_floats([float(scores.sum()), len(scores), float(scores[selected].sum()),
+                                     int(selected.sum()), float(noisy.sum()), float(noisy[selected].sum())], device)
             metrics.update(score_s=t1 - t0, select_s=t2 - t1,
-                           score_mean_all=float(scores.mean()), score_mean_selected=float(scores[selected].mean()),
-                           noisy_frac_superbatch=float(batch["noisy"].float().mean()),
-                           noisy_frac_selected=float(batch["noisy"][selected].float().mean()))
+                           score_mean_all=sums[0] / sums[1], score_mean_selected=sums[2] / sums[3],
+                           noisy_frac_superbatch=sums[4] / sums[1], noisy_frac_selected=sums[5] / sums[3])
             if cfg.log_selections:
-                selections_log.append([
-                    {"step": step, "uid": u, "score": float(s), "selected": bool(k), "noisy": bool(n)}
-                    for u, s, k, n in zip(batch["uids"], scores.tolist(), selected.tolist(), batch["noisy"].tolist())])
+                rows = [{"step": step, "uid": u, "score": float(s), "selected": bool(k), "noisy": bool(n)}
+                        for u, s, k, n in zip(batch["uids"], scores.tolist(), selected.tolist(), noisy.tolist())]
+                every = group.gather_objects(rows)
+                if group.is_main:
+                    selections_log.append([r for part in every for r in part])
         else:
             t2 = t0
             everything = torch.arange(len(batch["uids"]))
             ce_batch = _subset(batch, everything, len(teacher_specs), teacher_offset)
             kd_batch = ce_batch if cfg.spec.kd else None
-            metrics.update(noisy_frac_selected=float(batch["noisy"].float().mean()),
-                           noisy_frac_superbatch=float(batch["noisy"].float().mean()))
-        step_metrics = train_step(cfg, model, proj, opt, sched, device, ce_batch, kd_batch, teacher_metas)
+            sums = group.sum_floats([float(batch["noisy"].sum()), len(batch["uids"])], device)
+            metrics.update(noisy_frac_selected=sums[0] / sums[1], noisy_frac_superbatch=sums[0] / sums[1])
+        step_metrics = train_step(cfg, model, proj, opt, sched, device, ce_batch, kd_batch, teacher_metas, group)
         t3 = time.perf_counter()
+        n_trained = len(ce_batch["uids"]) * group.world
         metrics.update(step_metrics, data_wait_s=data_wait, train_s=t3 - t2, step_s=t3 - t0 + data_wait,
-                       pairs_per_s=len(ce_batch["uids"]) / max(1e-9, t3 - t0 + data_wait))
-        metrics_log.append([metrics])
+                       pairs_per_s=n_trained / max(1e-9, t3 - t0 + data_wait))
+        if group.is_main:
+            metrics_log.append([metrics])
         last = metrics
         done = step + 1
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['total']:.3f}")
-        elif done % LOG_EVERY == 0 or done == cfg.steps:  # no terminal: a log line instead of a bar
+        elif group.is_main and (done % LOG_EVERY == 0 or done == cfg.steps):  # no terminal: a log line
             log.info("%s step %d/%d loss %.4f (%.2f s/step)", run_dir.name, done, cfg.steps, metrics["total"],
                      metrics["step_s"])
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            _checkpoint(cfg, ckpt_dir, done, model, opt, sched, metrics_log, selections_log)
+            if group.is_main:
+                _checkpoint(cfg, ckpt_dir, done, model, opt, sched, metrics_log, selections_log)
+            group.barrier()  # no rank runs ahead of a checkpoint it might have to resume from
         t_wait = time.perf_counter()
     if bar is not None:
         bar.close()
@@ -363,7 +416,10 @@ def train(cfg: TrainConfig, run_dir: Path, *, progress: bool | None = None) -> T
     final = latest_checkpoint(ckpt_dir)
     if final is None:
         raise RuntimeError(f"{run_dir}: training ended without a checkpoint")
-    model_dir = export_model(run_dir, run_dir / "model")
+    model_dir = run_dir / "model"
+    if group.is_main:
+        export_model(run_dir, model_dir)
+    group.barrier()
     return TrainResult(run_dir=run_dir, step=cfg.steps, metrics=last, model_dir=model_dir)
 
 
@@ -393,3 +449,41 @@ def export_model(run_dir: Path, out_dir: Path) -> Path:
         load_checkpoint(ckpt, model=bundle.model)
     save_model(bundle, out_dir)
     return Path(out_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# entry point for torchrun (data-parallel runs; `aced train RUN --nproc N` builds this command)
+
+
+def launch_command(run_dir: Path, nproc: int) -> list[str]:
+    """torchrun command line that trains the run whose config.json is already in `run_dir`."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", "pipeline.trainer", str(run_dir)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from pipeline.distributed import teardown
+
+    p = argparse.ArgumentParser(prog="python -m pipeline.trainer",
+                                description="Train (or resume) the run in RUN_DIR from its config.json; under "
+                                            "torchrun every rank runs this with the same folder.")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--config", type=Path, help="TrainConfig JSON (default: RUN_DIR/config.json)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg_file = args.config or args.run_dir / "config.json"
+    if not cfg_file.exists():
+        p.error(f"{cfg_file}: no config (write one with `aced train RUN ...` or pass --config)")
+    try:
+        result = train(TrainConfig.from_json(cfg_file), args.run_dir, progress=False)
+    finally:
+        teardown()
+    if os.environ.get("RANK", "0") == "0":
+        log.info("run %s: %d steps, model at %s", result.run_dir, result.step, result.model_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

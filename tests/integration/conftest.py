@@ -117,3 +117,29 @@ def descendants(pid: int) -> list[int]:
             out.append(c)
             todo.append(c)
     return out
+
+
+@pytest.fixture(scope="module")
+def synthetic_dataset(tmp_path_factory) -> Path:
+    """300 synthetic pairs (20% noisy captions) in 3 shards."""
+    from pipeline.synthetic import generate_pairs
+    from storage.shards import write_shards
+
+    out = tmp_path_factory.mktemp("data") / "datasets" / "synthetic"
+    write_shards(generate_pairs(300, seed=0, noise_frac=0.2), out, name="synthetic", source="synthetic",
+                 samples_per_shard=100)
+    return out
+
+
+@pytest.fixture(scope="module")
+def cached_workspace(synthetic_dataset) -> Path:
+    """The synthetic dataset cached by a tiny 'reference' and a tiny 'teacher' (plain single-process engine)."""
+    from pipeline.models import create_model, save_model
+    from pipeline.ray_embed import embed_shards_plain, plan_cache
+
+    root = synthetic_dataset.parent.parent
+    for seed, model_id in ((1, "reference"), (2, "teacher")):
+        if not (root / "models" / model_id).exists():
+            save_model(create_model("aced-vit-t", seed=seed), root / "models" / model_id)
+    embed_shards_plain(plan_cache(root, ["synthetic"], ["reference", "teacher"]), chunk_size=50)
+    return root

@@ -31,3 +31,20 @@ def test_resolution_must_be_a_multiple_of_the_patch():
     with pytest.raises(ValueError, match="multiple of the patch"):
         with at_resolution(model, 30):
             pass
+
+
+def test_scoring_forward_runs_in_eval_mode_gives_train_mode_embeddings_and_restores_mode():
+    from pipeline.trainer import embed, score_superbatch
+
+    bundle = create_model("aced-vit-t", seed=0)
+    model = bundle.model.train()
+    seen = []
+    hook = model.visual.register_forward_pre_hook(lambda m, a: seen.append(m.training))
+    torch.manual_seed(0)
+    batch = {"images": torch.randn(7, 3, 64, 64), "tokens": bundle.tokenizer(["a red circle."] * 7)}
+    img, txt = score_superbatch(model, batch, torch.device("cpu"), None, chunk=3)
+    hook.remove()
+    assert seen == [False, False, False] and model.training  # eval while scoring, train mode after
+    with torch.no_grad():
+        ref_img, ref_txt = embed(model, batch["images"], batch["tokens"])  # the training forward
+    assert torch.allclose(img, ref_img, atol=1e-5) and torch.allclose(txt, ref_txt, atol=1e-5)

@@ -9,6 +9,7 @@ by being unable to fail.
 from __future__ import annotations
 
 import itertools
+import threading
 from collections import Counter
 
 import pytest
@@ -269,3 +270,97 @@ def test_gumbel_top_k_respects_taken():
     assert got.tolist() == [1, 3, 4]
     got = gumbel_top_k(scores, 3, tau=1e6, taken=taken, generator=torch.Generator().manual_seed(0))
     assert got.tolist() == [1, 3, 4]
+
+
+# ---------------------------------------------------------------- data-parallel selection (gather)
+
+
+class ThreadGather:
+    """All-gather among `world` threads of one process: a stand-in for torch.distributed that lets
+    the ranks of a data-parallel selection run side by side in a unit test."""
+
+    def __init__(self, world: int):
+        self.world = world
+        self.slots: list = [None] * world
+        self.barrier = threading.Barrier(world, timeout=30)
+
+    def for_rank(self, rank: int):
+        def gather(rows: torch.Tensor) -> torch.Tensor:
+            self.slots[rank] = rows.clone()
+            self.barrier.wait()
+            out = torch.cat(self.slots)
+            self.barrier.wait()  # nobody overwrites a slot before everyone has read it
+            return out
+        return gather
+
+
+def run_ranks(world, fn):
+    """fn(rank, gather) on `world` threads; results in rank order (exceptions re-raised)."""
+    group, results, errors = ThreadGather(world), [None] * world, []
+
+    def target(rank):
+        try:
+            results[rank] = fn(rank, group.for_rank(rank))
+        except BaseException as exc:  # noqa: BLE001 - surfaced below
+            errors.append(exc)
+            group.barrier.abort()
+    threads = [threading.Thread(target=target, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+def shard(batch, rank, world):
+    B = batch["ref_img"].shape[0] // world
+    return {k: (v[rank * B:(rank + 1) * B] if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def sharded_greedy(S, world, b, sizes):
+    """Deterministic data-parallel JEST from the definition (float64): in each round every rank takes
+    the top-m of cbar among its own unselected candidates, where cbar conditions on all ranks' picks."""
+    B = S.shape[0] // world
+    selected, per_rank = [], [[] for _ in range(world)]
+    for m in sizes:
+        score = cbar(S, selected)
+        score[selected] = float("-inf")
+        new = []
+        for r in range(world):
+            top = torch.topk(score[r * B:(r + 1) * B], m).indices
+            per_rank[r] += top.tolist()
+            new += (top + r * B).tolist()
+        selected += new
+    return per_rank
+
+
+@pytest.mark.parametrize("rule", ["learnability", "easy_reference"])
+@pytest.mark.parametrize("world,b,n_chunks", [(2, 6, 3), (3, 5, 4), (2, 4, 16)])
+def test_gathered_selection_conditions_on_every_ranks_picks(rule, world, b, n_chunks):
+    batch = make_batch(20 * world, seed=11, ds=24, dr=40)
+    want = sharded_greedy(score_matrix(batch, rule), world, b, chunk_sizes(b, n_chunks))
+    got = run_ranks(world, lambda r, g: select(SelectionConfig(rule=rule, n_chunks=n_chunks, topk=True), b,
+                                               **shard(batch, r, world), gather=g).indices.tolist())
+    assert got == want
+    # and it is not what each rank would pick on its own (the joint terms cross the ranks)
+    alone = [select(SelectionConfig(rule=rule, n_chunks=n_chunks, topk=True), b, **shard(batch, r, world))
+             .indices.tolist() for r in range(world)]
+    assert alone != want
+
+
+def test_gathered_selection_of_one_rank_is_plain_selection():
+    batch = make_batch(40, seed=3)
+    cfg = SelectionConfig(rule="learnability", n_chunks=4, tau=10.0)
+    plain = select(cfg, 12, **batch, generator=torch.Generator().manual_seed(7))
+    one = select(cfg, 12, **batch, generator=torch.Generator().manual_seed(7), gather=lambda x: x.clone())
+    assert one.indices.tolist() == plain.indices.tolist()
+    assert torch.allclose(one.scores, plain.scores, atol=1e-6)
+
+
+def test_gathered_selection_rejects_ranks_that_disagree_on_b():
+    batch = make_batch(40, seed=3)
+    with pytest.raises((RuntimeError, threading.BrokenBarrierError)):
+        run_ranks(2, lambda r, g: select(SelectionConfig(rule="learnability", n_chunks=2, topk=True), 4 + 2 * r,
+                                         **shard(batch, r, 2), gather=g))
