@@ -162,6 +162,15 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dispatch_train(args: argparse.Namespace) -> int:
+    if args.nproc < 1:
+        raise SystemExit(f"--nproc must be >= 1, got {args.nproc}")
+    if args.flow and args.nproc > 1:
+        raise SystemExit("--flow runs the trainer inside the flow's process; for data-parallel training use "
+                         "--nproc without --flow")
+    return _train_flow(args) if args.flow else _train(args)
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a student/reference/teacher (resumes the run if it exists)",
                        description="Train with a recipe in <root>/runs/RUN; re-running resumes from its latest checkpoint.")
@@ -184,7 +193,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nproc", type=int, default=1,
                    help="data-parallel ranks under torchrun (gloo on CPU, one GPU each on CUDA); batch size and "
                         "super-batch must divide by it (default 1: one process)")
-    p.set_defaults(func=lambda a: _train_flow(a) if a.flow else _train(a))
+    p.set_defaults(func=_dispatch_train)
 
     r = sub.add_parser("run", help="the main job: data -> reference/teacher -> cache -> students -> eval -> table",
                        description="Runs the whole pipeline as one Prefect flow in the workspace; re-running skips "
