@@ -31,7 +31,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the recipe's)")
-    p.add_argument("--tag", default="", help="suffix of the run folders, to keep variants apart")
+    p.add_argument("--tag", default="", help="suffix of the run folders and of the report name, to keep variants apart")
     args = p.parse_args()
 
     from pipeline.evaluate import evaluate, write_results
@@ -76,7 +76,7 @@ def main() -> None:
           f"peak lr {cfg.lr:g}, cosine) on "
           "flickr8k/train (30,000 pairs); retrieval on flickr8k/test (1,000 images, 5,000 captions; chance R@1 = 0.1%), "
           "zero-shot on CIFAR-10 test (chance 10%). Metric values are fractions.\n\n" + "\n".join(lines) + "\n")
-    write_report("ladder", {"args": {k: str(v) for k, v in vars(args).items()}, "machine": machine(), "rows": rows}, md)
+    write_report(f"ladder{args.tag}", {"args": {k: str(v) for k, v in vars(args).items()}, "machine": machine(), "rows": rows}, md)
 
 
 if __name__ == "__main__":
