@@ -31,6 +31,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the recipe's)")
+    p.add_argument("--note", default="", help="a sentence added to the report (e.g. how the runs were trained)")
     p.add_argument("--tag", default="", help="suffix of the run folders and of the report name, to keep variants apart")
     args = p.parse_args()
 
@@ -59,6 +60,9 @@ def main() -> None:
         else:
             bundle = load_model(result.model_dir)
             res = evaluate(bundle, {k: tuple(v) for k, v in evals.items()})
+            if train_s < 60:  # trained elsewhere (e.g. `aced train --nproc 2`): the trainer's own step times
+                from pipeline.report import read_metrics
+                train_s = float(sum(read_metrics(run_dir).column("step_s").to_pylist()))
             res["train_seconds"] = train_s
             write_results(res, run_dir / "eval")
         flops = count_flops(load_model(result.model_dir))
@@ -75,7 +79,8 @@ def main() -> None:
           f"Recipe `reference` (IID, sigmoid loss, b={args.batch_size}, {args.steps} steps, seed {args.seed}, "
           f"peak lr {cfg.lr:g}, cosine) on "
           "flickr8k/train (30,000 pairs); retrieval on flickr8k/test (1,000 images, 5,000 captions; chance R@1 = 0.1%), "
-          "zero-shot on CIFAR-10 test (chance 10%). Metric values are fractions.\n\n" + "\n".join(lines) + "\n")
+          "zero-shot on CIFAR-10 test (chance 10%). Metric values are fractions.\n\n"
+          + (args.note + "\n\n" if args.note else "") + "\n".join(lines) + "\n")
     write_report(f"ladder{args.tag}", {"args": {k: str(v) for k, v in vars(args).items()}, "machine": machine(), "rows": rows}, md)
 
 
