@@ -70,19 +70,14 @@ def _train_distributed(cfg, run_dir: Path, nproc: int) -> dict[str, float]:
     """`--nproc N`: the same run as N data-parallel ranks under torchrun; returns the last step's metrics."""
     import subprocess
 
-    from pipeline.recipes import TrainConfig
     from pipeline.report import read_metrics
-    from pipeline.trainer import launch_command
-    from storage.atomic import atomic_write_json
+    from pipeline.trainer import check_or_write_config, launch_command
 
-    saved = run_dir / "config.json"
-    if saved.exists():
-        if TrainConfig.from_json(saved) != cfg:
-            raise SystemExit(f"{run_dir} already holds a run with another config ({saved}); "
-                             "use a new run name or the same settings to resume")
-    else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(saved, json.loads(cfg.to_json()))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        check_or_write_config(cfg, run_dir)  # the ranks read it; a different config is refused before launch
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from exc
     cmd = launch_command(run_dir, nproc)
     print("launching: " + " ".join(cmd), flush=True)
     rc = subprocess.run(cmd).returncode

@@ -228,9 +228,8 @@ def _select_joint_gathered(cfg, b, s_self, stu_img, stu_txt, ref_img, ref_txt, s
     parts = ([stu_img, stu_txt] if learn else []) + [ref_img, ref_txt]
     widths = [t.shape[1] for t in parts]
     sizes = chunk_sizes(b, cfg.n_chunks)
-    probe = gather(torch.zeros(1, 1, dtype=torch.float32, device=device))
-    world = probe.shape[0]
-    ext = [torch.cat([t, t.new_zeros(world * b, t.shape[1])]) for t in parts]  # candidates + everyone's picks
+    world = 0  # known from the first gather (its rows / this rank's picks)
+    ext: list[torch.Tensor] = []  # candidates + everyone's picks, allocated at the first gather
     taken = torch.zeros(B, dtype=torch.bool, device=device)
     pair_sum = torch.zeros(B, dtype=torch.float32, device=device)
     picked_with = torch.zeros(B, dtype=torch.float32, device=device)
@@ -254,6 +253,9 @@ def _select_joint_gathered(cfg, b, s_self, stu_img, stu_txt, ref_img, ref_txt, s
             break  # the last round's picks condition nothing: no gather
         rows = torch.cat([t.index_select(0, chunk).to(torch.float32) for t in parts], dim=1)
         everyone = gather(rows)
+        if not ext:
+            world = everyone.shape[0] // m
+            ext = [torch.cat([t, t.new_zeros(world * b, t.shape[1])]) for t in parts]
         if everyone.shape != (world * m, sum(widths)):
             raise RuntimeError(f"select: gather returned {tuple(everyone.shape)} for {m} picks on each of {world} "
                                "ranks: every rank must select the same b with the same config")

@@ -268,7 +268,8 @@ def _init_student(cfg: TrainConfig) -> ModelBundle:
     return bundle
 
 
-def _check_or_write_config(cfg: TrainConfig, run_dir: Path, group: Dist) -> None:
+def check_or_write_config(cfg: TrainConfig, run_dir: Path, group: Dist = SINGLE) -> None:
+    """Write run_dir/config.json (rank 0) or refuse a run folder that holds another config."""
     saved_cfg = run_dir / "config.json"
     if group.is_main and not saved_cfg.exists():
         saved_cfg.parent.mkdir(parents=True, exist_ok=True)
@@ -294,7 +295,7 @@ def train(cfg: TrainConfig, run_dir: Path, *, progress: bool | None = None) -> T
         group.shard_size(cfg.superbatch_size, "super-batch")
     if group.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    _check_or_write_config(cfg, run_dir, group)
+    check_or_write_config(cfg, run_dir, group)
 
     torch.manual_seed(cfg.seed)
     bundle = _init_student(cfg)
