@@ -117,13 +117,18 @@ def test_compose_file_wires_server_worker_and_ray_cluster():
 
     doc = yaml.safe_load((Path(__file__).resolve().parents[2] / "docker" / "compose.yaml").read_text())
     services = doc["services"]
-    assert set(services) == {"prefect-server", "ray-head", "ray-gpu-worker", "register", "worker"}
+    assert set(services) == {"prefect-server", "ray-head", "ray-gpu-worker", "register", "worker", "trainer"}
     for name, svc in services.items():
         assert svc["image"] == "aced:gpu" and svc["build"]["dockerfile"] == "docker/Dockerfile", name
         assert "aced-data:/data/aced" in svc["volumes"], name
     gpu = services["ray-gpu-worker"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
     assert "--address=ray-head:6379" in services["ray-gpu-worker"]["command"]
+    # the trainer (profile "train", started on demand) reserves every GPU for its torchrun ranks
+    trainer = services["trainer"]
+    assert trainer["profiles"] == ["train"] and trainer["restart"] == "no"
+    tgpu = trainer["deploy"]["resources"]["reservations"]["devices"][0]
+    assert tgpu["driver"] == "nvidia" and tgpu["count"] == "all" and "gpu" in tgpu["capabilities"]
     register = services["register"]["command"]
     pool = register[register.index("--work-pool") + 1]
     assert register[:2] == ["aced", "serve"] and "--cache-cron" in register
