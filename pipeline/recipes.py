@@ -91,7 +91,8 @@ class TrainConfig:
     lr: float = 1e-3
     """Peak learning rate."""
     weight_decay: float = 1e-4
-    """Decoupled weight decay (AdamW), Appendix E."""
+    """Decoupled weight decay per step at the peak of the schedule, big_vision style (Appendix E): decayed
+    weights shrink by weight_decay * lr multiplier each step, independent of the peak lr (build_optimizer)."""
     beta1: float = 0.9
     """Adam beta1."""
     beta2: float = 0.95
