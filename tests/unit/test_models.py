@@ -70,6 +70,22 @@ def test_ladder_strictly_increases(tiny):
     assert t["gflops_pair"] == pytest.approx(t["gflops_image"] + t["gflops_text"])
 
 
+@pytest.mark.parametrize("name", ["aced-vit-s128", "aced-vit-s128-tt"])
+def test_high_resolution_references(name, tiny):
+    """The 128 px ladder variants (benchmarks/ladder.py): 128 px preprocessing, 64 patches of 16 px (the
+    student's token count), unit embeddings, and larger than the student in every tower's FLOPs."""
+    bundle = M.create_model(name, seed=0)
+    assert bundle.image_size == 128 and bundle.config["model_cfg"]["vision_cfg"]["patch_size"] == 16
+    assert bundle.preprocess(Image.new("RGB", (200, 150), (0, 0, 255))).shape == (3, 128, 128)
+    x, t = _batch(bundle)
+    with torch.no_grad():
+        u, v = bundle.encode_image(x), bundle.encode_text(t)
+    assert u.shape == v.shape == (3, 256)
+    assert torch.allclose(u.norm(dim=-1), torch.ones(3), atol=1e-5)
+    f, small = M.count_flops(bundle), M.count_flops(tiny)
+    assert f["gflops_image"] > 5 * small["gflops_image"] and f["params"] > small["params"]
+
+
 def test_flops_count_the_whole_forward(tiny):
     """aced-vit-t by hand: FLOPs = 2 x MACs of patch embedding, attention (projections and both
     matmuls), MLPs and output projections. Catches an uncounted fused attention op."""

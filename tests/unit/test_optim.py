@@ -49,4 +49,4 @@ def test_weight_decay_is_decoupled_from_the_peak_lr(lr):
         m = lr_factor(cfg, step)
         before["0.weight"] *= 1 - cfg.weight_decay * m
     for n, p in model.named_parameters():
-        torch.testing.assert_close(p.detach(), before[n], rtol=1e-6, atol=0), n
+        torch.testing.assert_close(p.detach(), before[n], rtol=1e-6, atol=0, msg=lambda m, n=n: f"{n}: {m}")
