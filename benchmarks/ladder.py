@@ -86,16 +86,15 @@ def main() -> None:
             rows[model][key] = {"mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0,
                                 "per_seed": {str(s): r.get(key) for s, r in by_seed.items()}}
 
-    def cell(v: dict, pct: bool) -> str:
-        scale = 100.0 if pct else 1.0
-        per = " / ".join(f"{x * scale:.2f}" for x in v["per_seed"].values())
-        return f"{v['mean'] * scale:.2f} +/- {v['std'] * scale:.2f} ({per})" if len(v["per_seed"]) > 1 else f"{v['mean'] * scale:.2f}"
+    def pct(v: dict) -> str:
+        per = " / ".join(f"{100 * x:.2f}" for x in v["per_seed"].values())
+        return f"{100 * v['mean']:.2f} +/- {100 * v['std']:.2f} ({per})" if len(v["per_seed"]) > 1 else f"{100 * v['mean']:.2f}"
 
     head = ["model", "params", "GFLOPs/pair", *[f"{k} %" for k in METRICS], "train s/run"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for model, r in rows.items():
         lines.append(f"| {model} | {r['params']:,} | {r['gflops_pair']:.3f} | "
-                     + " | ".join(cell(r[k], True) for k in METRICS) + f" | {r['train_seconds']['mean']:.0f} |")
+                     + " | ".join(pct(r[k]) for k in METRICS) + f" | {r['train_seconds']['mean']:.0f} |")
     seeds = ", ".join(map(str, args.seeds))
     md = (f"# Reference vs smaller model on Flickr8k ({machine_name()})\n\n"
           f"Recipe `reference` (IID, sigmoid loss, b={args.batch_size}, {args.steps} steps, peak lr {cfg.lr:g}, cosine) "
