@@ -20,6 +20,10 @@ reader sees either no dataset, the previous one, or the complete new one.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import functools
 import hashlib
 import io
 import json
@@ -29,16 +33,18 @@ import re
 import shutil
 import secrets
 import tarfile
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from storage.atomic import atomic_path, atomic_write_json, fsync_dir, is_temp_name
+from storage.atomic import atomic_path, atomic_write_json, fsync_dir, is_temp_name, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +68,7 @@ METADATA_SCHEMA = pa.schema([
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 _UID_RE = re.compile(r"^[0-9a-f]{32}$")
 _SHARD_RE = re.compile(r"^[0-9]{8}$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 OnError = Literal["raise", "skip"]
 
 
@@ -184,17 +191,63 @@ def image_format(data: bytes) -> str | None:
     return None
 
 
-def image_size(data: bytes, *, decode: bool = False) -> tuple[int, int]:
-    """(width, height) from the image header; with `decode`, also decode all pixels (catches
-    truncated or corrupt bodies that a header read does not). Raises ValueError if unreadable."""
+class ImageError(ShardError, ValueError):
+    """Image bytes that cannot be decoded (corrupt, truncated, not an image, or over MAX_IMAGE_PIXELS).
+    The message names the sample (the `where` given to `decode_image`)."""
+
+
+# Decompression-bomb limit: a few hundred bytes of PNG can claim gigapixels. PIL only warns above its
+# own limit (and raises above twice that), so the limit is enforced here, as an error, for every decode.
+MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """8-bit RGB of a decoded image. 16/32-bit integer greyscale ("I;16*", "I", e.g. 16-bit PNGs) is
+    scaled from the 16-bit range: PIL's own convert("RGB") clips those values at 255, turning almost
+    every pixel white."""
+    if im.mode.startswith("I;16") or im.mode == "I":
+        a = np.asarray(im, dtype=np.int64)  # PIL's "I;16B" etc. arrive in native byte order here
+        a = (np.clip(a, 0, 65535) * 255 + 32767) // 65535  # round(a / 257): 0 -> 0, 65535 -> 255
+        return Image.fromarray(a.astype(np.uint8), mode="L").convert("RGB")
+    return im.convert("RGB")
+
+
+def decode_image(data: bytes, *, where: str = "") -> Image.Image:
+    """The one image decoder of the project (importers, shard checks, training, evaluation, caching):
+    every pixel decoded, as an 8-bit RGB PIL image (16-bit greyscale scaled, see `_to_rgb`).
+
+    Raises ImageError "<where>: undecodable image (...)" for anything PIL cannot decode, and for images
+    above MAX_IMAGE_PIXELS (decompression bombs) before their pixels are decoded.
+    """
+    prefix = f"{where}: " if where else ""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit below, as an error
+            with Image.open(io.BytesIO(data)) as im:
+                w, h = im.size
+                if w * h > MAX_IMAGE_PIXELS:
+                    raise ImageError(f"{prefix}image is {w}x{h} = {w * h} pixels, above the limit of "
+                                     f"{MAX_IMAGE_PIXELS} (decompression bomb?)")
+                im.load()
+                return _to_rgb(im)
+    except ImageError:
+        raise
+    except Exception as e:  # PIL raises several types (UnidentifiedImageError, OSError, SyntaxError, bomb errors...)
+        raise ImageError(f"{prefix}undecodable image ({type(e).__name__}: {e})") from None
+
+
+def image_size(data: bytes, *, decode: bool = False, where: str = "") -> tuple[int, int]:
+    """(width, height) from the image header; with `decode`, also decode all pixels through
+    `decode_image` (catches truncated or corrupt bodies that a header read does not).
+    Raises ImageError (a ValueError) if unreadable."""
+    if decode:
+        return decode_image(data, where=where).size
+    prefix = f"{where}: " if where else ""
     try:
         with Image.open(io.BytesIO(data)) as im:
-            size = im.size
-            if decode:
-                im.load()
+            return im.size
     except Exception as e:  # PIL raises several types (UnidentifiedImageError, OSError, SyntaxError...)
-        raise ValueError(f"undecodable image ({type(e).__name__}: {e})") from None
-    return size
+        raise ImageError(f"{prefix}undecodable image ({type(e).__name__}: {e})") from None
 
 
 def shard_name(index: int) -> str:
@@ -267,6 +320,100 @@ def _check_target(out_dir: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{out_dir} holds sub-folders {[p.name for p in nested]}: refusing to replace it")
 
 
+class DiskFullError(OSError):
+    """The disk (or quota) filled up while writing a dataset; nothing of the new dataset was kept."""
+
+
+def _work_re(out_dir: Path) -> re.Pattern:
+    return re.compile(rf"^\.{re.escape(out_dir.name)}\.[0-9a-f]{{12}}(\.old)?\.tmp$")
+
+
+def work_dirs(out_dir: str | os.PathLike) -> list[Path]:
+    """The hidden work folders `write_shards` makes beside the dataset folder `out_dir`, in use or left
+    behind by a killed write: `.<name>.<12 hex>.tmp` (the new dataset being written) and
+    `.<name>.<12 hex>.old.tmp` (a replaced dataset being deleted). Every such name is also an
+    `storage.atomic.is_temp_name`, the test readers and `aced inspect` use for any leftover."""
+    out_dir = Path(out_dir)
+    pattern = _work_re(out_dir)
+    try:
+        entries = sorted(out_dir.parent.iterdir())
+    except FileNotFoundError:
+        return []
+    return [p for p in entries if pattern.match(p.name) and is_temp_name(p.name)]
+
+
+def _flock(fd: int, *, wait: bool) -> bool:
+    """Take an exclusive flock on `fd`: True if taken, False if another process holds it (`wait`
+    False). A filesystem without flock support (some network mounts) counts as "held elsewhere",
+    so a cleaner there never deletes a folder it cannot prove abandoned, and a writer goes on unlocked."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    except OSError as e:
+        if e.errno not in (errno.EBADF, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        log.debug("flock unsupported here (%s)", e)
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _parent_lock(folder: Path) -> Iterator[None]:
+    """Exclusive lock on `folder` while a work folder is created and locked, or while stale ones are
+    removed, so a cleaner never sees a live work folder before its writer has locked it."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        _flock(fd, wait=True)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _lock_dir(path: Path, *, wait: bool) -> int | None:
+    """An fd holding an exclusive flock on the folder `path` (released when the fd is closed, also when
+    the process is killed). Without `wait`: None if the lock is held elsewhere (fd closed)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if not _flock(fd, wait=wait) and not wait:
+            os.close(fd)
+            return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def remove_stale_work_dirs(out_dir: str | os.PathLike) -> list[Path]:
+    """Delete the work folders of `out_dir` (see `work_dirs`) that no running write holds: a killed
+    import leaves its hidden folder behind, and nothing else ever removes it. Only folders named by
+    our own pattern, only beside `out_dir`; a live write's folder is locked and left alone."""
+    out_dir = Path(out_dir)
+    if not out_dir.parent.is_dir():
+        return []
+    removed = []
+    with _parent_lock(out_dir.parent):
+        for p in work_dirs(out_dir):
+            if p.is_symlink() or not p.is_dir():
+                continue
+            fd = _lock_dir(p, wait=False)
+            if fd is None:
+                log.info("%s: in use by a running write (or not lockable here), left alone", p)
+                continue
+            try:
+                shutil.rmtree(p)
+            finally:
+                os.close(fd)
+            removed.append(p)
+    if removed:
+        log.warning("%s: removed %d work folder(s) left by an interrupted write: %s",
+                    out_dir.parent, len(removed), ", ".join(p.name for p in removed))
+    return removed
+
+
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
+
+
 def write_shards(samples: Iterable[Sample], out_dir: str | os.PathLike, *, name: str, source: str,
                  samples_per_shard: int = 1000, on_error: OnError = "raise", overwrite: bool = False,
                  extra: dict[str, Any] | Callable[[], dict[str, Any]] | None = None) -> DatasetInfo:
@@ -290,9 +437,14 @@ def write_shards(samples: Iterable[Sample], out_dir: str | os.PathLike, *, name:
     out_dir = Path(out_dir)
     _check_target(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_work_dirs(out_dir)
     work = out_dir.parent / f".{out_dir.name}.{secrets.token_hex(6)}.tmp"
-    work.mkdir()
+    work_fd = None
+    trash = None
     try:
+        with _parent_lock(out_dir.parent):
+            work.mkdir()
+            work_fd = _lock_dir(work, wait=True)  # held until the end: marks the folder as live
         shards: list[ShardRef] = []
         seen_uid: dict[str, str] = {}
         seen_key: set[str] = set()
@@ -335,18 +487,33 @@ def write_shards(samples: Iterable[Sample], out_dir: str | os.PathLike, *, name:
             doc[k] = v
         atomic_write_json(work / DATASET_FILE, doc)
         # Swap into place. Without an old dataset this is one atomic rename; with one, the old
-        # folder is renamed aside first (a crash in between leaves both folders, nothing half-written).
-        trash = None
+        # folder is locked (so no cleaner takes it for a leftover) and renamed aside first; a crash
+        # in between leaves both folders, nothing half-written.
         if out_dir.exists():
-            trash = out_dir.parent / f".{out_dir.name}.{secrets.token_hex(6)}.old.tmp"
-            os.replace(out_dir, trash)
-        os.replace(work, out_dir)
-        fsync_dir(out_dir.parent)
-        if trash is not None:
-            shutil.rmtree(trash)
-    except BaseException:
+            old_fd = _lock_dir(out_dir, wait=True)
+            try:
+                trash = out_dir.parent / f".{out_dir.name}.{secrets.token_hex(6)}.old.tmp"
+                os.replace(out_dir, trash)
+                os.replace(work, out_dir)
+                fsync_dir(out_dir.parent)
+                shutil.rmtree(trash)
+            finally:
+                os.close(old_fd)
+        else:
+            os.replace(work, out_dir)
+            fsync_dir(out_dir.parent)
+    except BaseException as e:
         shutil.rmtree(work, ignore_errors=True)
+        if trash is not None and trash.exists() and not out_dir.exists():
+            os.replace(trash, out_dir)  # the swap failed half-way: put the old dataset back
+        if isinstance(e, OSError) and e.errno in _DISK_FULL:
+            raise DiskFullError(e.errno, f"{out_dir}: disk full while writing dataset {name!r} "
+                                         f"({e.strerror}); nothing was kept (the partial work folder was "
+                                         f"removed): free space under {out_dir.parent} and re-run") from e
         raise
+    finally:
+        if work_fd is not None:
+            os.close(work_fd)
     if skipped:
         log.warning("%s: skipped %d bad samples", out_dir, skipped)
     return load_dataset(out_dir)
@@ -354,8 +521,62 @@ def write_shards(samples: Iterable[Sample], out_dir: str | os.PathLike, *, name:
 
 # --------------------------------------------------------------------------- reading
 
-def load_dataset(dataset_dir: str | os.PathLike) -> DatasetInfo:
-    """Read and check `_dataset.json` of a dataset folder."""
+def _dataset_doc_problem(doc: Any) -> str | None:
+    """Why a parsed `_dataset.json` is malformed (missing keys, wrong types), or None.
+    Types are checked, not coerced: a "rows" of "4" or 4.0 means the file was not written by us."""
+    if not isinstance(doc, dict):
+        return f"top level is a {type(doc).__name__}, want an object"
+    for k, t in (("name", str), ("source", str), ("created", str), ("shards", list)):
+        if k not in doc:
+            return f"no {k!r}"
+        if not isinstance(doc[k], t):
+            return f"{k!r} is a {type(doc[k]).__name__}, want a {t.__name__}"
+    if not isinstance(doc.get("skipped", 0), int) or isinstance(doc.get("skipped", 0), bool):
+        return f"'skipped' is {doc['skipped']!r}, want an integer"
+    for i, s in enumerate(doc["shards"]):
+        if not isinstance(s, dict):
+            return f"shards[{i}] is a {type(s).__name__}, want an object"
+        for k in ("name", "rows", "sha256"):
+            if k not in s:
+                return f"shards[{i}] has no {k!r}"
+        if not isinstance(s["name"], str) or not _SHARD_RE.match(s["name"]):
+            return f"shards[{i}]: bad shard name {s['name']!r} (want 8 digits)"
+        if not isinstance(s["rows"], int) or isinstance(s["rows"], bool) or s["rows"] < 0:
+            return f"shards[{i}] ({s['name']}): rows is {s['rows']!r}, want an integer >= 0"
+        if not isinstance(s["sha256"], str) or not _SHA256_RE.match(s["sha256"]):
+            return f"shards[{i}] ({s['name']}): sha256 is {s['sha256']!r}, want 64 lowercase hex chars"
+    names = [s["name"] for s in doc["shards"]]
+    if len(set(names)) != len(names):
+        return f"shard names listed twice: {sorted({n for n in names if names.count(n) > 1})}"
+    return None
+
+
+def dataset_file_problems(info: DatasetInfo) -> list[str]:
+    """How the folder's files differ from its `_dataset.json`: a listed shard whose tar or metadata
+    Parquet is missing, or a `.tar`/`.parquet` file that no listed shard owns (a shard removed from
+    the listing, or a stray file). Temporary files of interrupted writes (hidden) are not counted."""
+    path = info.path / DATASET_FILE
+    try:
+        present = {e.name for e in os.scandir(info.path) if e.is_file() and not e.name.startswith(".")}
+    except OSError as e:
+        return [f"{info.path}: cannot list the dataset folder ({e})"]
+    listed = {f"{s.name}{ext}" for s in info.shards for ext in (".tar", ".parquet")}
+    missing = sorted(listed - present)
+    extra = sorted(n for n in present - listed if n.endswith((".tar", ".parquet")))
+    out = []
+    if missing:
+        out.append(f"{path}: lists files that are missing: {', '.join(str(info.path / n) for n in missing)}")
+    if extra:
+        out.append(f"{path}: does not list files present in {info.path}: {', '.join(extra)} "
+                   f"(a shard removed from the listing, or a stray file)")
+    return out
+
+
+def load_dataset(dataset_dir: str | os.PathLike, *, check_files: bool = True) -> DatasetInfo:
+    """Read and check `_dataset.json` of a dataset folder: ShardError naming the file if it is
+    missing, not JSON, or malformed (missing keys, wrong types); with `check_files` (every reader),
+    also if the folder's shard files differ from the listing (`dataset_file_problems`), so that a
+    shard dropped from the listing or a missing file is an error, never a smaller dataset."""
     dataset_dir = Path(dataset_dir)
     path = dataset_dir / DATASET_FILE
     try:
@@ -363,24 +584,50 @@ def load_dataset(dataset_dir: str | os.PathLike) -> DatasetInfo:
     except FileNotFoundError:
         raise ShardError(f"{path}: missing (not a dataset folder, or its import did not finish)") from None
     except (OSError, ValueError) as e:
-        raise ShardError(f"{path}: unreadable ({e})") from None
-    try:
-        shards = [ShardRef(dataset_dir, str(s["name"]), int(s["rows"]), str(s["sha256"])) for s in doc["shards"]]
-        info = DatasetInfo(name=str(doc["name"]), source=str(doc["source"]), path=dataset_dir, shards=shards,
-                           created=str(doc["created"]), skipped=int(doc.get("skipped", 0)),
-                           extra={k: v for k, v in doc.items() if k not in
-                                  ("name", "source", "shards", "created", "skipped", "rows", "format_version")})
-    except (KeyError, TypeError, ValueError) as e:
-        raise ShardError(f"{path}: malformed ({type(e).__name__}: {e})") from None
-    for s in shards:
-        if not _SHARD_RE.match(s.name):
-            raise ShardError(f"{path}: bad shard name {s.name!r} (want 8 digits)")
+        raise ShardError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+    why = _dataset_doc_problem(doc)
+    if why is not None:
+        raise ShardError(f"{path}: malformed: {why}")
+    shards = [ShardRef(dataset_dir, s["name"], s["rows"], s["sha256"]) for s in doc["shards"]]
+    info = DatasetInfo(name=doc["name"], source=doc["source"], path=dataset_dir, shards=shards,
+                       created=doc["created"], skipped=doc.get("skipped", 0),
+                       extra={k: v for k, v in doc.items() if k not in
+                              ("name", "source", "shards", "created", "skipped", "rows", "format_version")})
+    if check_files:
+        problems = dataset_file_problems(info)
+        if problems:
+            raise ShardError("; ".join(problems))
     return info
 
 
 def list_shards(dataset_dir: str | os.PathLike) -> list[ShardRef]:
-    """The shards of a dataset, in order, as recorded in its `_dataset.json`."""
+    """The shards of a dataset, in order, as recorded in its `_dataset.json` (checked against the
+    folder's files, see `load_dataset`)."""
     return load_dataset(dataset_dir).shards
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _tar_sha256(path: str, size: int, mtime_ns: int, ino: int) -> str:
+    return sha256_file(path)
+
+
+def tar_sha256(shard: ShardRef) -> str:
+    """The actual sha256 of the shard's tar, hashed once per process per file version: memoised by
+    (path, size, mtime, inode), so a reader may call it every time it opens the shard."""
+    try:
+        st = os.stat(shard.tar_path)
+    except FileNotFoundError:
+        raise ShardError(f"{shard.tar_path}: missing tar of shard {shard.name}") from None
+    return _tar_sha256(str(shard.tar_path), st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def check_tar_sha256(shard: ShardRef) -> None:
+    """ShardError unless the tar's bytes still have the sha256 recorded in `_dataset.json` (a flipped
+    bit in a JPEG may still decode: only the checksum tells). Cheap after the first call (`tar_sha256`)."""
+    actual = tar_sha256(shard)
+    if actual != shard.sha256:
+        raise ShardError(f"{shard.tar_path}: sha256 is {actual}, but {shard.dataset_dir / DATASET_FILE} records "
+                         f"{shard.sha256} for shard {shard.name} (changed or corrupted after import)")
 
 
 def find_datasets(datasets_root: str | os.PathLike) -> dict[str, Path]:
@@ -413,7 +660,21 @@ def read_metadata(shard: ShardRef) -> pa.Table:
             raise ShardError(f"{path}: schema does not match METADATA_SCHEMA ({e})") from None
     if table.num_rows != shard.rows:
         raise ShardError(f"{path}: {table.num_rows} rows, but _dataset.json says {shard.rows}")
+    check_metadata_owner(shard, table.schema.metadata)
     return table
+
+
+def check_metadata_owner(shard: ShardRef, kv: dict[bytes, bytes] | None) -> None:
+    """ShardError unless a metadata Parquet's key-value metadata (written by `_write_shard`) says it
+    belongs to `shard`: its own shard name and tar checksum. File names can be swapped or copied
+    between datasets; the content cannot lie about where it was written."""
+    kv = kv or {}
+    label = kv.get(b"aced.shard", b"").decode("utf-8", "replace")
+    tar_sha = kv.get(b"aced.tar_sha256", b"").decode("utf-8", "replace")
+    if label != shard.name or tar_sha != shard.sha256:
+        raise ShardError(f"{shard.meta_path}: holds the metadata of shard {label or '(unlabelled)'} with tar sha256 "
+                         f"{tar_sha or '(none)'}, not of shard {shard.name} ({shard.sha256}) as its name and "
+                         f"{DATASET_FILE} say (swapped or copied file)")
 
 
 def _tar_groups(tf: tarfile.TarFile, path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
