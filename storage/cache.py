@@ -12,8 +12,9 @@ files lists the completed shards with rows, the file's sha256 and the source sha
 
 Why so strict: the trainer zips cached rows with raw pairs by position, so a cache that is stale
 (the pair shard was re-imported with different bytes), partial, from another model, or in another
-order would silently train on wrong targets. Every reader here checks uid order, fingerprint, dim,
-finiteness and the source checksum, and fails loudly naming the file and the sample.
+order would silently train on wrong targets. One check (`check_cache_shard`), run by the reader
+and by `verify_cache` alike, covers uid order, fingerprint, dim, finiteness, the file's own label and
+the source checksum (against the pair tar's actual bytes), and names the file and the sample.
 
 Writes are atomic (storage/atomic.py): the Parquet file first, then the manifest (under a file lock,
 because several stage-1 workers may finish shards of one dataset at the same time). A shard is
@@ -44,7 +45,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from storage.atomic import atomic_path, atomic_write_json, is_temp_name, sha256_file
-from storage.shards import ShardError, ShardRef, find_datasets, list_shards, read_metadata
+from storage.shards import ShardError, ShardRef, check_tar_sha256, find_datasets, list_shards, read_metadata
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ DTYPES = {"float16": (np.float16, pa.float16()), "float32": (np.float32, pa.floa
 COMPRESSION = "zstd"
 
 
-class CacheError(Exception):
+class CacheError(ValueError):
     """A cache file or manifest is unusable; the message names the file and the sample or field."""
 
 
@@ -269,86 +270,133 @@ def _emb_numpy(col: pa.ChunkedArray, dim: int, path: Path, name: str) -> np.ndar
     return arr.flatten().to_numpy(zero_copy_only=False).reshape(len(arr), dim)
 
 
-def read_cache_shard(cache_dir_for_model_dataset: str | os.PathLike, shard: ShardRef, *,
-                     expect: ModelMeta | None = None, check_file_sha: bool = True) -> CacheShard:
-    """Read the cache of `shard` and prove it belongs to it (see module docstring).
+def check_cache_shard(folder: str | os.PathLike, doc: dict, shard: ShardRef, *, expect: ModelMeta | None = None,
+                      check_file_sha: bool = True) -> tuple[CacheShard | None, list[str]]:
+    """THE per-shard check of a cache file (the trainer's `read_cache_shard` and `verify_cache` both
+    run this, so what is verified is exactly what training relies on).
 
-    Raises CacheError if the shard is not in the manifest, the file is missing or its checksum
-    differs from the manifest (`check_file_sha`), the model differs from `expect`, the source sha256
-    differs from the shard's (stale), the uids differ from the shard's (naming the first row),
-    or a value is not finite.
+    folder: the cache folder; doc: its manifest (`read_manifest`); shard: the pair shard it embeds.
+    Returns (the rows as float32, []) if every check passes, else (None, problems): each problem a
+    line naming the file (and the row/uid where one is at fault). Checked, in order: the shard is in
+    the manifest and its file exists; the file's sha256 equals the manifest's (`check_file_sha`);
+    the pair tar still has the sha256 of `_dataset.json` (the data the cache was made from did not
+    change under it) and that is the source sha256 recorded at caching (else stale); the Parquet is
+    readable; its key-value metadata matches `expect`, the manifest (model, fingerprint, dim, dtype,
+    source sha256) and names this shard and dataset; row count and uid order equal the pair shard's;
+    embedding columns are fixed-size lists of the manifest's dim, without nulls, every value finite.
     """
-    folder = Path(cache_dir_for_model_dataset)
+    folder = Path(folder)
     path = folder / f"{shard.name}.parquet"
-    doc = read_manifest(folder)
-    if doc is None:
-        raise CacheError(f"{folder / MANIFEST_FILE}: missing (no completed shards in {folder})")
     entry = doc["shards"].get(shard.name)
     if entry is None:
-        raise CacheError(f"{path}: shard {shard.name} is not in {folder / MANIFEST_FILE} (not computed or unfinished)")
+        return None, [f"{path}: shard {shard.name} is not in {folder / MANIFEST_FILE} (not computed or unfinished)"]
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise CacheError(f"{path}: missing, but listed in the manifest") from None
-    if check_file_sha and hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        raise CacheError(f"{path}: sha256 differs from the manifest (file changed or corrupt)")
+        return None, [f"{path}: missing, but listed in the manifest"]
+    probs = []
+    if check_file_sha and hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+        probs.append(f"{path}: sha256 differs from the manifest (file changed or corrupt)")
+    try:
+        check_tar_sha256(shard)
+    except ShardError as e:
+        probs.append(f"{path}: its pair shard changed after caching: {e}")
+    if entry.get("source_sha256") != shard.sha256:
+        probs.append(f"{path}: stale: computed from source sha256 {entry.get('source_sha256')}, but "
+                     f"{shard.tar_path} now has {shard.sha256} (re-run `aced cache` for this shard)")
     try:
         table = pq.read_table(io.BytesIO(data))
-    except Exception as e:
-        raise CacheError(f"{path}: unreadable Parquet ({type(e).__name__}: {e})") from None
-    meta, kv = _meta_from_kv(table.schema.metadata, path)
+    except Exception as e:  # pyarrow raises ArrowInvalid/OSError/... for corrupt files
+        return None, probs + [f"{path}: unreadable Parquet ({type(e).__name__}: {e})"]
+    try:
+        meta, kv = _meta_from_kv(table.schema.metadata, path)
+    except CacheError as e:
+        return None, probs + [str(e)]
     if expect is not None and meta != expect:
         diff = {k: (v, getattr(meta, k)) for k, v in asdict(expect).items() if getattr(meta, k) != v}
-        raise CacheError(f"{path}: written by another model: expected vs found {diff}")
-    if meta.fingerprint != doc["fingerprint"] or meta.model_id != doc["model_id"]:
-        raise CacheError(f"{path}: model/fingerprint {meta.model_id}/{meta.fingerprint} differs from the manifest's "
-                         f"{doc['model_id']}/{doc['fingerprint']}")
-    if kv.get("source_sha256") != shard.sha256:
-        raise CacheError(f"{path}: stale: computed from source sha256 {kv.get('source_sha256')}, but "
-                         f"{shard.tar_path} now has {shard.sha256}")
+        probs.append(f"{path}: written by another model: expected vs found {diff}")
+    for k, want in (("model_id", doc["model_id"]), ("fingerprint", doc["fingerprint"]), ("dim", doc["dim"]),
+                    ("dtype", doc["dtype"])):
+        got = kv.get("dtype") if k == "dtype" else getattr(meta, k)
+        if got != want:
+            probs.append(f"{path}: {k} {got!r} differs from the manifest's {want!r}")
+    if kv.get("source_sha256") != entry.get("source_sha256"):
+        probs.append(f"{path}: file source sha256 {kv.get('source_sha256')} differs from the manifest's "
+                     f"{entry.get('source_sha256')}")
+    probs += [f"{path}: {p}" for p in _label_problems(kv, shard.name, doc.get("dataset"))]
     try:
         want = read_metadata(shard).column("uid").to_pylist()
     except ShardError as e:
-        raise CacheError(f"{path}: cannot read the pair shard: {e}") from None
-    uids = table.column("uid").to_pylist()
-    if uids != want:
-        if len(uids) != len(want):
-            raise CacheError(f"{path}: {len(uids)} rows, pair shard {shard.meta_path} has {len(want)}")
+        return None, probs + [f"{path}: cannot read the pair shard: {e}"]
+    if table.num_rows != entry.get("rows") or table.num_rows != len(want):
+        probs.append(f"{path}: {table.num_rows} rows; manifest says {entry.get('rows')}, "
+                     f"pair shard {shard.meta_path} has {len(want)}")
+    uids = table.column("uid").to_pylist() if "uid" in table.column_names else []
+    if "uid" not in table.column_names:
+        probs.append(f"{path}: no column uid")
+    elif uids != want and len(uids) == len(want):
         i = next(i for i, (a, b) in enumerate(zip(uids, want)) if a != b)
-        raise CacheError(f"{path}: row {i}: uid {uids[i]} differs from the pair shard's {want[i]}")
+        probs.append(f"{path}: row {i}: uid {uids[i]} differs from the pair shard's {want[i]} ({shard.meta_path})")
     embs = {}
     for name in ("image_emb", "text_emb"):
-        a = _emb_numpy(table.column(name), meta.dim, path, name).astype(np.float32)
-        i = _first_nonfinite(a)
-        if i is not None:
-            raise CacheError(f"{path}: row {i} uid {uids[i]}: non-finite value in {name}")
+        if name not in table.column_names:
+            probs.append(f"{path}: no column {name}")
+            continue
+        try:
+            a = _emb_numpy(table.column(name), doc["dim"], path, name).astype(np.float32)
+        except CacheError as e:
+            probs.append(str(e))
+            continue
+        bad = np.flatnonzero(~np.isfinite(a).all(axis=1))
+        if bad.size:
+            i = int(bad[0])
+            probs.append(f"{path}: row {i} uid {uids[i] if i < len(uids) else '?'}: non-finite value in {name} "
+                         f"({bad.size} row(s) in all)")
         embs[name] = a
-    return CacheShard(uids, embs["image_emb"], embs["text_emb"], meta)
+    if probs:
+        return None, probs
+    return CacheShard(uids, embs["image_emb"], embs["text_emb"], meta), []
 
 
-def zip_caches(shard: ShardRef, caches: Sequence[str | os.PathLike], *,
-               expect: Sequence[ModelMeta | None] | None = None) -> pa.Table:
-    """The pair shard's metadata joined row by row (uids verified equal) with any number of caches.
+def _label_problems(kv: dict[str, str], shard_name: str, dataset: str | None) -> list[str]:
+    """What is wrong with a cache file's own label (its `source_shard` and `dataset` key-value
+    metadata) for the shard and dataset it is filed under: a renamed or swapped file says so here.
+    Shared by `check_cache_shard` and the SQL views (storage/sql.py)."""
+    out = []
+    if kv.get("source_shard") != shard_name:
+        out.append(f"holds the embeddings of shard {kv.get('source_shard')!r}, not of shard {shard_name} "
+                   f"it is filed as (swapped or renamed file)")
+    if dataset is not None and kv.get("dataset") != dataset:
+        out.append(f"holds the embeddings of dataset {kv.get('dataset')!r}, not of {dataset!r}")
+    return out
 
-    caches: cache folders `<root>/cache/<model_id>/<dataset>` (one per model).
-    expect: per cache, the ModelMeta it must have (or None to accept what is there).
-    Returns METADATA_SCHEMA columns plus `<model_id>.image_emb` and `<model_id>.text_emb`
-    (fixed_size_list<float32, d>); schema metadata `aced.models` holds the JSON list of ModelMeta
-    (with logit scale and bias), in the order of `caches`.
+
+def cache_file_label_problems(path: str | os.PathLike, shard_name: str, dataset: str | None) -> list[str]:
+    """`_label_problems` of a cache file read from its Parquet footer only (cheap: no data pages)."""
+    try:
+        kv = {k.decode(): v.decode() for k, v in (pq.read_schema(path).metadata or {}).items()}
+    except Exception as e:  # pyarrow raises ArrowInvalid/OSError/... for corrupt files
+        return [f"{path}: unreadable Parquet ({type(e).__name__}: {e})"]
+    return [f"{path}: {p}" for p in _label_problems(kv, shard_name, dataset)]
+
+
+def read_cache_shard(cache_dir_for_model_dataset: str | os.PathLike, shard: ShardRef, *,
+                     expect: ModelMeta | None = None, check_file_sha: bool = True) -> CacheShard:
+    """Read the cache of `shard` and prove it belongs to it (the checks of `check_cache_shard`).
+
+    Raises CacheError naming the file (and the sample) at the first problem: no manifest, shard not
+    in the manifest, file missing or changed (`check_file_sha`), pair tar changed or stale, another
+    model than `expect`, uids differing from the shard's, a value not finite, ...
     """
-    expect = list(expect) if expect is not None else [None] * len(caches)
-    if len(expect) != len(caches):
-        raise ValueError(f"{len(caches)} caches but {len(expect)} expected metas")
-    table = read_metadata(shard)
-    metas = []
-    for folder, exp in zip(caches, expect):
-        c = read_cache_shard(folder, shard, expect=exp)
-        if c.meta.model_id in (m.model_id for m in metas):
-            raise CacheError(f"{folder}: model {c.meta.model_id} given twice")
-        metas.append(c.meta)
-        for name, a in (("image_emb", c.image_emb), ("text_emb", c.text_emb)):
-            table = table.append_column(f"{c.meta.model_id}.{name}", _fsl(a, c.meta.dim, pa.float32()))
-    return table.replace_schema_metadata({"aced.models": json.dumps([asdict(m) for m in metas])})
+    folder = Path(cache_dir_for_model_dataset)
+    doc = read_manifest(folder)
+    if doc is None:
+        raise CacheError(f"{folder / MANIFEST_FILE}: missing (no completed shards in {folder})")
+    c, probs = check_cache_shard(folder, doc, shard, expect=expect, check_file_sha=check_file_sha)
+    if probs:
+        more = f" (and {len(probs) - 1} more problem(s); `aced cache verify` lists them)" if len(probs) > 1 else ""
+        raise CacheError(probs[0] + more)
+    return c
 
 
 # --------------------------------------------------------------------------- verification
@@ -394,11 +442,11 @@ def find_cache_folders(root: str | os.PathLike, model_id: str | None = None) -> 
 def verify_cache(root: str | os.PathLike, model_id: str | None = None) -> VerifyReport:
     """Check every cache folder of the workspace `root` (or of one model) against its pair shards.
 
-    Per shard: file present and equal to its manifest checksum, readable, key-value metadata
-    consistent with the manifest (model, fingerprint, dim, dtype), row count and uid order equal to
-    the pair shard's, embedding width = dim, every value finite, source sha256 equal to the pair
-    tar's current checksum. Per folder: pair shards with no cache entry, manifest entries with no
-    pair shard, cache files not in the manifest; per model: one fingerprint across datasets.
+    Per shard: `check_cache_shard`, the same check the trainer's reader runs (so the pair tar is
+    hashed and compared with `_dataset.json` too: a cache is verified together with the data it was
+    made from). Per folder: a `_dataset.json` that does not match its files, pair shards with no
+    cache entry, manifest entries with no pair shard, cache files not in the manifest; per model:
+    one fingerprint across datasets.
     """
     root = Path(root)
     rep = VerifyReport()
@@ -440,66 +488,14 @@ def verify_cache(root: str | os.PathLike, model_id: str | None = None) -> Verify
                 rep.notes.append(f"{p}: leftover temporary file of an interrupted write (invisible to readers; safe to delete)")
             elif p.is_file() and p.suffix == ".parquet" and p.name not in listed:
                 rep.problems.append(f"{p}: not in the manifest (extra or unfinished file)")
-        for name, entry in sorted(doc["shards"].items()):
+        for name in sorted(doc["shards"]):
             if name in shards:
                 rep.shards += 1
-                rep.problems.extend(_verify_shard(folder, doc, name, entry, shards[name], rep))
+                c, probs = check_cache_shard(folder, doc, shards[name])
+                rep.problems.extend(probs)
+                rep.rows += len(c.uids) if c is not None else 0
     for mid, per_ds in fingerprints.items():
         if len(set(per_ds.values())) > 1:
             rep.problems.append(f"{root / 'cache' / mid}: datasets were cached with different fingerprints {per_ds} "
                                 f"(the model changed between them)")
     return rep
-
-
-def _verify_shard(folder: Path, doc: dict, name: str, entry: dict, shard: ShardRef, rep: VerifyReport) -> list[str]:
-    path = folder / f"{name}.parquet"
-    if not path.exists():
-        return [f"{path}: listed in the manifest but missing"]
-    probs = []
-    if sha256_file(path) != entry.get("sha256"):
-        probs.append(f"{path}: sha256 differs from the manifest (file changed after it was recorded)")
-    if entry.get("source_sha256") != shard.sha256:
-        probs.append(f"{path}: stale: manifest source sha256 {entry.get('source_sha256')} but pair tar "
-                     f"{shard.tar_path} is {shard.sha256} (re-run the cache for this shard)")
-    try:
-        table = pq.read_table(path)
-    except Exception as e:
-        return probs + [f"{path}: unreadable Parquet ({type(e).__name__}: {e})"]
-    try:
-        meta, kv = _meta_from_kv(table.schema.metadata, path)
-    except CacheError as e:
-        return probs + [str(e)]
-    for k, want in (("model_id", doc["model_id"]), ("fingerprint", doc["fingerprint"]), ("dim", doc["dim"]),
-                    ("dtype", doc["dtype"])):
-        got = getattr(meta, k) if k != "dtype" else kv.get("dtype")
-        if got != want:
-            probs.append(f"{path}: {k} {got!r} differs from the manifest's {want!r}")
-    if kv.get("source_sha256") != entry.get("source_sha256"):
-        probs.append(f"{path}: file source sha256 {kv.get('source_sha256')} differs from the manifest's")
-    rep.rows += table.num_rows
-    if table.num_rows != entry.get("rows") or table.num_rows != shard.rows:
-        probs.append(f"{path}: {table.num_rows} rows; manifest says {entry.get('rows')}, pair shard has {shard.rows}")
-    try:
-        want = read_metadata(shard).column("uid").to_pylist()
-    except ShardError as e:
-        return probs + [str(e)]
-    uids = table.column("uid").to_pylist() if "uid" in table.column_names else []
-    if uids != want:
-        bad = next((i for i, (a, b) in enumerate(zip(uids, want)) if a != b), min(len(uids), len(want)))
-        probs.append(f"{path}: row {bad}: uid {uids[bad] if bad < len(uids) else None} differs from pair shard "
-                     f"{shard.meta_path} ({want[bad] if bad < len(want) else None})")
-    for col in ("image_emb", "text_emb"):
-        if col not in table.column_names:
-            probs.append(f"{path}: no column {col}")
-            continue
-        try:
-            a = _emb_numpy(table.column(col), doc["dim"], path, col)
-        except CacheError as e:
-            probs.append(str(e))
-            continue
-        bad_rows = np.flatnonzero(~np.isfinite(a).all(axis=1))
-        if bad_rows.size:
-            first = int(bad_rows[0])
-            probs.append(f"{path}: {bad_rows.size} row(s) with non-finite {col}, first row {first} "
-                         f"uid {uids[first] if first < len(uids) else '?'}")
-    return probs

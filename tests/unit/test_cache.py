@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from storage.cache import (MANIFEST_FILE, CacheError, CacheWriter, ModelMeta, cache_dir, encode_table, read_cache_shard,
-                           read_manifest, verify_cache, write_table, zip_caches)
+                           read_manifest, verify_cache, write_table)
 from storage.shards import list_shards, read_metadata, write_shards
 from tests.conftest import samples
 
@@ -90,20 +90,18 @@ def test_writer_checks_uids_shape_and_owner(pair_root):
         CacheWriter(pair_root / "cache", "tiny", META, dtype="float32")
 
 
-def test_zip_caches_joins_models_by_uid(pair_root):
+def test_two_models_read_back_aligned_with_the_pair_shard(pair_root):
+    """What the trainer does per shard (pipeline/data.py): one read_cache_shard per model, rows in shard order."""
     _fill(pair_root)
     _fill(pair_root, META_T, seed=50)
     ref = list_shards(pair_root / "datasets" / "tiny")[2]
-    t = zip_caches(ref, [cache_dir(pair_root, "ref", "tiny"), cache_dir(pair_root, "teacher", "tiny")],
-                   expect=[META, None])
-    assert t.num_rows == 2 and t.column("uid").to_pylist() == read_metadata(ref).column("uid").to_pylist()
-    assert t.schema.field("teacher.text_emb").type == pa.list_(pa.float32(), 4)
-    np.testing.assert_allclose(np.stack(t.column("teacher.image_emb").to_numpy(zero_copy_only=False)),
-                               _emb(2, 4, 52), atol=1e-3)
-    models = json.loads(t.schema.metadata[b"aced.models"])
-    assert [m["model_id"] for m in models] == ["ref", "teacher"] and models[1]["logit_scale"] == pytest.approx(1 / 0.07)
+    uids = read_metadata(ref).column("uid").to_pylist()
+    r = read_cache_shard(cache_dir(pair_root, "ref", "tiny"), ref, expect=META)
+    t = read_cache_shard(cache_dir(pair_root, "teacher", "tiny"), ref)
+    assert r.uids == t.uids == uids and t.image_emb.shape == (2, 4) and t.meta.logit_scale == pytest.approx(1 / 0.07)
+    np.testing.assert_allclose(t.image_emb, _emb(2, 4, 52), atol=1e-3)
     with pytest.raises(CacheError, match="written by another model"):
-        zip_caches(ref, [cache_dir(pair_root, "teacher", "tiny")], expect=[META])
+        read_cache_shard(cache_dir(pair_root, "teacher", "tiny"), ref, expect=META)
 
 
 def test_verify_ok_then_each_problem_is_named(pair_root):
