@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from storage.cache import ModelMeta, read_cache_shard
-from storage.shards import ShardError, ShardRef, iter_samples, list_shards, read_metadata
+from storage.shards import ShardError, ShardRef, check_tar_sha256, iter_samples, list_shards, load_dataset, read_metadata
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +42,10 @@ class CacheSpec:
 
 
 def dataset_name(dataset_dir: Path) -> str:
-    """The dataset's own name (from `_dataset.json`), which is also its folder below each cache model."""
-    import json
-
-    info = dataset_dir / "_dataset.json"
-    if not info.exists():
-        raise FileNotFoundError(f"{dataset_dir}: not a pair-shard dataset (no _dataset.json)")
-    return json.loads(info.read_text())["name"]
+    """The dataset's own name (from `_dataset.json`), which is also its folder below each cache model.
+    A missing or broken `_dataset.json`, or one that does not match the folder's files, is a ShardError
+    naming the file (storage.shards.load_dataset)."""
+    return load_dataset(dataset_dir).name
 
 
 def cached_model_meta(cache_root: Path, model_id: str, dataset_dirs: Sequence[str | Path]) -> ModelMeta:
@@ -182,6 +179,9 @@ class SuperBatches(torch.utils.data.Dataset):
         expected = self.index.uids[self.index.offsets[s]:self.index.offsets[s + 1]]
         rows: list[tuple[bytes, str] | None] = [None] * len(expected)
         position = {u: i for i, u in enumerate(expected)}
+        # A flipped bit in a JPEG may still decode: only the tar's checksum tells (hashed once per
+        # process per file version; a mismatch is an error even with on_bad_sample="skip").
+        check_tar_sha256(ref)
         for sample in iter_samples(ref, on_error=self.on_bad_sample):
             rows[position[sample.uid]] = (sample.image_bytes, sample.caption)
         missing = sum(r is None for r in rows)

@@ -312,6 +312,8 @@ def check_cache_shard(folder: str | os.PathLike, doc: dict, shard: ShardRef, *, 
         meta, kv = _meta_from_kv(table.schema.metadata, path)
     except CacheError as e:
         return None, probs + [str(e)]
+    # The file's own label first: a swapped or renamed file explains every other difference below.
+    probs += [f"{path}: {p}" for p in _label_problems(kv, shard.name, doc.get("dataset"))]
     if expect is not None and meta != expect:
         diff = {k: (v, getattr(meta, k)) for k, v in asdict(expect).items() if getattr(meta, k) != v}
         probs.append(f"{path}: written by another model: expected vs found {diff}")
@@ -323,7 +325,6 @@ def check_cache_shard(folder: str | os.PathLike, doc: dict, shard: ShardRef, *, 
     if kv.get("source_sha256") != entry.get("source_sha256"):
         probs.append(f"{path}: file source sha256 {kv.get('source_sha256')} differs from the manifest's "
                      f"{entry.get('source_sha256')}")
-    probs += [f"{path}: {p}" for p in _label_problems(kv, shard.name, doc.get("dataset"))]
     try:
         want = read_metadata(shard).column("uid").to_pylist()
     except ShardError as e:

@@ -118,10 +118,3 @@ class ParquetLog:
                     pq.write_table(table, tmp, compression="zstd")
             touched.append(p)
         return touched
-
-    def read(self) -> pa.Table:
-        """All flushed parts as one table (columns unified by name; empty table if none)."""
-        parts = self.parts()
-        if not parts:
-            return (self.schema or pa.schema([pa.field("step", pa.int64())])).empty_table()
-        return pa.concat_tables([pq.read_table(p) for p in parts], promote_options="permissive")

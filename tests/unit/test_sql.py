@@ -112,7 +112,9 @@ def test_nothing_outside_the_views_can_be_read_or_written(full_root, tmp_path):
 
 
 def test_parquet_log_truncate_after(tmp_path):
-    log = ParquetLog(tmp_path / "m")
+    from pipeline.report import read_metrics  # what reads a run's metric parts back (reports, `aced train`)
+
+    log = ParquetLog(tmp_path / "run" / "metrics")
     for a, b in ((0, 10), (10, 20), (20, 30)):
         log.append([{"step": s, "loss": float(s)} for s in range(a, b)])
         log.flush(f"{b:08d}")
@@ -120,7 +122,7 @@ def test_parquet_log_truncate_after(tmp_path):
     touched = log.truncate_after(14)
     assert [p.name for p in touched] == ["part-00000020.parquet", "part-00000030.parquet"]
     assert [p.name for p in log.parts()] == ["part-00000010.parquet", "part-00000020.parquet"]
-    assert log.read().column("step").to_pylist() == list(range(15)) and log.pending == 0
+    assert read_metrics(tmp_path / "run").column("step").to_pylist() == list(range(15)) and log.pending == 0
     with pytest.raises(ValueError, match="integer 'step'"):
         log.append([{"step": 1.5}])
     with pytest.raises(ValueError, match="mixed types"):
