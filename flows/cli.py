@@ -39,11 +39,19 @@ def main(argv: list[str] | None = None) -> int:
         args.root = default_root()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from storage.workspace import LockedError
+
     try:
         rc = args.func(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except (ValueError, OSError, LockedError) as e:
+        # Bad input, a missing/busy file, a refused overwrite: one line naming it (the traceback with -v).
+        if args.verbose:
+            raise
+        print(f"aced {args.command}: error: {e}", file=sys.stderr)
+        return 1
     return int(rc or 0)
 
 

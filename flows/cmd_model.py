@@ -51,10 +51,11 @@ def _info(args: argparse.Namespace) -> int:
 
 def _create(args: argparse.Namespace) -> int:
     from pipeline.models import create_model, fingerprint, save_model
+    from storage.workspace import area_path
 
     bundle = create_model(args.name, pretrained=args.pretrained, seed=args.seed)
-    out = args.out if args.out is not None else Path(args.root) / "models" / bundle.name
-    save_model(bundle, out)
+    out = args.out if args.out is not None else area_path(args.root, "models", bundle.name, "model name")
+    save_model(bundle, out, overwrite=args.overwrite)
     print(f"wrote {out} ({bundle.name}, fingerprint {fingerprint(bundle)[:16]})")
     return 0
 
@@ -74,4 +75,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--out", type=Path, default=None, help="model folder (default: <root>/models/<name>)")
     c.add_argument("--seed", type=int, default=0, help="initialisation seed")
     c.add_argument("--pretrained", help="local weights file or folder (never a hub tag)")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace an existing model folder (only ever one this project wrote)")
     c.set_defaults(func=_create)

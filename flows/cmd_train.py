@@ -60,38 +60,47 @@ def _dataset_dir(root: Path, name: str) -> Path:
     path = Path(name)
     if (path / "_dataset.json").exists():
         return path
-    candidate = root / "datasets" / name
+    from storage.workspace import area_path
+
+    candidate = area_path(root, "datasets", name, "dataset name")
     if (candidate / "_dataset.json").exists():
         return candidate
     raise SystemExit(f"dataset {name!r}: neither {path} nor {candidate} holds a _dataset.json")
 
 
 def _train_distributed(cfg, run_dir: Path, nproc: int) -> dict[str, float]:
-    """`--nproc N`: the same run as N data-parallel ranks under torchrun; returns the last step's metrics."""
+    """`--nproc N`: the same run as N data-parallel ranks under torchrun; returns the last step's metrics.
+    This process owns the run folder while the ranks run (rank 0 checks it is the recorded holder)."""
+    import os
     import subprocess
 
     from pipeline.report import read_metrics
-    from pipeline.trainer import check_or_write_config, launch_command
+    from pipeline.trainer import RUN_LOCK_ENV, check_or_write_config, launch_command, validate_run
+    from storage.workspace import FolderLock
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        check_or_write_config(cfg, run_dir)  # the ranks read it; a different config is refused before launch
-    except ValueError as exc:
-        raise SystemExit(str(exc)) from exc
-    cmd = launch_command(run_dir, nproc)
-    print("launching: " + " ".join(cmd), flush=True)
-    rc = subprocess.run(cmd).returncode
+    with FolderLock(run_dir, "run"):
+        validate_run(cfg)  # a config that cannot start is never written
+        check_or_write_config(cfg, run_dir)  # the ranks read it; another run's config is refused before launch
+        cmd = launch_command(run_dir, nproc)
+        print("launching: " + " ".join(cmd), flush=True)
+        rc = subprocess.run(cmd, env={**os.environ, RUN_LOCK_ENV: str(os.getpid())}).returncode
     if rc != 0:
         raise SystemExit(f"data-parallel training of {run_dir} failed (torchrun exit code {rc}); re-run to resume")
     rows = read_metrics(run_dir).to_pylist()
     return rows[-1] if rows else {}
 
 
+def _run_dir(args: argparse.Namespace) -> Path:
+    from storage.workspace import area_path
+
+    return area_path(args.root, "runs", args.run, "run name")
+
+
 def _train(args: argparse.Namespace) -> int:
     from pipeline.trainer import train
 
     cfg = config_from_args(args)
-    run_dir = args.root / "runs" / args.run
+    run_dir = _run_dir(args)
     if args.nproc > 1:
         last = _train_distributed(cfg, run_dir, args.nproc)
         model_dir = run_dir / "model"
@@ -126,7 +135,7 @@ def _train_flow(args: argparse.Namespace) -> int:
 
     evals = {f"{Path(d).name}-zeroshot": ["zeroshot", d] for d in cfg.eval_zeroshot}
     evals.update({f"{Path(d).name}-retrieval": ["retrieval", d] for d in cfg.eval_retrieval})
-    out = train_flow(json.loads(cfg.to_json()), str(args.root / "runs" / args.run), evals or None)
+    out = train_flow(json.loads(cfg.to_json()), str(_run_dir(args)), evals or None)
     print(json.dumps(out, indent=2))
     return 0
 
@@ -150,9 +159,11 @@ def _run(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from pipeline.trainer import export_model
 
-    run_dir = args.root / "runs" / args.run
-    out = args.out or args.root / "models" / (args.name or args.run)
-    export_model(run_dir, out)
+    from storage.workspace import area_path
+
+    run_dir = _run_dir(args)
+    out = args.out or area_path(args.root, "models", args.name or args.run, "model name")
+    export_model(run_dir, out, overwrite=args.overwrite)
     print(f"exported {run_dir} -> {out}")
     return 0
 
@@ -203,4 +214,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     e.add_argument("run")
     e.add_argument("--name", help="model id (default: the run name)")
     e.add_argument("--out", type=Path, help="output folder (default: <root>/models/<name>)")
+    e.add_argument("--overwrite", action="store_true",
+                   help="replace an existing model folder (only ever one this project wrote)")
     e.set_defaults(func=_export)

@@ -38,8 +38,8 @@ import copy
 import hashlib
 import json
 import os
+import pickle
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +47,9 @@ from typing import Callable
 
 import torch
 
-from storage.atomic import fsync_dir
+from safetensors import SafetensorError
+
+from storage.atomic import replace_dir, temp_sibling
 
 # Belt and braces (the checks below are the real guard): should anything still reach for the HF
 # hub, it fails instead of waiting on a network this system does not have.
@@ -169,6 +171,8 @@ def _resolve(name: str) -> tuple[str, dict, dict | None]:
             raw = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from e
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: a model config must be a JSON object")
         # Either a bare model config (open_clip's model_configs/*.json) or the local-dir layout.
         cfg = raw.get("model_cfg", raw)
         for key in ("embed_dim", "vision_cfg", "text_cfg"):
@@ -201,7 +205,32 @@ def _model_class(model_cfg: dict):
     return open_clip.CLIP
 
 
+_POSITIVE_KEYS = {"vision_cfg": ("layers", "width", "patch_size", "image_size", "head_width", "mlp_ratio"),
+                  "text_cfg": ("layers", "width", "heads", "context_length", "vocab_size", "mlp_ratio")}
+
+
+def check_model_cfg(model_cfg: dict, where: str) -> None:
+    """Sizes that must be positive numbers (a zero width or negative layer count would build an empty or
+    broken tower that fails only later, or never): checked when a model is created or loaded."""
+    def positive(value) -> bool:
+        items = value if isinstance(value, (list, tuple)) else [value]
+        return bool(items) and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in items)
+
+    if not isinstance(model_cfg, dict):
+        raise ValueError(f"{where}: model config must be a JSON object")
+    if not positive(model_cfg.get("embed_dim")):
+        raise ValueError(f"{where}: embed_dim must be a positive integer, got {model_cfg.get('embed_dim')!r}")
+    for tower, keys in _POSITIVE_KEYS.items():
+        cfg = model_cfg.get(tower)
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{where}: {tower} must be a JSON object")
+        for key in keys:
+            if key in cfg and cfg[key] is not None and not positive(cfg[key]):
+                raise ValueError(f"{where}: {tower}.{key} must be positive, got {cfg[key]!r}")
+
+
 def _build(name: str, model_cfg: dict, preprocess_cfg: dict | None, seed: int) -> ModelBundle:
+    check_model_cfg(model_cfg, name)
     _refuse_hub_cfg(model_cfg, name)
     kwargs = {k: v for k, v in model_cfg.items() if k != "custom_text"}
     # Initial weights depend only on `seed`; fork_rng keeps the caller's RNG stream untouched
@@ -225,7 +254,12 @@ def _load_weights(bundle: ModelBundle, path: Path) -> None:
     .npz) through open_clip's own loader (prefix stripping, 3rd-party conversion, position-embedding
     resize), strictly: a checkpoint of another architecture is an error, not a partial load."""
     try:
+        # weights_only=True: torch's restricted unpickler refuses anything but tensors and plain values,
+        # so a planted pickle cannot run code; .npz goes through numpy without pickle support.
         open_clip.load_checkpoint(bundle.model, str(path), strict=True, weights_only=True)
+    except (pickle.UnpicklingError, SafetensorError, EOFError) as e:
+        raise ValueError(f"{path}: not a loadable weights file ({str(e)[:300]}); it is truncated, or holds "
+                         "something other than plain tensors (which is never unpickled)") from e
     except (RuntimeError, KeyError, ValueError, AssertionError) as e:  # open_clip asserts on shape changes
         raise ValueError(f"{path}: weights do not fit model {bundle.name!r}: {str(e)[:600]}") from e
     bundle.model.eval()
@@ -271,15 +305,37 @@ def fingerprint(bundle: ModelBundle) -> str:
 
 
 
-def save_model(bundle: ModelBundle, out_dir: str | os.PathLike) -> Path:
+MODEL_FILES = (WEIGHTS_FILE, CONFIG_FILE, ACED_FILE)
+
+
+def _check_model_target(out: Path, overwrite: bool) -> None:
+    """Refuse to replace anything but a model folder this project wrote, and that only with `overwrite`."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder")
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
+        return
+    foreign = [n for n in entries if n not in MODEL_FILES]
+    if foreign:
+        raise FileExistsError(f"{out} holds files this project did not write ({', '.join(foreign[:5])}"
+                              f"{', ...' if len(foreign) > 5 else ''}): refusing to replace it; choose another folder")
+    if not overwrite:
+        raise FileExistsError(f"{out} already holds a model; pass --overwrite to replace it")
+
+
+def save_model(bundle: ModelBundle, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write open_clip's local-dir layout + aced_model.json into `out_dir`, atomically: everything
     goes to a temp folder beside it (files fsynced), which then replaces `out_dir` by rename.
-    Readers see the old folder or the new one, never a mix."""
+    Readers see the old folder or the new one, never a mix. An existing folder is replaced only with
+    `overwrite` and only if it holds nothing but a model's own files (nothing else is ever deleted)."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
+    _check_model_target(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp = temp_sibling(out, mkdir=True)
     try:
         # clone: safetensors refuses tensors that share storage (e.g. tied weights).
         weights = {k: v.detach().cpu().contiguous().clone() for k, v in bundle.model.state_dict().items()}
@@ -295,19 +351,17 @@ def save_model(bundle: ModelBundle, out_dir: str | os.PathLike) -> Path:
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        fsync_dir(tmp)
-        if out.exists():
-            # A folder cannot be replaced by rename in one step: move the old one aside first.
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, old / "m")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-        fsync_dir(out.parent)
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
 
 
 def load_model(model_dir: str | os.PathLike, *, verify: bool = True) -> ModelBundle:
@@ -317,10 +371,10 @@ def load_model(model_dir: str | os.PathLike, *, verify: bool = True) -> ModelBun
     cfg_file = folder / CONFIG_FILE
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{folder}: not a model folder (no {CONFIG_FILE})")
-    cfg = json.loads(cfg_file.read_text())
-    if "model_cfg" not in cfg:
+    cfg = _read_json(cfg_file)
+    if not isinstance(cfg, dict) or "model_cfg" not in cfg:
         raise ValueError(f"{cfg_file}: lacks 'model_cfg'")
-    aced = json.loads((folder / ACED_FILE).read_text()) if (folder / ACED_FILE).is_file() else {}
+    aced = _read_json(folder / ACED_FILE) if (folder / ACED_FILE).is_file() else {}
     weights = next((folder / f for f in (WEIGHTS_FILE, "open_clip_pytorch_model.bin") if (folder / f).is_file()), None)
     if weights is None:
         raise FileNotFoundError(f"{folder}: no weights ({WEIGHTS_FILE})")

@@ -169,6 +169,15 @@ class TrainConfig:
             return self.batch_size
         return int(round(self.batch_size / (1.0 - self.filter_ratio)))
 
+    EXECUTION_FIELDS = ("num_workers", "device", "log_selections", "eval_zeroshot", "eval_retrieval",
+                        "kernel_backend", "checkpoint_every", "keep_checkpoints")
+    """How a run executes, not what it computes: these may change when a run resumes (kernel_backend
+    picks an implementation of the same scores; checkpoint spacing does not change any step)."""
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that define the run (compared on resume): everything but EXECUTION_FIELDS."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.EXECUTION_FIELDS}
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 

@@ -31,13 +31,15 @@ import torch
 from pipeline import losses
 from pipeline.distributed import SINGLE, Dist
 from pipeline.distributed import setup as setup_distributed
-from pipeline.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from pipeline.checkpoint import latest_checkpoint, load_checkpoint, load_weights, save_checkpoint
 from pipeline.flexi import at_resolution
 from pipeline.data import CacheSpec, PairIndex, SuperBatches, cached_model_meta, loader
 from pipeline.models import ModelBundle, create_model, load_model, save_model
 from pipeline.recipes import TrainConfig
 from pipeline.selection import SelectionConfig, select
 from storage.atomic import atomic_write_json
+from storage.shards import load_dataset
+from storage.workspace import FolderLock, held_by
 from storage.runlog import SELECTIONS_SCHEMA, ParquetLog
 
 log = logging.getLogger(__name__)
@@ -266,9 +268,11 @@ def _subset(batch: dict[str, Any], idx: torch.Tensor, n_teachers: int, teacher_o
 # the loop
 
 
-def _init_student(cfg: TrainConfig) -> ModelBundle:
+def _init_student(cfg: TrainConfig, *, resuming: bool) -> ModelBundle:
+    """The student before training: fresh weights from the seed, then `init_from` weights, unless the run
+    resumes from its own checkpoint (which replaces them all, so the init folder may be gone by then)."""
     bundle = create_model(cfg.model, seed=cfg.seed)
-    if cfg.init_from:
+    if cfg.init_from and not resuming:
         init = load_model(cfg.init_from)
         bundle.model.load_state_dict(init.model.state_dict())
         log.info("student initialised from %s", cfg.init_from)
@@ -276,16 +280,40 @@ def _init_student(cfg: TrainConfig) -> ModelBundle:
 
 
 def check_or_write_config(cfg: TrainConfig, run_dir: Path, group: Dist = SINGLE) -> None:
-    """Write run_dir/config.json (rank 0) or refuse a run folder that holds another config."""
+    """Write run_dir/config.json (rank 0) or refuse a run folder that holds another run.
+
+    Only the fields that define the run are compared (TrainConfig.identity): execution settings such as
+    the device, data workers or evaluation sets may change between a run and its resume; the file is
+    then rewritten with the new settings (torchrun ranks read it). Call this only with a config that has
+    passed every check (`validate_run`), so a failed start never leaves a config that blocks the retry."""
     saved_cfg = run_dir / "config.json"
-    if group.is_main and not saved_cfg.exists():
-        saved_cfg.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(saved_cfg, json.loads(cfg.to_json()))
+    if group.is_main:
+        if saved_cfg.exists():
+            previous = _saved_config(saved_cfg)
+            if previous.identity() != cfg.identity():
+                changed = sorted(k for k, v in cfg.identity().items() if previous.identity().get(k) != v)
+                raise ValueError(f"{run_dir} already holds another run ({saved_cfg}; differs in {', '.join(changed)}); "
+                                 "use a new run name, or the same settings to resume")
+        if not saved_cfg.exists() or _saved_config(saved_cfg) != cfg:
+            saved_cfg.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(saved_cfg, json.loads(cfg.to_json()))
     group.barrier()  # every rank sees the file rank 0 wrote
-    previous = TrainConfig.from_json(saved_cfg)
-    if previous != cfg:
-        raise ValueError(f"{run_dir} already holds a run with another config ({saved_cfg}); "
-                         "use a new run folder or the same config to resume")
+
+
+def _saved_config(path: Path) -> TrainConfig:
+    try:
+        return TrainConfig.from_json(path)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path}: not a valid run config ({e}); move the folder aside or fix the file") from e
+
+
+def validate_run(cfg: TrainConfig) -> None:
+    """The checks of a run's start that write nothing (model builds, caches exist, data opens), for a
+    launcher that must write config.json before its ranks start (`aced train --nproc`)."""
+    cache_specs(cfg)
+    create_model(cfg.model, seed=cfg.seed)
+    for d in cfg.train_data:
+        load_dataset(d)
 
 
 def train(cfg: TrainConfig, run_dir: Path, *, progress: bool | None = None) -> TrainResult:
@@ -300,14 +328,24 @@ def train(cfg: TrainConfig, run_dir: Path, *, progress: bool | None = None) -> T
     if group.active:
         group.shard_size(cfg.batch_size, "batch_size")
         group.shard_size(cfg.superbatch_size, "super-batch")
-    if group.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as owner:
+        if group.is_main:  # one owner per run folder; torchrun's rank 0 inherits the launcher's lock
+            owner.enter_context(own_run(run_dir))
+        return _train_owned(cfg, run_dir, device, group, progress)
+
+
+def _train_owned(cfg: TrainConfig, run_dir: Path, device: torch.device, group: Dist,
+                 progress: bool | None) -> TrainResult:
+    ckpt_dir = run_dir / "checkpoints"
+    latest = latest_checkpoint(ckpt_dir)
+    # Everything that can refuse the run happens before config.json is written (check_or_write_config).
+    ref_spec, teacher_specs = cache_specs(cfg)
+    torch.manual_seed(cfg.seed)
+    bundle = _init_student(cfg, resuming=latest is not None)
+    index = PairIndex(cfg.train_data)
     check_or_write_config(cfg, run_dir, group)
 
-    torch.manual_seed(cfg.seed)
-    bundle = _init_student(cfg)
     model = bundle.model.to(device)
-    ref_spec, teacher_specs = cache_specs(cfg)
     proj = None
     if cfg.spec.kd and cfg.kd_loss == "fm":
         d_student = model.text_projection.shape[1] if hasattr(model, "text_projection") else bundle.embed_dim
@@ -315,11 +353,9 @@ def train(cfg: TrainConfig, run_dir: Path, *, progress: bool | None = None) -> T
         model.add_module("kd_projection", proj)  # saved and optimised with the student
     opt, sched = build_optimizer(cfg, model)
 
-    ckpt_dir = run_dir / "checkpoints"
     metrics_log = ParquetLog(run_dir / "metrics")
     selections_log = ParquetLog(run_dir / "selections", schema=SELECTIONS_SCHEMA)
     start = 0
-    latest = latest_checkpoint(ckpt_dir)
     if latest is not None:
         state = load_checkpoint(latest, model=model, optimizer=opt, scheduler=sched)
         start = int(state["step"])
@@ -334,13 +370,12 @@ def train(cfg: TrainConfig, run_dir: Path, *, progress: bool | None = None) -> T
     if start >= cfg.steps:  # already finished: nothing to read or train; export only what is missing
         model_dir = run_dir / "model"
         if group.is_main and not (model_dir / "open_clip_config.json").exists():
-            export_model(run_dir, model_dir)
+            export_model(run_dir, model_dir, overwrite=True)
         group.barrier()
         log.info("%s: finished run (step %d), nothing to do", run_dir, start)
         return TrainResult(run_dir=run_dir, step=start, metrics={}, model_dir=model_dir)
 
     caches = ([ref_spec] if ref_spec else []) + teacher_specs
-    index = PairIndex(cfg.train_data)
     data = SuperBatches(index, size=cfg.superbatch_size, seed=cfg.seed, window=cfg.shuffle_window,
                         preprocess=bundle.preprocess, tokenizer=bundle.tokenizer, caches=caches,
                         on_bad_sample=cfg.on_bad_sample, shard=(group.rank, group.world))
@@ -426,7 +461,7 @@ def train(cfg: TrainConfig, run_dir: Path, *, progress: bool | None = None) -> T
         raise RuntimeError(f"{run_dir}: training ended without a checkpoint")
     model_dir = run_dir / "model"
     if group.is_main:
-        export_model(run_dir, model_dir)
+        export_model(run_dir, model_dir, overwrite=True)
     group.barrier()
     return TrainResult(run_dir=run_dir, step=cfg.steps, metrics=last, model_dir=model_dir)
 
@@ -440,23 +475,37 @@ def _checkpoint(cfg, ckpt_dir, done, model, opt, sched, metrics_log, selections_
                     state={"config": json.loads(cfg.to_json())}, keep=cfg.keep_checkpoints)
 
 
-def export_model(run_dir: Path, out_dir: Path) -> Path:
-    """Write the run's latest weights as a model folder that the cache stage and `aced eval` load."""
-    cfg = TrainConfig.from_json(Path(run_dir) / "config.json")
+def export_model(run_dir: Path, out_dir: Path, *, overwrite: bool = False) -> Path:
+    """Write the run's latest weights as a model folder that the cache stage and `aced eval` load.
+    Reads only the config and the checkpoint's weights (never optimizer or RNG state)."""
+    cfg = _saved_config(Path(run_dir) / "config.json")
     ckpt = latest_checkpoint(Path(run_dir) / "checkpoints")
     if ckpt is None:
         raise FileNotFoundError(f"{run_dir}: no checkpoint to export")
     bundle = create_model(cfg.model, seed=cfg.seed)
     if cfg.spec.kd and cfg.kd_loss == "fm":
         # The projection head is a training-only part; the exported model is the plain two-tower model.
-        from safetensors.torch import load_file
-        weights = {k: v for k, v in load_file(str(ckpt / "model.safetensors")).items()
-                   if not k.startswith("kd_projection.")}
-        bundle.model.load_state_dict(weights)
+        load_weights(ckpt, model=bundle.model, drop_prefix="kd_projection.")
     else:
-        load_checkpoint(ckpt, model=bundle.model)
-    save_model(bundle, out_dir)
+        load_weights(ckpt, model=bundle.model)
+    save_model(bundle, out_dir, overwrite=overwrite)
     return Path(out_dir)
+
+
+RUN_LOCK_ENV = "ACED_RUN_LOCK_PID"  # set by a launcher that holds the run's lock for its torchrun ranks
+
+
+@contextlib.contextmanager
+def own_run(run_dir: Path):
+    """Exclusive ownership of a run folder for this process (storage.workspace.FolderLock), released on
+    every exit path, SIGKILL included. A torchrun rank 0 started by `aced train --nproc` runs under its
+    launcher's lock: it checks that the launcher named in RUN_LOCK_ENV is the recorded holder."""
+    launcher = os.environ.get(RUN_LOCK_ENV)
+    if launcher and held_by(run_dir) == int(launcher):
+        yield
+        return
+    with FolderLock(run_dir, "run"):
+        yield
 
 
 # ---------------------------------------------------------------------------------------------

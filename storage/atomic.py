@@ -80,3 +80,36 @@ def sha256_file(path: str | os.PathLike, *, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def temp_sibling(path: str | os.PathLike, *, mkdir: bool = False) -> Path:
+    """A hidden temporary name beside `path` (`.<name>.<random>.tmp`, see `is_temp_name`)."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}{TMP_SUFFIX}"
+    if mkdir:
+        tmp.mkdir(parents=True)
+    return tmp
+
+
+def replace_dir(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Move the complete folder `src` to `dst` (same parent), replacing `dst` if it exists.
+
+    A folder cannot replace a non-empty folder in one rename, so an existing `dst` is first renamed
+    to a hidden temporary sibling (still a complete copy), then `src` is renamed into place, then the
+    old copy is deleted. A crash leaves `dst` as the old or the new folder, or missing with the old
+    one intact under its temporary name (which `aced inspect` reports and the next writer removes).
+    The caller fsyncs `src`'s files before calling; this fsyncs the parent after the renames.
+    """
+    import shutil
+
+    src, dst = Path(src), Path(dst)
+    fsync_dir(src)
+    if dst.exists():
+        old = temp_sibling(dst)
+        os.replace(dst, old)
+        os.replace(src, dst)
+        fsync_dir(dst.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+    fsync_dir(dst.parent)

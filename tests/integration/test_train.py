@@ -41,7 +41,7 @@ def test_rerun_of_a_finished_run_is_a_no_op_and_other_config_is_refused(syntheti
     before = _metrics(tmp_path / "run")
     train(cfg, tmp_path / "run", progress=False)
     assert _metrics(tmp_path / "run") == before
-    with pytest.raises(ValueError, match="another config"):
+    with pytest.raises(ValueError, match="another run"):
         train(recipe("tiny", method="iid", train_data=(str(synthetic_dataset),), steps=4), tmp_path / "run")
 
 

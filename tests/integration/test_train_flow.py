@@ -118,7 +118,7 @@ def test_rerun_of_a_finished_flow_keeps_the_run(flow_run, datasets):
     out = train_flow(json.loads(tiny_config(datasets["student"][0]).to_json()), str(run_dir), None)
     assert out["eval"] == {}
     assert (ckpt.stat().st_mtime_ns, metrics(run_dir)) == before
-    with pytest.raises(ValueError, match="another config"):
+    with pytest.raises(ValueError, match="another run"):
         other = dataclasses.replace(tiny_config(datasets["student"][0]), steps=STEPS + 1)
         train_flow(json.loads(other.to_json()), str(run_dir), None)
 
