@@ -95,23 +95,36 @@ def _opts(args) -> dict:
 
 
 def _report(infos: dict, t0: float) -> int:
-    total = 0
+    """One line per dataset, then the totals. "skipped" is every pair the import logged a "skipping"
+    line for (importer + writer, and rows of a caption table once, not once per split), so the
+    summary and the log always agree."""
+    total = skipped = dups = 0
     for name, info in infos.items():
         total += info.rows
-        extra = info.extra.get("skipped_at_import", 0) + info.skipped
+        n_skip = info.extra.get("skipped_at_import", 0) + info.skipped
+        n_dup = info.extra.get("duplicate_captions_dropped", 0)
+        skipped += n_skip
+        dups += n_dup
+        notes = [f"{n_skip} skipped"] * bool(n_skip) + [f"{n_dup} duplicate captions dropped"] * bool(n_dup)
         print(f"{info.name}: {info.rows} pairs in {len(info.shards)} shard(s) -> {info.path}"
-              + (f" ({extra} skipped)" if extra else ""))
-    print(f"{total} pairs in {time.perf_counter() - t0:.1f} s")
+              + (f" ({', '.join(notes)})" if notes else ""))
+    table = next(iter(infos.values())).extra.get("skipped_rows_in_caption_table", 0) if infos else 0
+    if table:
+        print(f"caption table: {table} rows skipped")
+        skipped += table
+    notes = [f"{skipped} skipped"] * bool(skipped) + [f"{dups} duplicate captions dropped"] * bool(dups)
+    print(f"{total} pairs in {time.perf_counter() - t0:.1f} s" + (f" ({', '.join(notes)})" if notes else ""))
     return 0
 
 
 def _run(fn) -> int:
-    """Run an import, turning the expected failures into one clear line and exit code 1."""
+    """Run an import, turning the expected failures into one clear line and exit code 1 (OSError:
+    a full disk, a permission problem, an unreadable source: each names its file)."""
     from storage.shards import ShardError
 
     try:
         return fn()
-    except (ShardError, FileNotFoundError, FileExistsError, ValueError) as e:
+    except (ShardError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 

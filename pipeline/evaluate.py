@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import logging
 import math
 import queue
@@ -30,9 +29,9 @@ from typing import Iterable, Iterator, Mapping, Sequence
 import faiss
 import numpy as np
 import torch
-from PIL import Image
 
 from storage.atomic import atomic_write_bytes, atomic_write_json
+from storage.shards import decode_image
 from storage.shards import ShardError, ShardRef, iter_samples, list_shards, load_dataset
 
 log = logging.getLogger(__name__)
@@ -86,11 +85,7 @@ def _eval_mode(bundle):
 
 
 def _decode(shard: ShardRef, key: str, data: bytes, preprocess) -> torch.Tensor:
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            return preprocess(im.convert("RGB"))
-    except Exception as e:  # PIL raises several types; name the sample whatever it was
-        raise ShardError(f"{shard.tar_path}: sample {key!r}: cannot decode image ({e})") from e
+    return preprocess(decode_image(data, where=f"{shard.tar_path}: sample {key!r}"))  # ImageError names the sample
 
 
 def _samples(dataset_dir: Path):

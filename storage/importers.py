@@ -13,9 +13,13 @@ sees are the originals); other formats are decoded and re-encoded to JPEG for ca
 Every image is fully decoded once at import, so a corrupt file is caught here, naming the file,
 instead of in the middle of training.
 
-Bad input (unreadable/undecodable image, missing file, empty caption, malformed row, duplicate uid)
-raises ShardError naming the file and the sample, or with on_error="skip" is logged and counted
-(`_dataset.json` "skipped").
+Bad input (unreadable/undecodable image, missing file, empty caption, malformed row, duplicate uid,
+an image path that leaves the image folder, a file name that is not UTF-8) raises ShardError naming
+the file and the sample, or with on_error="skip" is logged and counted (`_dataset.json` "skipped",
+"skipped_at_import"); one log line per skip, saying how many pairs it dropped, so the counts and the
+log agree. Text files (caption tables, split lists, COCO JSON) must be UTF-8 (a byte-order mark is
+accepted). A caption repeated for one image (same image, same text) is one pair: repeats are dropped,
+counted (`_dataset.json` "duplicate_captions_dropped") and logged.
 """
 from __future__ import annotations
 
@@ -28,14 +32,13 @@ import re
 import tarfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Iterable, Iterator
 
 import pyarrow.parquet as pq
-from PIL import Image
 
-from storage.shards import (IMAGE_EXTS, DatasetInfo, OnError, Sample, ShardError, image_format, image_size,
-                            make_uid, write_shards)
+from storage.shards import (IMAGE_EXTS, DatasetInfo, ImageError, OnError, Sample, ShardError, decode_image,
+                            image_format, image_size, make_uid, write_shards)
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +67,13 @@ class _Skips:
             raise ValueError(f"on_error must be 'raise' or 'skip', got {self.on_error!r}")
 
     def bad(self, msg: str, *, kind: str, n: int = 1) -> None:
+        """Raise, or count `n` skipped pairs (all captions of one bad image are one call) and log one
+        line that says how many: the import summary is the sum of what these lines say."""
         if self.on_error == "raise":
             raise ShardError(msg)
         self.count += n
         self.reasons[kind] = self.reasons.get(kind, 0) + n
-        log.warning("skipping %s", msg)
+        log.warning("skipping %s%s", f"{n} pairs: " if n != 1 else "", msg, extra={"skipped_pairs": n})
 
     def snapshot(self) -> tuple[int, dict[str, int]]:
         return self.count, dict(self.reasons)
@@ -81,28 +86,78 @@ class _Skips:
 
 def load_image(path: Path) -> tuple[bytes, int, int]:
     """(JPEG bytes, width, height) of an image file: JPEG bytes as-is, other formats re-encoded.
-    The image is fully decoded either way (raises ValueError naming the problem if it cannot be)."""
+    The image is fully decoded either way (raises ImageError naming the file if it cannot be)."""
     data = path.read_bytes()
-    return jpeg_bytes(data)
+    return jpeg_bytes(data, where=str(path))
 
 
-def jpeg_bytes(data: bytes) -> tuple[bytes, int, int]:
+def jpeg_bytes(data: bytes, *, where: str = "") -> tuple[bytes, int, int]:
     if not data:
-        raise ValueError("empty file")
-    w, h = image_size(data, decode=True)
+        raise ImageError(f"{where}: empty file" if where else "empty file")
+    rgb = decode_image(data, where=where)  # the project's one decoder (16-bit greyscale scaled, pixel limit)
     if image_format(data) == "jpg":
-        return data, w, h
-    with Image.open(io.BytesIO(data)) as im:
-        rgb = im.convert("RGB")
+        return data, rgb.width, rgb.height
     buf = io.BytesIO()
     rgb.save(buf, format="JPEG", quality=JPEG_QUALITY)
-    return buf.getvalue(), w, h
+    return buf.getvalue(), rgb.width, rgb.height
+
+
+def _image_problem(exc: Exception, path: Path) -> str:
+    """The message of a failed `load_image(path)`: ImageError already names the file."""
+    return str(exc) if isinstance(exc, ImageError) else f"{path}: {exc}"
 
 
 def _image_id(rel: str) -> str:
     """Image id = path relative to the image folder, without the suffix ("a/b.jpg" -> "a/b")."""
     p = Path(rel)
     return p.with_suffix("").as_posix()
+
+
+def _image_ids(names: Iterable[str], *, where: str) -> dict[str, str]:
+    """{image name: image id}: the name without its suffix, or, for names whose suffix-less forms
+    collide ("x.webp" and "x.tiff" in one folder), the whole name, so two files never share an id
+    (an id groups the captions of one image in retrieval, and feeds every pair's uid)."""
+    names = list(names)
+    stems: dict[str, int] = {}
+    for n in names:
+        stems[_image_id(n)] = stems.get(_image_id(n), 0) + 1
+    ids = {n: _image_id(n) if stems[_image_id(n)] == 1 else PurePosixPath(n).as_posix() for n in names}
+    owner: dict[str, str] = {}
+    for n, i in ids.items():
+        if i in owner:
+            raise ShardError(f"{where}: images {owner[i]!r} and {n!r} would get the same image id {i!r}: rename one")
+        owner[i] = n
+    return ids
+
+
+def _leaves_folder(rel: str) -> bool:
+    """True if the relative image path `rel` can name a file outside its image folder (absolute, or with
+    a '..' part): a caption table must not pull in any readable image on the machine."""
+    return os.path.isabs(rel) or ".." in PurePosixPath(rel).parts
+
+
+def read_text(path: Path) -> str:
+    """The text of a UTF-8 file (a leading byte-order mark is accepted and dropped); ShardError naming
+    the file and the line of the first byte that is not UTF-8 otherwise."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        body = e.object  # without the BOM; e.start counts from here
+        line = body.count(b"\n", 0, e.start) + 1
+        col = e.start - (body.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ShardError(f"{path}:{line}: not UTF-8 (byte {body[e.start]:#04x} at column {col}); "
+                         f"save the file as UTF-8") from None
+
+
+def _raw_name(name: str) -> str | None:
+    """repr of the bytes of a file name that is not valid UTF-8 (Python carries such names as lone
+    surrogates, which fail later, deep inside JSON/Arrow encoding), or None for a good name."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return repr(os.fsencode(name))
+    return None
 
 
 # --------------------------------------------------------------------------- captions table
@@ -126,7 +181,7 @@ def read_caption_table(path: Path, skips: _Skips) -> list[tuple[str, str, int]]:
     """Rows (image name, caption, line number) of a CSV/TSV with a header naming `image` and `caption`."""
     delim = "\t" if path.suffix.lower() in (".tsv", ".txt") else ","
     out = []
-    with open(path, newline="", encoding="utf-8") as f:
+    with io.StringIO(read_text(path), newline="") as f:
         reader = csv.reader(f, delimiter=delim)
         try:
             header = [h.strip().lower() for h in next(reader)]
@@ -143,10 +198,13 @@ def read_caption_table(path: Path, skips: _Skips) -> list[tuple[str, str, int]]:
             caption = row[ci].strip() if ci < len(row) else ""
             if not image:
                 skips.bad(f"{path}:{line}: row has no image name", kind="no image name")
+            elif _leaves_folder(image):
+                skips.bad(f"{path}:{line}: image path {image!r} leaves the image folder (absolute or '..'): refused",
+                          kind="path outside image folder")
             elif not caption:
                 skips.bad(f"{path}:{line}: image {image!r}: empty or missing caption", kind="empty caption")
             else:
-                out.append((image, caption, line))
+                out.append((PurePosixPath(image).as_posix(), caption, line))  # "./a.jpg" is "a.jpg"
     return out
 
 
@@ -154,14 +212,35 @@ def read_split_lists(splits: Path) -> dict[str, list[str]]:
     """{split: [image names]} from `<splits>/<split>.txt` (one name per line)."""
     out = {}
     for p in sorted(splits.glob("*.txt")):
-        out[p.stem] = [ln.strip() for ln in p.read_text("utf-8").splitlines() if ln.strip()]
+        out[p.stem] = [PurePosixPath(ln.strip()).as_posix() for ln in read_text(p).splitlines() if ln.strip()]
     if not out:
         raise FileNotFoundError(f"{splits}: no <split>.txt files")
     return out
 
 
+def _dedupe(caps: list[tuple[str, int]]) -> tuple[list[tuple[str, int]], list[tuple[int, int]]]:
+    """(captions of one image without repeats of the same text, [(dropped line, line it repeats)]):
+    the same caption twice for one image is one pair, not two (it would be trained and scored twice)."""
+    first: dict[str, int] = {}
+    kept, dropped = [], []
+    for caption, line in caps:
+        if caption in first:
+            dropped.append((line, first[caption]))
+        else:
+            first[caption] = line
+            kept.append((caption, line))
+    return kept, dropped
+
+
+def _log_duplicates(table: Path, dropped: list[tuple[int, int]], *, unit: str = "line") -> None:
+    if dropped:
+        line, orig = dropped[0]
+        log.warning("%s: dropped %d duplicate caption(s) (same image, same text; e.g. %s %d repeats %s %d)",
+                    table, len(dropped), unit, line, unit, orig)
+
+
 def _caption_samples(groups: Iterable[tuple[str, list[tuple[str, int]]]], images: Path, captions: Path, *,
-                     source: str, split: str | None, skips: _Skips) -> Iterator[Sample]:
+                     ids: dict[str, str], source: str, split: str | None, skips: _Skips) -> Iterator[Sample]:
     """Samples for (image name, [(caption, line)]) groups; each image is read and checked once."""
     n = 0
     for image, caps in groups:
@@ -172,9 +251,10 @@ def _caption_samples(groups: Iterable[tuple[str, list[tuple[str, int]]]], images
             skips.bad(f"{path}: missing image (referenced by {captions}:{caps[0][1]})", kind="missing image", n=len(caps))
             continue
         except (OSError, ValueError) as e:
-            skips.bad(f"{path}: {e} (referenced by {captions}:{caps[0][1]})", kind="bad image", n=len(caps))
+            skips.bad(f"{_image_problem(e, path)} (referenced by {captions}:{caps[0][1]})", kind="bad image",
+                      n=len(caps))
             continue
-        image_id = _image_id(image)
+        image_id = ids[image]
         for ordinal, (caption, _line) in enumerate(caps):
             yield Sample(key=f"{n:08d}", uid=make_uid(source, image_id, caption, ordinal), image_bytes=data,
                          caption=caption, image_id=image_id, width=w, height=h, source=source, split=split)
@@ -207,6 +287,15 @@ def import_captions(src: str | os.PathLike, root: str | os.PathLike, name: str, 
     by_image: OrderedDict[str, list[tuple[str, int]]] = OrderedDict()
     for image, caption, line in rows:
         by_image.setdefault(image, []).append((caption, line))
+    dropped: dict[str, int] = {}  # image -> repeated captions dropped
+    all_dropped = []
+    for image, caps in by_image.items():
+        by_image[image], d = _dedupe(caps)
+        if d:
+            dropped[image] = len(d)
+            all_dropped += d
+    _log_duplicates(captions, sorted(all_dropped))
+    ids = _image_ids(by_image, where=str(captions))
     plan: dict[str | None, list[str]]
     if splits is None:
         plan = {None: list(by_image)}
@@ -235,14 +324,16 @@ def import_captions(src: str | os.PathLike, root: str | os.PathLike, name: str, 
     for split, names in plan.items():
         ds_name = name if split is None else f"{name}/{split}"
         groups = ((n, by_image[n]) for n in names)
-        samples = _caption_samples(groups, images, captions, source=source, split=split, skips=skips)
+        samples = _caption_samples(groups, images, captions, ids=ids, source=source, split=split, skips=skips)
         before = skips.snapshot()
+        dups = sum(dropped.get(n, 0) for n in names)
         info = write_shards(samples, dataset_dir(root, ds_name), name=ds_name,
                             source=f"captions:{captions.resolve()}", samples_per_shard=samples_per_shard,
                             on_error=on_error, overwrite=overwrite,
                             extra=lambda: {**skips.extra(before),
                                            "skipped_rows_in_caption_table": table_skips["skipped_at_import"],
-                                           "caption_table_skip_reasons": table_skips["skip_reasons"]})
+                                           "caption_table_skip_reasons": table_skips["skip_reasons"],
+                                           "duplicate_captions_dropped": dups})
         out[split or ""] = info
         log.info("imported %s: %d pairs, %d images, %d shards", ds_name, info.rows, len(names), len(info.shards))
     if skips.count:
@@ -260,18 +351,20 @@ def import_coco(annotations: str | os.PathLike, images: str | os.PathLike, root:
     in the order of `images[]`; image_id = str(COCO image id); `split` fills the split column."""
     annotations, images = Path(annotations), Path(images)
     try:
-        doc = json.loads(annotations.read_text("utf-8"))
+        doc = json.loads(read_text(annotations))
         imgs, anns = doc["images"], doc["annotations"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ShardError(f"{annotations}: not a COCO captions file ({type(e).__name__}: {e})") from None
     skips = _Skips(on_error)
     source = name.split("/")[0]
     files: OrderedDict[str, str] = OrderedDict()
+    row_of: dict[str, int] = {}  # COCO image id -> index in images[] (for messages)
     for i, im in enumerate(imgs):
         try:
             files[str(im["id"])] = str(im["file_name"])
         except (KeyError, TypeError):
             raise ShardError(f"{annotations}: images[{i}] has no id/file_name") from None
+        row_of[str(im["id"])] = i
     caps: dict[str, list[tuple[str, int]]] = {}
     for i, a in enumerate(anns):
         iid = str(a.get("image_id")) if isinstance(a, dict) else None
@@ -282,6 +375,16 @@ def import_coco(annotations: str | os.PathLike, images: str | os.PathLike, root:
             skips.bad(f"{annotations}: annotations[{i}] (image_id {iid}): empty or missing caption", kind="empty caption")
         else:
             caps.setdefault(iid, []).append((caption, i))
+    all_dropped = []
+    for iid in caps:
+        caps[iid], d = _dedupe(caps[iid])
+        all_dropped += d
+    _log_duplicates(annotations, sorted(all_dropped), unit="annotation")
+    for iid, file_name in list(files.items()):
+        if iid in caps and _leaves_folder(file_name):
+            skips.bad(f"{annotations}: images[{row_of[iid]}] (image_id {iid}): file_name {file_name!r} leaves the "
+                      f"image folder (absolute or '..'): refused", kind="path outside image folder", n=len(caps[iid]))
+            del caps[iid]
 
     def samples() -> Iterator[Sample]:
         n = 0
@@ -295,7 +398,7 @@ def import_coco(annotations: str | os.PathLike, images: str | os.PathLike, root:
                 skips.bad(f"{path}: missing image (COCO image_id {iid})", kind="missing image", n=len(caps[iid]))
                 continue
             except (OSError, ValueError) as e:
-                skips.bad(f"{path}: {e} (COCO image_id {iid})", kind="bad image", n=len(caps[iid]))
+                skips.bad(f"{_image_problem(e, path)} (COCO image_id {iid})", kind="bad image", n=len(caps[iid]))
                 continue
             for ordinal, (caption, _) in enumerate(caps[iid]):
                 yield Sample(key=f"{n:08d}", uid=make_uid(source, iid, caption, ordinal), image_bytes=data,
@@ -304,7 +407,7 @@ def import_coco(annotations: str | os.PathLike, images: str | os.PathLike, root:
 
     info = write_shards(samples(), dataset_dir(root, name), name=name, source=f"coco:{annotations.resolve()}",
                         samples_per_shard=samples_per_shard, on_error=on_error, overwrite=overwrite,
-                        extra=lambda: skips.extra())
+                        extra=lambda: {**skips.extra(), "duplicate_captions_dropped": len(all_dropped)})
     return info
 
 
@@ -398,9 +501,9 @@ def import_webdataset(src: str | os.PathLike, root: str | os.PathLike, name: str
                     continue
                 data = m[exts[0]]
                 try:
-                    w, h = image_size(data, decode=True)
-                except ValueError as e:
-                    skips.bad(f"{where}: {e}", kind="bad image")
+                    w, h = image_size(data, decode=True, where=where)
+                except ImageError as e:
+                    skips.bad(str(e), kind="bad image")
                     continue
                 if image_format(data) is None:
                     skips.bad(f"{where}: image is not JPEG/PNG/WebP (kept untouched, so not accepted)", kind="bad image")
@@ -433,38 +536,81 @@ def import_webdataset(src: str | os.PathLike, root: str | os.PathLike, name: str
 
 # --------------------------------------------------------------------------- class folders
 
+def _class_images(folder: Path) -> list[str]:
+    """Image files below one class folder, as sorted relative posix paths, sub-folders included
+    (hidden files and folders left out; symlinked folders not followed)."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        rel = Path(dirpath).relative_to(folder)
+        out += [(rel / f).as_posix() for f in filenames
+                if not f.startswith(".") and Path(f).suffix.lower() in _IMAGE_SUFFIXES]
+    return sorted(out)
+
+
 def import_class_folders(src: str | os.PathLike, root: str | os.PathLike, name: str, *, samples_per_shard: int = 1000,
                          on_error: OnError = "raise", overwrite: bool = False) -> DatasetInfo:
     """Import `<src>/<class>/<image>` as a zero-shot set `<name>`: label = index of the class in the
-    sorted folder names, caption = the class name ('_' read as a space), image_id = "<class>/<stem>";
-    `_dataset.json` records "classnames" (index = label)."""
+    sorted folder names, caption = the class name ('_' read as a space), image_id = "<class>/<stem>"
+    (the whole file name where two files differ only in their suffix); `_dataset.json` records
+    "classnames" (index = label). Images in sub-folders of a class folder (`<class>/<sub>/<image>`)
+    belong to that class (image_id "<class>/<sub>/<stem>"); their number is logged and recorded
+    ("images_in_subfolders"). A file or folder name that is not UTF-8 is bad input (ShardError naming
+    it, or with on_error="skip" a counted, logged skip)."""
     src = Path(src)
-    classes = sorted(p.name for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
+    skips = _Skips(on_error)
+    folders = sorted(p.name for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes = []
+    for cls in folders:
+        raw = _raw_name(cls)
+        if raw is None:
+            classes.append(cls)
+        else:
+            skips.bad(f"{src}: class folder name {raw} is not UTF-8", kind="non-UTF-8 name",
+                      n=len(_class_images(src / cls)))
     if not classes:
         raise FileNotFoundError(f"{src}: no class folders")
+    loose = [p.name for p in src.iterdir() if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES]
+    if loose:
+        log.warning("%s: %d images outside any class folder ignored (e.g. %r)", src, len(loose), loose[0])
     classnames = [c.replace("_", " ") for c in classes]
-    skips = _Skips(on_error)
     source = name.split("/")[0]
+    nested = 0
 
     def samples() -> Iterator[Sample]:
+        nonlocal nested
         n = 0
         for label, cls in enumerate(classes):
-            files = sorted(p for p in (src / cls).iterdir()
-                           if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in _IMAGE_SUFFIXES)
+            files = []
+            for rel in _class_images(src / cls):
+                raw = _raw_name(rel)
+                if raw is not None:
+                    skips.bad(f"{src / cls}: file name {raw} is not UTF-8", kind="non-UTF-8 name")
+                else:
+                    files.append(rel)
             if not files:
                 log.warning("%s: class folder has no images", src / cls)
-            for p in files:
+            sub = sum("/" in rel for rel in files)
+            if sub:
+                log.info("%s: %d images in sub-folders, imported as class %r", src / cls, sub, classnames[label])
+                nested += sub
+            ids = _image_ids(files, where=str(src / cls))
+            for rel in files:
+                p = src / cls / rel
                 try:
                     data, w, h = load_image(p)
                 except (OSError, ValueError) as e:
-                    skips.bad(f"{p}: {e}", kind="bad image")
+                    skips.bad(_image_problem(e, p), kind="bad image")
                     continue
-                image_id = f"{cls}/{p.stem}"
+                image_id = f"{cls}/{ids[rel]}"
                 caption = classnames[label]
                 yield Sample(key=f"{n:08d}", uid=make_uid(source, image_id, caption, 0), image_bytes=data,
                              caption=caption, image_id=image_id, width=w, height=h, source=source, label=label)
                 n += 1
+        if nested:
+            log.warning("%s: %d images in sub-folders of class folders imported under their top-level class",
+                        src, nested)
 
     return write_shards(samples(), dataset_dir(root, name), name=name, source=f"classes:{src.resolve()}",
                         samples_per_shard=samples_per_shard, on_error=on_error, overwrite=overwrite,
-                        extra=lambda: {**skips.extra(), "classnames": classnames})
+                        extra=lambda: {**skips.extra(), "classnames": classnames, "images_in_subfolders": nested})
