@@ -12,7 +12,6 @@ any mismatch): a stale, partial or foreign cache is never used silently.
 """
 from __future__ import annotations
 
-import io
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -24,7 +23,8 @@ import torch
 from PIL import Image
 
 from storage.cache import ModelMeta, read_cache_shard
-from storage.shards import ShardError, ShardRef, check_tar_sha256, iter_samples, list_shards, load_dataset, read_metadata
+from storage.shards import (ImageError, ShardError, ShardRef, check_tar_sha256, decode_image, iter_samples,
+                            list_shards, load_dataset, read_metadata)
 
 log = logging.getLogger(__name__)
 
@@ -202,14 +202,14 @@ class SuperBatches(torch.utils.data.Dataset):
 
     def _decode(self, data: bytes, ref: ShardRef, uid: str) -> torch.Tensor | None:
         try:
-            with Image.open(io.BytesIO(data)) as im:
-                return self.preprocess(im.convert("RGB"))
-        except Exception as exc:  # PIL raises many types for corrupt data
+            image = decode_image(data, where=f"{ref.tar_path}: sample uid={uid}")
+        except ImageError as exc:
             if self.on_bad_sample == "skip":
                 self.skipped += 1
-                log.warning("%s: sample uid=%s has an undecodable image (%s): skipped", ref.tar_path, uid, exc)
+                log.warning("skipping %s", exc)
                 return None
-            raise ShardError(f"{ref.tar_path}: sample uid={uid}: undecodable image: {exc}") from exc
+            raise
+        return self.preprocess(image)
 
     def __getitem__(self, step: int) -> dict[str, Any]:
         ids = self._ids(step)

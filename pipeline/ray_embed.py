@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import io
 import logging
 import os
 import tempfile
@@ -50,7 +49,7 @@ import numpy as np
 import pyarrow as pa
 
 from storage.cache import CacheError, CacheWriter, ModelMeta, cache_dir, read_cache_shard
-from storage.shards import ShardRef, check_tar_sha256, find_datasets, iter_samples, list_shards
+from storage.shards import ShardRef, check_tar_sha256, decode_image, find_datasets, iter_samples, list_shards
 
 # torch, PIL and the models are imported where they are used: the Ray read tasks import this
 # module too, and a worker process that only reads shards should not pay seconds for torch.
@@ -331,17 +330,10 @@ class MultiModelEmbedder:
         `where` names the chunk (dataset/shard:start) in decode errors.
         """
         import torch
-        from PIL import Image
 
         model_ids = list(model_ids)
-        pil = []
-        for i, data in enumerate(images):
-            try:
-                im = Image.open(io.BytesIO(data))
-                im.load()
-            except Exception as e:  # PIL raises several types for corrupt files
-                raise ValueError(f"{where} row {i}: undecodable image ({type(e).__name__}: {e})") from None
-            pil.append(im)
+        # ImageError (a ValueError) names the chunk and row
+        pil = [decode_image(data, where=f"{where} row {i}") for i, data in enumerate(images)]
         pixels: dict[str, "torch.Tensor"] = {}
         out = {}
         with torch.inference_mode():
