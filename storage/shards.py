@@ -33,7 +33,6 @@ import re
 import shutil
 import secrets
 import tarfile
-import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -197,7 +196,8 @@ class ImageError(ShardError, ValueError):
 
 
 # Decompression-bomb limit: a few hundred bytes of PNG can claim gigapixels. PIL only warns above its
-# own limit (and raises above twice that), so the limit is enforced here, as an error, for every decode.
+# own limit (and raises above twice that), so the limit is enforced here, as an error, for every decode
+# (checked on the header size, before any pixel is decoded).
 MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 
 
@@ -221,15 +221,15 @@ def decode_image(data: bytes, *, where: str = "") -> Image.Image:
     """
     prefix = f"{where}: " if where else ""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit below, as an error
-            with Image.open(io.BytesIO(data)) as im:
-                w, h = im.size
-                if w * h > MAX_IMAGE_PIXELS:
-                    raise ImageError(f"{prefix}image is {w}x{h} = {w * h} pixels, above the limit of "
-                                     f"{MAX_IMAGE_PIXELS} (decompression bomb?)")
-                im.load()
-                return _to_rgb(im)
+        # (No warnings.catch_warnings around PIL's own bomb warning: it changes process-wide state and
+        # evaluation decodes in threads. The warning can only come with the error raised just below.)
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+            if w * h > MAX_IMAGE_PIXELS:
+                raise ImageError(f"{prefix}image is {w}x{h} = {w * h} pixels, above the limit of "
+                                 f"{MAX_IMAGE_PIXELS} (decompression bomb?)")
+            im.load()
+            return _to_rgb(im)
     except ImageError:
         raise
     except Exception as e:  # PIL raises several types (UnidentifiedImageError, OSError, SyntaxError, bomb errors...)
@@ -396,12 +396,18 @@ def remove_stale_work_dirs(out_dir: str | os.PathLike) -> list[Path]:
         for p in work_dirs(out_dir):
             if p.is_symlink() or not p.is_dir():
                 continue
-            fd = _lock_dir(p, wait=False)
+            try:
+                fd = _lock_dir(p, wait=False)
+            except FileNotFoundError:  # its writer finished (renamed or removed it) since the listing
+                continue
             if fd is None:
                 log.info("%s: in use by a running write (or not lockable here), left alone", p)
                 continue
             try:
                 shutil.rmtree(p)
+            except OSError as e:  # a leftover we cannot delete must not stop the new import
+                log.warning("%s: left by an interrupted write, but cannot be removed (%s)", p, e)
+                continue
             finally:
                 os.close(fd)
             removed.append(p)

@@ -381,3 +381,42 @@ def test_one_decoder_everywhere(tmp_path, monkeypatch):
     monkeypatch.setattr(shards, "MAX_IMAGE_PIXELS", 100)
     with pytest.raises(ImageError, match=r"where: image is 16x12 = 192 pixels, above the limit of 100"):
         decode_image(image_bytes(0), where="where")
+
+
+def test_work_folder_of_a_sigkilled_import_is_removed_by_the_next(tmp_path, caplog):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    repo = Path(__file__).resolve().parents[2]
+    out = tmp_path / "ws" / "datasets" / "k"
+    marker = tmp_path / "started"
+    script = f"""
+import sys, time
+sys.path.insert(0, {str(repo)!r})
+from pathlib import Path
+from storage.shards import write_shards
+from tests.conftest import samples
+def gen():
+    yield from samples(3)
+    Path({str(marker)!r}).write_text("x")
+    time.sleep(60)
+write_shards(gen(), {str(out)!r}, name="k", source="s", samples_per_shard=1)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.time() + 60
+        while not marker.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), "the writer did not start"
+        live = shards.work_dirs(out)
+        assert len(live) == 1 and shards.remove_stale_work_dirs(out) == []  # locked while it runs
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert shards.work_dirs(out) == live and any(live[0].iterdir())  # what the killed import left
+    with caplog.at_level(logging.WARNING, logger="storage.shards"):
+        write_shards(samples(2), out, name="k", source="s")
+    assert shards.work_dirs(out) == [] and shards.load_dataset(out).rows == 2
+    assert any("removed 1 work folder(s)" in r.getMessage() for r in caplog.records)
