@@ -16,7 +16,12 @@ never does) and deterministic headers (mtime 0, uid/gid 0), so re-importing the 
 same bytes and the same checksums, and caches computed for the first import stay valid.
 
 A whole dataset is written into a hidden sibling folder and renamed into place at the end, so a
-reader sees either no dataset, the previous one, or the complete new one.
+reader sees either no dataset, the previous one, or the complete new one. The writer holds a flock on
+that folder; one left by a killed writer is unlocked, and the next write of the same dataset removes it.
+
+`decode_image` is the project's one image decoder (import checks, shard verification, training,
+evaluation, stage-1 embedding): 8-bit RGB, 16-bit greyscale scaled, a pixel limit against
+decompression bombs, and an ImageError naming the sample.
 """
 from __future__ import annotations
 
@@ -433,8 +438,10 @@ def write_shards(samples: Iterable[Sample], out_dir: str | os.PathLike, *, name:
     extra: more keys for `_dataset.json` (e.g. {"classnames": [...]}), or a function returning them,
         called once all samples are consumed (so an importer can record how many it skipped).
 
-    The dataset is written into a hidden temporary sibling folder and renamed into place only once
-    complete; on any error nothing is left behind and an existing dataset is untouched.
+    The dataset is written into a hidden temporary sibling folder (see `work_dirs`; locked while this
+    write runs) and renamed into place only once complete; on any error nothing is left behind and an
+    existing dataset is untouched; a full disk is a DiskFullError naming `out_dir`. Work folders of
+    `out_dir` left by a killed write are removed first (`remove_stale_work_dirs`, logged).
     """
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
