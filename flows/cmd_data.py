@@ -72,11 +72,18 @@ def add_commands(subparsers) -> None:
     q.add_argument("--format", choices=("table", "csv", "json", "parquet"), default="table")
     q.add_argument("--out", type=Path, default=None, help="write the result here (required for parquet)")
     q.add_argument("--max-rows", type=int, default=50, help="rows shown by --format table on the terminal")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    q.add_argument("--allow-missing", action="store_true",
+                   help="leave missing or mislabelled files out of the views (named on stderr) instead of failing")
+    q.add_argument("--memory-limit", default=None, metavar="SIZE",
+                   help="DuckDB memory limit, e.g. 512MB, 4GiB (default: half of this machine's memory)")
+    q.add_argument("--threads", type=int, default=None, help="DuckDB threads (default: every CPU this process may use)")
     q.set_defaults(func=_cmd_sql)
 
     i = subparsers.add_parser("inspect", help="summarise a dataset folder, a cache folder or a workspace")
     i.add_argument("path", type=Path, nargs="?", default=None, help="default: the workspace root")
-    i.add_argument("--verify", action="store_true", help="also check tar checksums and decode every image")
+    i.add_argument("--verify", action="store_true",
+                   help="also check tar checksums and decode every image (exit code 1 on any problem, as without it)")
     i.add_argument("--json", action="store_true", help="print the summary as JSON")
     i.set_defaults(func=_cmd_inspect)
 
@@ -187,7 +194,7 @@ def _cmd_synth(args) -> int:
 def _cmd_sql(args) -> int:
     import duckdb
 
-    from storage.sql import QueryRefused, render, run_query, write_result
+    from storage.sql import Limits, QueryRefused, SqlError, stream_query, write_result, write_stream
 
     if args.format == "parquet" and args.out is None:
         print("error: --format parquet needs --out FILE", file=sys.stderr)
@@ -195,30 +202,42 @@ def _cmd_sql(args) -> int:
     if not Path(args.root).is_dir():
         print(f"note: workspace {args.root} does not exist: every view is empty", file=sys.stderr)
     try:
-        table = run_query(args.root, args.query)
+        limits = Limits.for_machine(args.memory_limit, args.threads)
+        with stream_query(args.root, args.query, allow_missing=args.allow_missing, limits=limits) as q:
+            for item in q.left_out:
+                print(f"note: left out of the views (--allow-missing): {item}", file=sys.stderr)
+            if args.out is not None:
+                n = write_result(q, args.format, args.out, overwrite=args.overwrite)
+                print(f"{n} rows -> {args.out}", file=sys.stderr)
+            else:
+                write_stream(q, args.format, sys.stdout.buffer,
+                             max_rows=args.max_rows if args.format == "table" else None)
+                sys.stdout.flush()
     except QueryRefused as e:
         print(f"refused: {e}", file=sys.stderr)
         return 2
+    except (SqlError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except duckdb.Error as e:
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
-    if args.out is not None:
-        write_result(table, args.format, args.out)
-        print(f"{table.num_rows} rows -> {args.out}", file=sys.stderr)
-    else:
-        sys.stdout.buffer.write(render(table, args.format, max_rows=args.max_rows))
-        sys.stdout.flush()
     return 0
 
 
 def _cmd_inspect(args) -> int:
+    """Print the summary; exit code 1 if it lists any problem (a check that finds one must fail)."""
     from storage.inspect import format_summary, inspect_path
+    from storage.shards import ShardError
 
     path = args.path if args.path is not None else args.root
     try:
         summary = inspect_path(path, verify=args.verify)
-    except FileNotFoundError as e:
+    except (ShardError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(json.dumps(summary, indent=2, default=str) if args.json else format_summary(summary))
+    if summary["problems"]:
+        print(f"{len(summary['problems'])} problem(s) found in {path}", file=sys.stderr)
+        return 1
     return 0

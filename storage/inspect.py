@@ -2,9 +2,10 @@
 of several of either, or a whole workspace (ARCHITECTURE.md: "inspect shards/caches/selections").
 
 Each summary is a plain dict (JSON-able), with a "problems" list for things that make the data
-unusable (missing or extra shards, non-finite embeddings, row counts that disagree) and "notes" for
-harmless leftovers (temporary files of an interrupted write). `format_summary` renders one as text.
-`aced cache verify` is the strict check; this module counts and describes.
+unusable or need a hand (missing or extra shards, non-finite embeddings, row counts that disagree,
+hidden temporary files and folders left by an interrupted write) and "notes" for remarks.
+`format_summary` renders one as text; `aced inspect` exits 1 when there is any problem.
+`aced cache verify` is the strict check of caches; this module counts and describes.
 
 (The module is `storage.inspect`; it is only ever imported as part of the package, so it does not
 shadow the standard library's `inspect`.)
@@ -20,31 +21,50 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from storage.atomic import is_temp_name, sha256_file
+from storage.atomic import is_temp_name
 from storage.cache import MANIFEST_FILE, CacheError, find_cache_folders, read_manifest
-from storage.shards import (DATASET_FILE, ShardError, find_datasets, iter_samples, list_shards, load_dataset,
-                            read_metadata)
+from storage.shards import (DATASET_FILE, ShardError, check_tar_sha256, dataset_file_problems, find_datasets,
+                            iter_samples, list_shards, load_dataset, read_metadata)
 
 
-def _folder_files(folder: Path, listed: set[str], suffixes: tuple[str, ...]) -> tuple[list[str], list[str]]:
-    """(extra files with `suffixes` not in `listed`, leftover temp files) of a folder."""
-    extra, temps = [], []
-    for p in sorted(folder.iterdir()):
-        if not p.is_file():
-            continue
-        if is_temp_name(p.name):
-            temps.append(str(p))
-        elif p.suffix in suffixes and p.name not in listed:
-            extra.append(str(p))
-    return extra, temps
+def is_leftover_name(name: str) -> bool:
+    """A hidden temporary name of an interrupted write: `storage.atomic.is_temp_name` (files, import
+    work folders `.NAME.RANDOM.tmp`) or a checkpoint's `.tmp-*` folder (pipeline/checkpoint.py)."""
+    return is_temp_name(name) or name.startswith(".tmp-")
+
+
+def _leftover_problem(p: Path) -> str:
+    kind = "folder" if p.is_dir() and not p.is_symlink() else "file"
+    return f"{p}: leftover temporary {kind} of an interrupted write (delete it once no writer is running)"
+
+
+def find_leftovers(top: str | os.PathLike, *, recursive: bool = True) -> list[Path]:
+    """Hidden temporary files and folders (`is_leftover_name`) in `top` (and below, not inside them)."""
+    found: list[Path] = []
+    top = Path(top)
+    if not top.is_dir():
+        return found
+    for dirpath, dirnames, filenames in os.walk(top):
+        for n in sorted(dirnames + filenames):
+            if is_leftover_name(n):
+                found.append(Path(dirpath) / n)
+        dirnames[:] = sorted(d for d in dirnames if not is_leftover_name(d)) if recursive else []
+    return found
+
+
+def _dataset_leftovers(folder: Path) -> list[Path]:
+    """Leftovers inside a dataset folder, and work folders of an interrupted (re)import of it beside it."""
+    sibling = [p for p in sorted(folder.parent.glob(f".{folder.name}.*")) if is_leftover_name(p.name)]
+    return find_leftovers(folder, recursive=False) + sibling
 
 
 def summarize_dataset(dataset_dir: str | os.PathLike, *, verify: bool = False) -> dict[str, Any]:
     """Counts of a dataset folder; with `verify`, also tar checksums and a full decode of every image."""
     folder = Path(dataset_dir)
     out: dict[str, Any] = {"kind": "dataset", "path": str(folder), "problems": [], "notes": []}
+    out["problems"] += [_leftover_problem(p) for p in _dataset_leftovers(folder)]
     try:
-        info = load_dataset(folder)
+        info = load_dataset(folder, check_files=False)  # the file differences are listed below, with the counts
     except ShardError as e:
         out["problems"].append(str(e))
         return out
@@ -52,18 +72,16 @@ def summarize_dataset(dataset_dir: str | os.PathLike, *, verify: bool = False) -
                skipped_at_write=info.skipped)
     if info.classnames:
         out["classnames"] = info.classnames
-    listed = {f"{s.name}{ext}" for s in info.shards for ext in (".tar", ".parquet")}
-    extra, temps = _folder_files(folder, listed, (".tar", ".parquet"))
-    out["problems"] += [f"{p}: shard file not in {DATASET_FILE} (extra)" for p in extra]
-    out["notes"] += [f"{p}: leftover temporary file" for p in temps]
+    out["problems"] += dataset_file_problems(info)  # missing or unlisted shard files
     tables, tar_bytes = [], 0
     for s in info.shards:
-        if not s.tar_path.exists():
-            out["problems"].append(f"{s.tar_path}: missing")
-        else:
+        if s.tar_path.exists():
             tar_bytes += s.tar_path.stat().st_size
-            if verify and sha256_file(s.tar_path) != s.sha256:
-                out["problems"].append(f"{s.tar_path}: sha256 differs from {DATASET_FILE}")
+            if verify:
+                try:
+                    check_tar_sha256(s)
+                except ShardError as e:
+                    out["problems"].append(str(e))
         try:
             tables.append(read_metadata(s))
         except ShardError as e:
@@ -114,6 +132,7 @@ def summarize_cache(folder: str | os.PathLike) -> dict[str, Any]:
     with missing/extra shards against the pair dataset (found from the folder's place in the workspace)."""
     folder = Path(folder)
     out: dict[str, Any] = {"kind": "cache", "path": str(folder), "problems": [], "notes": []}
+    out["problems"] += [_leftover_problem(p) for p in find_leftovers(folder, recursive=False)]
     try:
         doc = read_manifest(folder)
     except CacheError as e:
@@ -145,9 +164,9 @@ def summarize_cache(folder: str | os.PathLike) -> dict[str, Any]:
                     out["problems"].append(f"{folder}: {key.replace('_', ' ')}: {out[key]}")
     else:
         out["notes"].append(f"{folder}: not inside a workspace's cache/<model>/<dataset>: pair shards not compared")
-    extra, temps = _folder_files(folder, {f"{n}.parquet" for n in doc["shards"]}, (".parquet",))
-    out["problems"] += [f"{p}: not in the manifest (extra)" for p in extra]
-    out["notes"] += [f"{p}: leftover temporary file" for p in temps]
+    listed = {f"{n}.parquet" for n in doc["shards"]}
+    out["problems"] += [f"{p}: not in the manifest (extra)" for p in sorted(folder.glob("*.parquet"))
+                        if p.name not in listed and not p.name.startswith(".")]
     rows, nbytes = 0, 0
     acc = {c: {"min": np.inf, "max": -np.inf, "sum": 0.0, "n": 0, "nonfinite_rows": 0} for c in ("image_emb", "text_emb")}
     for name in doc["shards"]:
@@ -211,8 +230,18 @@ def summarize_workspace(root: str | os.PathLike, *, verify: bool = False) -> dic
     caches = [summarize_cache(p) for p in find_cache_folders(root).values()]
     runs = summarize_runs(root)
     problems = [p for d in datasets + caches for p in d["problems"]] + [p for r in runs for p in r.get("problems", [])]
+    # every other leftover (checkpoints, model exports, run logs, hidden dataset work folders); not
+    # state/, which belongs to Prefect
+    leftovers = [p for top in ("datasets", "cache", "models", "runs") for p in find_leftovers(root / top)]
+    problems += _new_leftover_problems(leftovers, problems)
     return {"kind": "workspace", "path": str(root), "datasets": datasets, "caches": caches, "runs": runs,
             "problems": problems, "notes": [n for d in datasets + caches for n in d["notes"]]}
+
+
+def _new_leftover_problems(leftovers: list[Path], problems: list[str]) -> list[str]:
+    """Problems for the leftovers that no per-item summary has named yet."""
+    named = {p.split(": ", 1)[0] for p in problems}
+    return [_leftover_problem(p) for p in leftovers if str(p) not in named]
 
 
 def inspect_path(path: str | os.PathLike, *, verify: bool = False) -> dict[str, Any]:
@@ -228,11 +257,14 @@ def inspect_path(path: str | os.PathLike, *, verify: bool = False) -> dict[str, 
         return summarize_workspace(path, verify=verify)
     datasets = find_datasets(path)
     caches = [Path(dp) for dp, _, files in os.walk(path) if MANIFEST_FILE in files and "/." not in dp]
-    if not datasets and not caches:
+    leftovers = find_leftovers(path)
+    if not datasets and not caches and not leftovers:
         raise FileNotFoundError(f"{path}: no dataset ({DATASET_FILE}), cache ({MANIFEST_FILE}) or workspace here")
     items = [summarize_dataset(p, verify=verify) for p in datasets.values()] + [summarize_cache(p) for p in sorted(caches)]
+    problems = [p for d in items for p in d["problems"]]
+    problems += _new_leftover_problems(leftovers, problems)
     return {"kind": "folder", "path": str(path), "items": items,
-            "problems": [p for d in items for p in d["problems"]], "notes": [n for d in items for n in d["notes"]]}
+            "problems": problems, "notes": [n for d in items for n in d["notes"]]}
 
 
 def format_summary(s: Any, indent: int = 0) -> str:

@@ -16,29 +16,42 @@ off, so only the Parquet files behind the views can be opened (`allowed_paths`),
 be installed or loaded, and `lock_configuration` stops a query from turning any of it back on.
 The second layer alone would still let a COPY overwrite one of the allowed files, hence the first.
 The views read the Parquet files (not in-memory Arrow): DuckDB cannot scan half-float Arrow data.
+
+Complete or refused: a listed file that is missing, or whose own metadata says it belongs to another
+shard, fails the query (IncompleteViews) unless `allow_missing` (CLI --allow-missing) leaves it out
+and names it. Bounded: DuckDB's memory_limit and threads come from the machine (`Limits`), it spills
+to a temp folder (not the current directory), results stream to the writer batch by batch, and a
+query that still needs more memory fails with QueryTooBig.
 """
 from __future__ import annotations
 
+import atexit
+import contextlib
 import csv
 import io
 import decimal
 import json
 import logging
 import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO, Iterator
 
 import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.atomic import atomic_write_bytes
-from storage.cache import CacheError, find_cache_folders, read_manifest
-from storage.shards import ShardError, find_datasets, load_dataset
+from storage.atomic import atomic_path
+from storage.cache import CacheError, cache_file_label_problems, find_cache_folders, read_manifest
+from storage.shards import ShardError, check_metadata_owner, dataset_file_problems, find_datasets, load_dataset
 
 log = logging.getLogger(__name__)
 
 VIEWS = ("pairs", "datasets", "cache", "manifest", "metrics", "selections")
 FORMATS = ("table", "csv", "json", "parquet")
+BATCH_ROWS = 8192  # rows per Arrow batch fetched from DuckDB: the printer never holds more than this
 
 _EMPTY = {
     "pairs": ("SELECT NULL::VARCHAR AS dataset, NULL::VARCHAR AS shard, NULL::VARCHAR AS uid, NULL::VARCHAR AS key, "
@@ -60,8 +73,77 @@ _DATASETS_SCHEMA = pa.schema([("dataset", pa.string()), ("name", pa.string()), (
                               ("created", pa.string()), ("classnames", pa.list_(pa.string()))])
 
 
-class QueryRefused(ValueError):
+class SqlError(ValueError):
+    """A query that cannot be answered as asked; the message says why (and names files where it can)."""
+
+
+class QueryRefused(SqlError):
     """The SQL text is not a single read-only statement."""
+
+
+class IncompleteViews(SqlError):
+    """Listed files are missing, unreadable or not what their name says: the views would silently
+    return less (or mislabelled) data. `allow_missing=True` leaves them out and names them instead."""
+
+
+class QueryTooBig(SqlError):
+    """The query needs more memory than its limit (DuckDB spills what it can to a temp folder first)."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resources of one query: DuckDB's memory_limit (a DuckDB size string, e.g. "64MB", "4GiB") and
+    threads. `Limits.for_machine()` takes half the memory (cgroup limit included) and every CPU this
+    process may use, so a runaway join fails with QueryTooBig instead of taking the machine down."""
+
+    memory_limit: str
+    threads: int
+
+    @classmethod
+    def for_machine(cls, memory_limit: str | None = None, threads: int | None = None) -> "Limits":
+        if memory_limit is None:
+            memory_limit = f"{max(64, _machine_memory() // 2 // 2**20)}MiB"
+        if threads is None:
+            threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        if threads < 1:
+            raise SqlError(f"threads must be >= 1, got {threads}")
+        return cls(str(memory_limit), int(threads))
+
+
+def _machine_memory() -> int:
+    """Physical memory in bytes, or the cgroup (v2/v1) memory limit of this container if smaller."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for f in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        with contextlib.suppress(OSError, ValueError):
+            total = min(total, int(Path(f).read_text().strip()))  # "max" (no limit) fails int(): ignored
+    return total
+
+
+@dataclass
+class QueryStream:
+    """A running query: `schema`, then `batches()` (each at most BATCH_ROWS rows); `left_out` names
+    what `allow_missing` left out of the views (empty otherwise)."""
+
+    schema: pa.Schema
+    reader: pa.RecordBatchReader
+    limits: Limits
+    left_out: list[str] = field(default_factory=list)
+
+    def batches(self) -> Iterator[pa.RecordBatch]:
+        """The result's batches; DuckDB's out-of-memory error becomes QueryTooBig."""
+        with _memory_errors(self.limits):
+            yield from self.reader
+
+
+@contextlib.contextmanager
+def _memory_errors(limits: Limits) -> Iterator[None]:
+    try:
+        yield
+    except (duckdb.OutOfMemoryException, pa.ArrowException) as e:
+        if isinstance(e, pa.ArrowException) and "Out of Memory" not in str(e):
+            raise
+        raise QueryTooBig(f"query needs more than {limits.memory_limit} of memory; narrow it (WHERE, LIMIT, fewer "
+                          f"columns, no cross joins) or raise --memory-limit") from None
 
 
 def _lit(s: str | os.PathLike) -> str:
@@ -72,13 +154,6 @@ def _file_list(paths: list[Path]) -> str:
     return "[" + ", ".join(_lit(p) for p in paths) + "]"
 
 
-def _existing(paths: list[Path], what: str) -> list[Path]:
-    missing = [p for p in paths if not p.is_file()]
-    for p in missing:
-        log.warning("%s: missing file %s left out of the SQL views", what, p)
-    return [p for p in paths if p.is_file()]
-
-
 def _run_files(root: Path, kind: str) -> list[Path]:
     runs = root / "runs"
     if not runs.is_dir():
@@ -86,30 +161,74 @@ def _run_files(root: Path, kind: str) -> list[Path]:
     return sorted(p.resolve() for p in runs.glob(f"*/{kind}/*.parquet") if not p.name.startswith("."))
 
 
-def open_views(root: str | os.PathLike) -> duckdb.DuckDBPyConnection:
+def _pair_files(ds: str, folder: Path, problems: list[str]) -> tuple[dict | None, list[Path]]:
+    """(row of the datasets view, metadata Parquet files to read) of one dataset; what is wrong goes
+    to `problems`: a broken `_dataset.json`, files that differ from the listing, and metadata files
+    whose own label (key-value metadata) is another shard's (their file names were swapped)."""
+    try:
+        info = load_dataset(folder, check_files=False)
+    except ShardError as e:
+        problems.append(f"dataset {ds}: {e}")
+        return None, []
+    problems += [f"dataset {ds}: {p}" for p in dataset_file_problems(info)]
+    files = []
+    for s in info.shards:
+        if not s.meta_path.is_file():
+            continue  # named by dataset_file_problems
+        try:
+            check_metadata_owner(s, pq.read_schema(s.meta_path).metadata)
+        except ShardError as e:
+            problems.append(f"dataset {ds}: {e}")
+            continue
+        except Exception as e:  # pyarrow raises ArrowInvalid/OSError/... for corrupt files
+            problems.append(f"dataset {ds}: {s.meta_path}: unreadable Parquet ({type(e).__name__}: {e})")
+            continue
+        files.append(s.meta_path.resolve())
+    row = {"dataset": ds, "name": info.name, "source": info.source, "shards": len(info.shards), "rows": info.rows,
+           "skipped": info.skipped, "created": info.created, "classnames": info.classnames}
+    return row, files
+
+
+def open_views(root: str | os.PathLike, *, allow_missing: bool = False, limits: Limits | None = None,
+               temp_dir: str | os.PathLike | None = None, left_out: list[str] | None = None) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with the views above over workspace `root`, locked down.
 
-    Datasets or cache folders whose listing is unreadable, or whose listed files are missing, are
-    left out with a logged warning (use `aced inspect` / `aced cache verify` to see why).
-    Prefer `run_query` for SQL text from a user: it also refuses non-SELECT statements.
+    A listed file that is missing, unreadable or labelled as another shard (its own key-value
+    metadata; a swapped file name cannot lie about its content), a dataset whose `_dataset.json` is
+    broken or does not match its files, or an unreadable cache manifest: IncompleteViews naming each,
+    because the views would otherwise return smaller counts or wrong shard labels without a word.
+    With `allow_missing` those are left out instead and named in `left_out` (and the log).
+    `limits`: memory and threads (default `Limits.for_machine()`); `temp_dir`: where DuckDB spills
+    (default: a new folder in the system temp dir, removed at exit; never the current directory).
+    Prefer `stream_query`/`run_query` for SQL text from a user: they also refuse non-SELECT statements.
     """
     root = Path(root).resolve()
+    limits = limits or Limits.for_machine()
+    problems: list[str] = []
     con = duckdb.connect(":memory:", config={"autoinstall_known_extensions": False,
                                              "autoload_known_extensions": False})
+    try:
+        # no progress bar: it would mix carriage-return noise into the stderr of `aced sql` and its callers
+        con.execute("SET enable_progress_bar = false")
+        con.execute("SET memory_limit = ?", [limits.memory_limit])
+        con.execute("SET threads = ?", [limits.threads])
+    except duckdb.Error as e:
+        con.close()
+        raise SqlError(f"bad resource limit (memory {limits.memory_limit!r}, threads {limits.threads}): {e}") from None
+    # In-memory databases spill to "./.tmp" by default: the current directory is not ours to write.
+    if temp_dir is None:
+        temp_dir = tempfile.mkdtemp(prefix="aced-sql-")
+        atexit.register(shutil.rmtree, temp_dir, ignore_errors=True)
+    con.execute("SET temp_directory = ?", [str(temp_dir)])
     allowed: list[Path] = []
 
-    # pairs + datasets
+    # pairs + datasets: the shard label is the file name's, which `_pair_files` proved equal to the
+    # label the file carries in its own metadata (files whose content says otherwise are not read)
     parts, ds_rows = [], []
     for ds, folder in find_datasets(root / "datasets").items():
-        try:
-            info = load_dataset(folder)
-        except ShardError as e:
-            log.warning("left out of the SQL views: %s", e)
-            continue
-        ds_rows.append({"dataset": ds, "name": info.name, "source": info.source, "shards": len(info.shards),
-                        "rows": info.rows, "skipped": info.skipped, "created": info.created,
-                        "classnames": info.classnames})
-        files = _existing([s.meta_path.resolve() for s in info.shards], f"dataset {ds}")
+        row, files = _pair_files(ds, folder, problems)
+        if row is not None:
+            ds_rows.append(row)
         if files:
             allowed += files
             parts.append(f"SELECT {_lit(ds)} AS dataset, regexp_extract(filename, '([0-9]+)\\.parquet$', 1) AS shard, "
@@ -117,20 +236,28 @@ def open_views(root: str | os.PathLike) -> duckdb.DuckDBPyConnection:
     con.execute("CREATE VIEW pairs AS " + (" UNION ALL BY NAME ".join(parts) if parts else _EMPTY["pairs"]))
     _make_table(con, "datasets", pa.Table.from_pylist(ds_rows, schema=_DATASETS_SCHEMA))
 
-    # cache + manifest
+    # cache + manifest: the same for cache files (their `source_shard` and `dataset` metadata)
     parts, man_rows = [], []
     for (mid, ds), folder in find_cache_folders(root).items():
         try:
             doc = read_manifest(folder)
         except CacheError as e:
-            log.warning("left out of the SQL views: %s", e)
+            problems.append(f"cache {mid}/{ds}: {e}")
             continue
+        files = []
         for name, e in doc["shards"].items():
             man_rows.append({"model_id": mid, "dataset": ds, "shard": name, "rows": e.get("rows"),
                              "sha256": e.get("sha256"), "source_sha256": e.get("source_sha256"),
                              "fingerprint": doc["fingerprint"], "dim": doc["dim"], "dtype": doc["dtype"],
                              "logit_scale": doc.get("logit_scale"), "logit_bias": doc.get("logit_bias")})
-        files = _existing([(folder / f"{n}.parquet").resolve() for n in doc["shards"]], f"cache {mid}/{ds}")
+            path = folder / f"{name}.parquet"
+            if not path.is_file():
+                problems.append(f"cache {mid}/{ds}: {path}: listed in the manifest but missing")
+                continue
+            bad = cache_file_label_problems(path, name, doc.get("dataset"))
+            problems += [f"cache {mid}/{ds}: {p}" for p in bad]
+            if not bad:
+                files.append(path.resolve())
         if files:
             allowed += files
             parts.append(f"SELECT {_lit(mid)} AS model_id, {_lit(ds)} AS dataset, "
@@ -150,6 +277,15 @@ def open_views(root: str | os.PathLike) -> duckdb.DuckDBPyConnection:
         else:
             con.execute(f"CREATE VIEW {kind} AS {_EMPTY[kind]}")
 
+    if problems and not allow_missing:
+        con.close()
+        raise IncompleteViews(f"{len(problems)} problem(s) in {root}: the views would leave out or mislabel data: "
+                              + "; ".join(problems) + " (fix them, see `aced inspect` / `aced cache verify`; "
+                              "or pass --allow-missing to query without them)")
+    for p in problems:
+        log.warning("left out of the SQL views: %s", p)
+    if left_out is not None:
+        left_out += problems
     con.execute("SET allowed_paths = ?", [[str(p) for p in allowed]])
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
@@ -176,21 +312,36 @@ def check_read_only(sql: str) -> str:
     return st.query
 
 
-def run_query(root: str | os.PathLike, sql: str) -> pa.Table:
-    """Run one read-only query over the workspace views and return the result as a pyarrow table."""
+@contextlib.contextmanager
+def stream_query(root: str | os.PathLike, sql: str, *, allow_missing: bool = False, limits: Limits | None = None,
+                 batch_rows: int = BATCH_ROWS) -> Iterator[QueryStream]:
+    """Run one read-only query over the workspace views; yields a QueryStream whose batches are
+    fetched from DuckDB as they are consumed (a result larger than memory is never materialised).
+    Leaving the block stops the query and removes DuckDB's spill folder."""
     query = check_read_only(sql)
-    con = open_views(root)
-    try:
-        return con.sql(query).to_arrow_table()
-    finally:
-        con.close()
+    limits = limits or Limits.for_machine()
+    with tempfile.TemporaryDirectory(prefix="aced-sql-") as spill:
+        left_out: list[str] = []
+        con = open_views(root, allow_missing=allow_missing, limits=limits, temp_dir=spill, left_out=left_out)
+        try:
+            with _memory_errors(limits):
+                reader = con.sql(query).to_arrow_reader(batch_rows)
+            yield QueryStream(reader.schema, reader, limits, left_out)
+        finally:
+            con.close()
 
 
-def read_view(root: str | os.PathLike, view: str) -> pa.Table:
+def run_query(root: str | os.PathLike, sql: str, **kw) -> pa.Table:
+    """`stream_query`, read whole into one pyarrow table (for small results and tests)."""
+    with stream_query(root, sql, **kw) as q:
+        return pa.Table.from_batches(list(q.batches()), schema=q.schema)
+
+
+def read_view(root: str | os.PathLike, view: str, **kw) -> pa.Table:
     """A whole view (`VIEWS`) as a pyarrow table."""
     if view not in VIEWS:
         raise ValueError(f"unknown view {view!r}; views: {', '.join(VIEWS)}")
-    return run_query(root, f"SELECT * FROM {view}")
+    return run_query(root, f"SELECT * FROM {view}", **kw)
 
 
 # --------------------------------------------------------------------------- output
@@ -206,16 +357,10 @@ def _cell(v, width: int) -> str:
     return s if len(s) <= width else s[: width - 3] + "..."
 
 
-def format_table(table: pa.Table, *, max_rows: int = 50, max_width: int = 60) -> str:
-    """A plain-text grid of the first `max_rows` rows (long cells and lists abbreviated)."""
-    names = table.column_names
-    rows = [[_cell(v, max_width) for v in r.values()] for r in table.slice(0, max_rows).to_pylist()]
-    widths = [max([len(n)] + [len(r[i]) for r in rows]) for i, n in enumerate(names)]
+def _grid(names: list[str], rows: list[list[str]], widths: list[int] | None = None) -> tuple[list[str], list[int]]:
+    widths = widths or [max([len(n)] + [len(r[i]) for r in rows]) for i, n in enumerate(names)]
     line = lambda cells: " | ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
-    out = [line(names), "-+-".join("-" * w for w in widths)] + [line(r) for r in rows]
-    more = table.num_rows - len(rows)
-    out.append(f"({table.num_rows} row{'s' if table.num_rows != 1 else ''}" + (f", {more} not shown)" if more > 0 else ")"))
-    return "\n".join(out)
+    return [line(r) for r in rows], widths
 
 
 def _jsonable(v):
@@ -230,27 +375,76 @@ def _jsonable(v):
     return v if isinstance(v, (str, int, float, bool, type(None), list, dict)) else str(v)
 
 
-def render(table: pa.Table, fmt: str, *, max_rows: int = 50) -> bytes:
-    """The result in `fmt` ("table", "csv", "json" = a list of row objects, "parquet")."""
-    if fmt == "table":
-        return (format_table(table, max_rows=max_rows) + "\n").encode()
-    if fmt == "csv":
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(table.column_names)
-        for r in table.to_pylist():
-            w.writerow(["" if v is None else json.dumps(v) if isinstance(v, (list, dict)) else v for v in r.values()])
-        return buf.getvalue().encode()
-    if fmt == "json":
-        rows = [{k: _jsonable(v) for k, v in r.items()} for r in table.to_pylist()]
-        return (json.dumps(rows, default=str, allow_nan=False) + "\n").encode()
+def _rows(b: pa.RecordBatch) -> list[tuple]:
+    """Rows as tuples (not dicts: `SELECT *` over a join repeats column names)."""
+    return list(zip(*(c.to_pylist() for c in b.columns)))
+
+
+def write_stream(q: QueryStream, fmt: str, out: BinaryIO, *, max_rows: int | None = None) -> int:
+    """Write the result in `fmt` ("table", "csv", "json" = a list of row objects, "parquet") to the
+    binary stream `out`, batch by batch; returns the rows written. `max_rows` (table only): stop
+    fetching after that many rows and say so (the rest of the query is never computed)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; formats: {', '.join(FORMATS)}")
+    n = 0
     if fmt == "parquet":
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, compression="zstd")
-        return sink.getvalue().to_pybytes()
-    raise ValueError(f"unknown format {fmt!r}; formats: {', '.join(FORMATS)}")
+        with pq.ParquetWriter(out, q.schema, compression="zstd") as w:
+            for b in q.batches():
+                w.write_batch(b)
+                n += b.num_rows
+        return n
+    names = q.schema.names
+    if fmt == "csv":
+        text = io.TextIOWrapper(out, encoding="utf-8", newline="", write_through=True)
+        w = csv.writer(text, lineterminator="\n")
+        w.writerow(names)
+        for b in q.batches():
+            w.writerows(["" if v is None else json.dumps(v) if isinstance(v, (list, dict)) else v for v in r]
+                        for r in _rows(b))
+            n += b.num_rows
+        text.detach()
+        return n
+    if fmt == "json":
+        out.write(b"[")
+        for b in q.batches():
+            for r in b.to_pylist():
+                out.write((", " if n else "").encode() + json.dumps({k: _jsonable(v) for k, v in r.items()},
+                                                                    default=str, allow_nan=False).encode())
+                n += 1
+        out.write(b"]\n")
+        return n
+    # table: column widths from the first batch (a later longer cell shifts its own row only)
+    widths, more = None, False
+    for b in q.batches():
+        rows = _rows(b)
+        if max_rows is not None and n + len(rows) > max_rows:
+            rows, more = rows[: max_rows - n], True
+        cells = [[_cell(v, 60) for v in r] for r in rows]
+        if widths is None:
+            body, widths = _grid(names, cells + [names])
+            body = body[:-1]
+            head, _ = _grid(names, [names], widths)
+            out.write(("\n".join(head + ["-+-".join("-" * w for w in widths)]) + "\n").encode())
+        else:
+            body, _ = _grid(names, cells, widths)
+        out.write("".join(line + "\n" for line in body).encode())
+        n += len(rows)
+        if more:
+            break
+    if widths is None:
+        head, widths = _grid(names, [names])
+        out.write(("\n".join(head + ["-+-".join("-" * w for w in widths)]) + "\n").encode())
+    out.write((f"(first {n} rows shown; more not fetched: add LIMIT/WHERE, or use --out)\n" if more else
+               f"({n} row{'s' if n != 1 else ''})\n").encode())
+    return n
 
 
-def write_result(table: pa.Table, fmt: str, out: str | os.PathLike) -> None:
-    """Write the rendered result to `out` atomically (all rows, also for fmt="table")."""
-    atomic_write_bytes(out, render(table, fmt, max_rows=table.num_rows))
+def write_result(q: QueryStream, fmt: str, out: str | os.PathLike, *, overwrite: bool = False) -> int:
+    """Stream the whole result (also for fmt="table") to the file `out`, atomically: a failed or
+    interrupted query leaves no partial file. An existing file is replaced only with `overwrite`."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    with atomic_path(out) as tmp:
+        with open(tmp, "wb") as f:
+            return write_stream(q, fmt, f)

@@ -190,3 +190,141 @@ def test_broken_dataset_json_when_training_is_a_named_error(pair_root, mutate, w
     path.write_text(new if isinstance(new, str) else json.dumps(new))
     with pytest.raises(ShardError, match=rf"{path}: .*{why}"):
         PairIndex([path.parent])
+
+
+# --------------------------------------------------------------------------- 1, 9: inspect fails on problems, names leftovers
+
+def test_inspect_verify_exits_1_when_it_finds_a_problem(pair_root, capsys):
+    folder = pair_root / "datasets" / "tiny"
+    assert _cli(pair_root, "inspect", str(folder), "--verify") == 0
+    ref = list_shards(folder)[0]
+    _flip_a_bit_in_an_image(ref)
+    assert _cli(pair_root, "inspect", str(folder), "--verify") == 1
+    captured = capsys.readouterr()
+    assert f"{ref.tar_path}: sha256 is" in captured.out and "1 problem(s) found" in captured.err
+
+
+def test_inspect_reports_leftover_temp_files_and_folders(pair_root, capsys):
+    _cache_all(pair_root)
+    assert _cli(pair_root, "inspect") == 0
+    capsys.readouterr()
+    leftovers = [pair_root / "datasets" / ".tiny.0123456789ab.tmp",        # an interrupted re-import
+                 pair_root / "datasets" / "tiny" / ".00000001.tar.ab12.tmp",  # an interrupted atomic write
+                 pair_root / "cache" / "ref" / "tiny" / ".00000000.parquet.cd34.tmp",
+                 pair_root / "runs" / "r" / "checkpoints" / ".tmp-step-00000010-4242"]  # a killed checkpoint write
+    for p in leftovers:
+        if p.suffix == ".tmp" and "tiny." not in p.name:
+            p.write_bytes(b"partial")
+        else:
+            p.mkdir(parents=True)
+            (p / "part").write_bytes(b"x")
+    assert _cli(pair_root, "inspect", "--json") == 1
+    problems = json.loads(capsys.readouterr().out)["problems"]
+    for p in leftovers:
+        assert sum(x.startswith(f"{p}: leftover temporary") for x in problems) == 1, (p, problems)
+    assert len(problems) == len(leftovers), problems
+    assert _cli(pair_root, "inspect", str(pair_root / "datasets" / "tiny")) == 1
+    out = capsys.readouterr().out
+    assert str(leftovers[0]) in out and str(leftovers[1]) in out
+
+
+# --------------------------------------------------------------------------- 4, 5: SQL is complete, or refuses
+
+def test_sql_fails_naming_a_missing_file_unless_allow_missing(pair_root, capsys):
+    w = _cache_all(pair_root)
+    missing = list_shards(pair_root / "datasets" / "tiny")[1].meta_path
+    missing.unlink()
+    (w.folder / "00000002.parquet").unlink()
+    assert _cli(pair_root, "sql", "select count(*) AS n from pairs") == 1
+    err = capsys.readouterr().err
+    assert str(missing) in err and str(w.folder / "00000002.parquet") in err and "--allow-missing" in err
+    assert _cli(pair_root, "sql", "select count(*) AS n from pairs", "--allow-missing", "--format", "csv") == 0
+    captured = capsys.readouterr()
+    assert captured.out.splitlines() == ["n", "6"]
+    assert f"left out of the views (--allow-missing): dataset tiny: " in captured.err and str(missing) in captured.err
+
+
+def test_sql_shard_label_comes_from_the_data_and_swaps_are_refused(pair_root, capsys):
+    from storage.sql import IncompleteViews, run_query
+
+    assert run_query(pair_root, "select shard, min(key) AS k from pairs group by 1 order by 1").to_pylist() == [
+        {"shard": "00000000", "k": "00000000"}, {"shard": "00000001", "k": "00000004"},
+        {"shard": "00000002", "k": "00000008"}]
+    folder = pair_root / "datasets" / "tiny"
+    a, b = folder / "00000000.parquet", folder / "00000001.parquet"
+    tmp = folder / "swap"
+    os.replace(a, tmp), os.replace(b, a), os.replace(tmp, b)
+    with pytest.raises(IncompleteViews, match=rf"{a}: holds the metadata of shard 00000001"):
+        run_query(pair_root, "select shard, min(key) from pairs group by 1")
+    assert _cli(pair_root, "sql", "select shard, count(*) AS n from pairs group by 1", "--allow-missing",
+                "--format", "csv") == 0
+    assert capsys.readouterr().out.splitlines() == ["shard,n", "00000002,2"]  # the swapped pair is left out
+
+
+# --------------------------------------------------------------------------- 8: bounded SQL
+
+@pytest.fixture
+def big_root(tmp_path):
+    root = tmp_path / "ws"
+    write_shards(samples(200), root / "datasets" / "big", name="big", source="t", samples_per_shard=100)
+    return root
+
+
+def test_sql_memory_limit_stops_a_runaway_cross_join_with_a_clear_error(big_root, capsys):
+    import time
+
+    t0 = time.perf_counter()
+    rc = _cli(big_root, "sql", "select string_agg(a.caption || b.caption || c.caption, ',') from pairs a, pairs b, pairs c",
+              "--memory-limit", "64MB", "--threads", "1")
+    assert rc == 1 and time.perf_counter() - t0 < 20
+    err = capsys.readouterr().err
+    assert err.startswith("error: query needs more than 64MB of memory;") and "Traceback" not in err
+    # a cross join printed as a table stops fetching after --max-rows: fast, whatever the result's size
+    t0 = time.perf_counter()
+    assert _cli(big_root, "sql", "select * from pairs a, pairs b, pairs c", "--memory-limit", "64MB",
+                "--max-rows", "5") == 0
+    out = capsys.readouterr().out
+    assert time.perf_counter() - t0 < 20 and "(first 5 rows shown; more not fetched" in out and len(out.splitlines()) == 8
+
+
+def test_sql_limits_and_spill_folder_come_from_the_machine_not_the_cwd(pair_root, tmp_path, monkeypatch):
+    from storage.sql import Limits, open_views
+
+    monkeypatch.chdir(tmp_path)
+    lim = Limits.for_machine()
+    assert lim.threads == len(os.sched_getaffinity(0))
+    mib = int(lim.memory_limit.removesuffix("MiB"))
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
+    assert 64 <= mib <= total // 2 + 1
+    con = open_views(pair_root, limits=Limits("100MB", 1))
+    try:
+        temp, mem, threads = con.execute("select current_setting('temp_directory'), current_setting('memory_limit'), "
+                                         "current_setting('threads')").fetchone()
+    finally:
+        con.close()
+    assert os.path.isabs(temp) and not temp.startswith(str(tmp_path)) and threads == 1
+    assert mem.replace(" ", "").upper().startswith(("95.3MIB", "100.0MB", "100MB")), mem
+    assert not (tmp_path / ".tmp").exists()
+
+
+def test_sql_results_stream_to_the_writer(big_root, tmp_path):
+    """1M rows of CSV (100 MB) under a 64 MB DuckDB limit, in a fresh process: the peak memory stays far
+    below what materialising the result (Arrow table + Python rows + rendered text: ~640 MB here) takes."""
+    import subprocess
+    import sys
+
+    # peak RSS from /proc (VmHWM, in kB): getrusage's ru_maxrss would carry over pytest's across fork+exec
+    code = ("import re, sys; from flows.cli import main; rc = main(sys.argv[1:]); "
+            "hwm = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1); "
+            "print(int(hwm) // 1024, file=sys.stderr); sys.exit(rc)")
+    q = ("select a.uid, b.uid, c.uid from pairs a, pairs b, pairs c "
+         "where a.key < '00000100' and b.key < '00000100' and c.key < '00000100'")
+    out = tmp_path / "out.csv"
+    p = subprocess.run([sys.executable, "-c", code, "--root", str(big_root), "sql", q, "--memory-limit", "64MB",
+                        "--format", "csv", "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "1000000 rows ->" in p.stderr and out.stat().st_size > 90e6
+    assert int(p.stderr.strip().splitlines()[-1]) < 450, p.stderr
+    # an existing output is replaced only with --overwrite
+    assert _cli(big_root, "sql", "select 1", "--out", str(out)) == 1
+    assert out.stat().st_size > 90e6
