@@ -220,22 +220,12 @@ def whatif(args: argparse.Namespace, train_data: list[str]) -> list[dict]:
                         model.encode_text(tokens[i:i + b], normalize=True)
         return run
 
-    def in_eval_mode():
-        """The trainer's scoring call with the model switched to eval mode (the trainer leaves it in train mode)."""
-        was = model.training
-        model.eval()
-        try:
-            score_superbatch(model, sb, cpu, None, chunk=b)
-        finally:
-            model.train(was)
-
     unit_name = f"IID train_step, b={b} (the unit)"
     cases = {
         f"score_superbatch, B={B}, 64 px, chunk={b} (the trainer on CPU)":
             lambda: score_superbatch(model, sb, cpu, None, chunk=b),
         f"score_superbatch, B={B}, 64 px, chunk={B} (one forward)":
             lambda: score_superbatch(model, sb, cpu, None, chunk=B),
-        f"what-if: score_superbatch, 64 px, chunk={b}, model in eval mode": in_eval_mode,
     }
     for r in args.whatif_resolutions:
         cases[f"score_superbatch, B={B}, {r} px, chunk={b}"] = lambda r=r: score_superbatch(model, sb, cpu, r, chunk=b)
@@ -384,7 +374,6 @@ def explanation(args: argparse.Namespace, summary: dict, whatif_rows: list[dict]
         except (KeyError, ValueError):
             fwd_share = None
     one = w.get(f"score_superbatch, B={B}, 64 px, chunk={B} (one forward)")
-    ev = w.get(f"what-if: score_superbatch, 64 px, chunk={b}, model in eval mode")
     text = (f"The overhead is the student's scoring forward: over {B} candidates, in chunks of {b} as the trainer "
             f"does on the CPU, it costs about {s64:.2f} train steps when measured alone (image tower {img:.2f}, text "
             f"tower {txt:.2f})")
@@ -395,11 +384,6 @@ def explanation(args: argparse.Namespace, summary: dict, whatif_rows: list[dict]
     if one is not None:
         text += (f" One forward over all {B} rows costs {one:.2f} train steps instead (larger activations, worse "
                  "cache use), which is why the trainer scores in chunks of b on the CPU.")
-    if ev is not None:
-        gain = 1 - ev / s64
-        text += (f" Switching the model to eval mode for scoring (the trainer leaves it in train mode; the "
-                 f"embeddings are the same, these models have no dropout) measures {ev:.2f}"
-                 + (f", {100 * gain:.0f}% less." if gain > 0.05 else ": no gain beyond the noise."))
     text += (" The text tower runs all context positions although captions use far fewer (see the token line "
              "above).")
     parts.append(text)

@@ -51,10 +51,8 @@ def _resolve(arg: str, root: Path, sub: str, what: str) -> Path:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    import torch
-
     from pipeline.evaluate import evaluate, format_markdown, write_results
-    from pipeline.models import load_model
+    from pipeline.models import load_model, resolve_device
     from storage.shards import ShardError, load_dataset
 
     if not args.zeroshot and not args.retrieval:
@@ -75,9 +73,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                 raise SystemExit(f"aced eval: dataset {name!r} given twice")
             evals[label] = (kind, path)
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("aced eval: --device cuda but torch sees no CUDA device")
-    device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    device = resolve_device(args.device)
     model_dir = _resolve(args.model, args.root, "models", "model")
     bundle = load_model(model_dir)
     bundle.model.to(device)

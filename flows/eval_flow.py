@@ -18,14 +18,10 @@ from pipeline.evaluate import evaluate, format_markdown, write_results
 
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate_task(model_dir: str, evals: dict, batch_size: int, device: str, faiss_device: str) -> dict:
-    import torch
-
-    from pipeline.models import load_model
+    from pipeline.models import load_model, resolve_device
 
     bundle = load_model(Path(model_dir))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    bundle.model.to(device)
+    bundle.model.to(resolve_device(device))
     return evaluate(bundle, {name: tuple(spec) for name, spec in evals.items()}, batch_size=batch_size,
                     faiss_device=faiss_device)
 

@@ -241,7 +241,6 @@ class SuperBatches(torch.utils.data.Dataset):
             "tokens": self.tokenizer(captions),
             "uids": uids,
             "noisy": torch.tensor(noisy, dtype=torch.bool),
-            "ids": torch.tensor(picks, dtype=torch.int64),
             "cached": [(torch.from_numpy(np.stack(ci)).float(), torch.from_numpy(np.stack(ct)).float())
                        for ci, ct in cached],
         }

@@ -44,7 +44,6 @@ __all__ = [
     "FeatureProjection",
     "feature_matching_kd",
     "ensemble_kd",
-    "LossWeights",
     "unified_objective",
 ]
 
@@ -313,45 +312,6 @@ def ensemble_kd(kd_fn: Callable[..., torch.Tensor], student_args: Sequence,
 
 # --------------------------------------------------------------------------------------------
 # the unified objective (eq. 17; SPEC.md "Full objective")
-
-
-@dataclass(frozen=True)
-class LossWeights:
-    """Weights lambda_k of the distillation terms in eq. 17 (0 switches a term off).
-
-    The names of the terms are those `terms()` returns and `unified_objective` logs.
-    """
-
-    lambda_softmax: float = 2.0
-    """Weight of `softmax_kd` (the paper's default 2.0; swept over 0.5, 1, 2)."""
-    lambda_sigmoid: float = 0.0
-    """Weight of `sigmoid_kd` (off by default; a Fig. 5 ablation)."""
-    lambda_fm: float = 0.0
-    """Weight of `feature_matching_kd` (off by default; a Fig. 5 ablation)."""
-
-    def __post_init__(self) -> None:
-        for name in ("lambda_softmax", "lambda_sigmoid", "lambda_fm"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
-                raise ValueError(f"LossWeights.{name} must be a finite number >= 0, got {v!r}")
-
-    def active(self) -> tuple[str, ...]:
-        """Names of the KD terms with a positive weight (the ones the trainer must compute)."""
-        pairs = (("softmax_kd", self.lambda_softmax), ("sigmoid_kd", self.lambda_sigmoid),
-                 ("fm_kd", self.lambda_fm))
-        return tuple(name for name, w in pairs if w > 0)
-
-    def terms(self, values: Mapping[str, torch.Tensor]) -> dict[str, tuple[float, torch.Tensor]]:
-        """Pair each active term with its weight: {name: (lambda, value)} for `unified_objective`.
-
-        `values` must hold exactly the active names: a missing one would silently drop a term the
-        config asked for, an extra one would be computed for nothing.
-        """
-        weights = {"softmax_kd": self.lambda_softmax, "sigmoid_kd": self.lambda_sigmoid, "fm_kd": self.lambda_fm}
-        want = set(self.active())
-        if set(values) != want:
-            raise ValueError(f"LossWeights.terms: got terms {sorted(values)}, the weights ask for {sorted(want)}")
-        return {name: (float(weights[name]), values[name]) for name in self.active()}
 
 
 def unified_objective(contrastive_term: torch.Tensor,

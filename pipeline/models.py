@@ -127,6 +127,19 @@ class ModelBundle:
         return 0.0 if bias is None else float(bias.detach())
 
 
+def resolve_device(requested: str = "auto") -> torch.device:
+    """The one device rule of the project: "auto" is CUDA when torch sees a GPU, else the CPU; "cuda"
+    without a GPU is an error (never a silent fall back to the CPU); "cuda:N" / "cpu" as given."""
+    kind = str(requested).split(":")[0]
+    if kind not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {requested!r}")
+    if kind == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {requested!r} requested but torch sees no CUDA device")
+    return torch.device(requested)
+
+
 # --------------------------------------------------------------------------- offline guards
 
 def _refuse_hub_name(name: str) -> None:

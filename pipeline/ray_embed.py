@@ -302,14 +302,12 @@ class MultiModelEmbedder:
                  expect_fingerprints: dict[str, str] | None = None):
         import torch
 
-        from pipeline.models import fingerprint, load_model
+        from pipeline.models import fingerprint, load_model, resolve_device
 
         if torch_threads is not None:
             # Ray pins OMP_NUM_THREADS=1 in actors with fractional CPUs; say how many we may use.
             torch.set_num_threads(int(torch_threads))
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.models: dict[str, object] = {}
         for d in model_dirs:
             bundle = load_model(Path(d))

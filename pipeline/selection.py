@@ -34,7 +34,7 @@ import torch
 from kernels.cond_scores import BACKENDS, conditional_scores, pair_loss_self, resolve_backend, self_scores
 
 JOINT_RULES = ("learnability", "easy_reference")
-SELECTION_RULES = JOINT_RULES + ("independent_learnability", "student_loss", "uniform")
+SELECTION_RULES = JOINT_RULES + ("independent_learnability", "student_loss")
 
 __all__ = ["JOINT_RULES", "SELECTION_RULES", "SelectionConfig", "SelectionResult", "chunk_sizes",
            "gumbel_top_k", "select"]
@@ -47,8 +47,8 @@ class SelectionConfig:
     rule: "learnability" (H-ACID / JEST: joint, s = ell_student - ell_reference),
         "easy_reference" (I-ACID: joint, s = -ell_reference),
         "independent_learnability" (RHO-loss style baseline: s(x, x) of learnability only, no joint terms),
-        "student_loss" (baseline: prioritise a high student loss ell_student(x, x)),
-        "uniform" (IID sub-batch; tau and topk are ignored).
+        "student_loss" (baseline: prioritise a high student loss ell_student(x, x)).
+        IID training draws no scores at all: the trainer takes the super-batch as it comes.
     n_chunks: n, the number of sampling rounds of the joint rules (JEST uses 16); capped at b.
     tau: temperature multiplying the scores (p proportional to exp(tau * score)); 0 = uniform, large = top-k.
     topk: take the top-m scores of each round deterministically instead of sampling (no noise).
@@ -80,9 +80,9 @@ class SelectionResult:
         chunk in the order of successive draws).
     scores: Tensor[B] float32, the score each candidate was sampled with: for a selected candidate the
         score of the round that picked it, for the others the score of the last round (cbar for the
-        joint rules, the per-example score for the baselines, zeros for uniform).
+        joint rules, the per-example score for the baselines).
     self_scores: Tensor[B] float32, s(x, x) of the rule (learnability for independent_learnability,
-        ell_student(x, x) for student_loss, zeros for uniform).
+        ell_student(x, x) for student_loss).
     backend: the ``conditional_scores`` backend that ran ("triton" | "torch"), or "none" when the rule
         needs no conditional scores.
     """
@@ -166,11 +166,6 @@ def select(cfg: SelectionConfig, b: int, *, stu_img=None, stu_txt=None, stu_scal
     B, device = _super_batch(stu_img, ref_img)
     if not isinstance(b, int) or not 1 <= b <= B:
         raise ValueError(f"select: sub-batch size b={b!r} must be an int in [1, B={B}]")
-    zeros = torch.zeros(B, dtype=torch.float32, device=device)
-
-    if cfg.rule == "uniform":
-        idx = gumbel_top_k(zeros, b, tau=0.0, generator=generator)
-        return SelectionResult(idx, zeros, zeros.clone(), "none")
 
     if cfg.rule == "student_loss":
         s_self = pair_loss_self(stu_img, stu_txt, stu_scale, stu_bias)

@@ -34,7 +34,7 @@ from pipeline.distributed import setup as setup_distributed
 from pipeline.checkpoint import latest_checkpoint, load_checkpoint, load_weights, save_checkpoint
 from pipeline.flexi import at_resolution
 from pipeline.data import CacheSpec, PairIndex, SuperBatches, cached_model_meta, loader
-from pipeline.models import ModelBundle, create_model, load_model, save_model
+from pipeline.models import ModelBundle, create_model, load_model, resolve_device, save_model
 from pipeline.recipes import TrainConfig
 from pipeline.selection import SelectionConfig, select
 from storage.atomic import atomic_write_json
@@ -58,14 +58,6 @@ class TrainResult:
 
 # ---------------------------------------------------------------------------------------------
 # set-up
-
-
-def pick_device(cfg: TrainConfig) -> torch.device:
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device='cuda' but CUDA is not available")
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
 
 
 def lr_factor(cfg: TrainConfig, step: int) -> float:
@@ -198,18 +190,17 @@ def contrastive_loss(cfg: TrainConfig, model: torch.nn.Module, img: torch.Tensor
 
 def kd_loss(cfg: TrainConfig, model: torch.nn.Module, img: torch.Tensor, txt: torch.Tensor,
             teachers: list[tuple[torch.Tensor, torch.Tensor, Any]], proj: torch.nn.Module | None) -> torch.Tensor:
-    """Distillation term on the KD batch, averaged over teachers (eq. 18)."""
+    """Distillation term on the KD batch, averaged over teachers (eq. 18, losses.ensemble_kd)."""
     scale = model.logit_scale.exp()
-    terms = []
-    for t_img, t_txt, meta in teachers:
+
+    def one_teacher(t_img: torch.Tensor, t_txt: torch.Tensor, meta: Any) -> torch.Tensor:
         if cfg.kd_loss == "softmax":
-            terms.append(losses.softmax_kd(img, txt, scale, t_img, t_txt, meta.logit_scale))
-        elif cfg.kd_loss == "sigmoid":
-            terms.append(losses.sigmoid_kd(img, txt, scale, model.logit_bias, t_img, t_txt,
-                                           meta.logit_scale, meta.logit_bias))
-        else:
-            terms.append(losses.feature_matching_kd(img, txt, t_img, t_txt, proj))
-    return torch.stack(terms).mean()
+            return losses.softmax_kd(img, txt, scale, t_img, t_txt, meta.logit_scale)
+        if cfg.kd_loss == "sigmoid":
+            return losses.sigmoid_kd(img, txt, scale, model.logit_bias, t_img, t_txt, meta.logit_scale, meta.logit_bias)
+        return losses.feature_matching_kd(img, txt, t_img, t_txt, proj)
+
+    return losses.ensemble_kd(one_teacher, (), teachers)
 
 
 def train_step(cfg: TrainConfig, model: torch.nn.Module, proj: torch.nn.Module | None, opt: torch.optim.Optimizer,
@@ -322,7 +313,7 @@ def train(cfg: TrainConfig, run_dir: Path, *, progress: bool | None = None) -> T
     Under torchrun (WORLD_SIZE > 1) this is one rank of a data-parallel run (pipeline.distributed):
     every rank calls it with the same config and run folder; rank 0 writes the folder."""
     run_dir = Path(run_dir)
-    device = pick_device(cfg)
+    device = resolve_device(cfg.device)
     group = setup_distributed(device)
     device = group.device(device)
     if group.active:
