@@ -130,9 +130,11 @@ def test_save_load_round_trip(tiny, tmp_path):
     oc_model = open_clip.create_model(f"local-dir:{out}")
     with torch.no_grad():
         assert torch.allclose(oc_model.encode_image(x, normalize=True), tiny.encode_image(x), atol=1e-6)
-    # Overwrite in place: the new model replaces the old, nothing else is left beside it.
+    # Overwrite in place, only when asked: the new model replaces the old, nothing else is left beside it.
     other = M.create_model("aced-vit-t", seed=5)
-    M.save_model(other, out)
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        M.save_model(other, out)
+    M.save_model(other, out, overwrite=True)
     assert M.fingerprint(M.load_model(out)) == M.fingerprint(other)
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["t"]
 
