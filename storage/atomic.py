@@ -92,22 +92,27 @@ def temp_sibling(path: str | os.PathLike, *, mkdir: bool = False) -> Path:
 
 
 def replace_dir(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    """Move the complete folder `src` to `dst` (same parent), replacing `dst` if it exists.
+    """Move the complete folder `src` to `dst` (same parent), replacing `dst` if it exists: the one
+    folder swap of the project (datasets, model folders, checkpoints).
 
     A folder cannot replace a non-empty folder in one rename, so an existing `dst` is first renamed
-    to a hidden temporary sibling (still a complete copy), then `src` is renamed into place, then the
-    old copy is deleted. A crash leaves `dst` as the old or the new folder, or missing with the old
-    one intact under its temporary name (which `aced inspect` reports and the next writer removes).
-    The caller fsyncs `src`'s files before calling; this fsyncs the parent after the renames.
+    to a hidden sibling `.<name>.<random>.old.tmp` (still complete), then `src` is renamed into place
+    (if that fails, the old folder is put back), then the old copy is deleted. A crash in between
+    leaves the old folder under its hidden name, which `aced inspect` reports and the next writer of
+    `dst` removes. The caller has fsynced `src`'s files; this fsyncs the folders around the renames.
     """
     import shutil
 
     src, dst = Path(src), Path(dst)
     fsync_dir(src)
     if dst.exists():
-        old = temp_sibling(dst)
+        old = dst.parent / f".{dst.name}.{secrets.token_hex(6)}.old{TMP_SUFFIX}"
         os.replace(dst, old)
-        os.replace(src, dst)
+        try:
+            os.replace(src, dst)
+        except BaseException:
+            os.replace(old, dst)
+            raise
         fsync_dir(dst.parent)
         shutil.rmtree(old, ignore_errors=True)
     else:

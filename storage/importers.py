@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 
 from storage.shards import (IMAGE_EXTS, DatasetInfo, ImageError, OnError, Sample, ShardError, decode_image,
                             image_format, image_size, make_uid, write_shards)
+from storage.workspace import area_path
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +50,7 @@ _UID_RE = re.compile(r"^[0-9a-f]{32}$")
 
 def dataset_dir(root: str | os.PathLike, name: str) -> Path:
     """`<root>/datasets/<name>` (name may contain '/')."""
-    if not name or name.startswith("/") or any(p in ("", ".", "..") or p.startswith(".") for p in name.split("/")):
-        raise ValueError(f"bad dataset name {name!r}")
-    return Path(root) / "datasets" / name
+    return area_path(root, "datasets", name, "dataset name")
 
 
 @dataclass

@@ -36,7 +36,6 @@ import logging
 import os
 import re
 import shutil
-import secrets
 import tarfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -48,7 +47,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from storage.atomic import atomic_path, atomic_write_json, fsync_dir, is_temp_name, sha256_file
+from storage.atomic import atomic_path, atomic_write_json, is_temp_name, replace_dir, sha256_file, temp_sibling
 
 log = logging.getLogger(__name__)
 
@@ -451,9 +450,8 @@ def write_shards(samples: Iterable[Sample], out_dir: str | os.PathLike, *, name:
     _check_target(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_work_dirs(out_dir)
-    work = out_dir.parent / f".{out_dir.name}.{secrets.token_hex(6)}.tmp"
+    work = temp_sibling(out_dir)
     work_fd = None
-    trash = None
     try:
         with _parent_lock(out_dir.parent):
             work.mkdir()
@@ -502,23 +500,14 @@ def write_shards(samples: Iterable[Sample], out_dir: str | os.PathLike, *, name:
         # Swap into place. Without an old dataset this is one atomic rename; with one, the old
         # folder is locked (so no cleaner takes it for a leftover) and renamed aside first; a crash
         # in between leaves both folders, nothing half-written.
-        if out_dir.exists():
-            old_fd = _lock_dir(out_dir, wait=True)
-            try:
-                trash = out_dir.parent / f".{out_dir.name}.{secrets.token_hex(6)}.old.tmp"
-                os.replace(out_dir, trash)
-                os.replace(work, out_dir)
-                fsync_dir(out_dir.parent)
-                shutil.rmtree(trash)
-            finally:
+        old_fd = _lock_dir(out_dir, wait=True) if out_dir.exists() else None
+        try:
+            replace_dir(work, out_dir)
+        finally:
+            if old_fd is not None:
                 os.close(old_fd)
-        else:
-            os.replace(work, out_dir)
-            fsync_dir(out_dir.parent)
     except BaseException as e:
         shutil.rmtree(work, ignore_errors=True)
-        if trash is not None and trash.exists() and not out_dir.exists():
-            os.replace(trash, out_dir)  # the swap failed half-way: put the old dataset back
         if isinstance(e, OSError) and e.errno in _DISK_FULL:
             raise DiskFullError(e.errno, f"{out_dir}: disk full while writing dataset {name!r} "
                                          f"({e.strerror}); nothing was kept (the partial work folder was "
