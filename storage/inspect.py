@@ -28,8 +28,9 @@ from storage.shards import (DATASET_FILE, ShardError, check_tar_sha256, dataset_
 
 
 def is_leftover_name(name: str) -> bool:
-    """A hidden temporary name of an interrupted write: `storage.atomic.is_temp_name` (files, import
-    work folders `.NAME.RANDOM.tmp`) or a checkpoint's `.tmp-*` folder (pipeline/checkpoint.py)."""
+    """A hidden temporary name of an interrupted write: `storage.atomic.is_temp_name` (files, dataset,
+    model and checkpoint work folders `.NAME.RANDOM.tmp`), or `.tmp-*`, the checkpoint work folders of
+    workspaces written before checkpoints went through storage.atomic (still found on disk)."""
     return is_temp_name(name) or name.startswith(".tmp-")
 
 

@@ -208,16 +208,17 @@ def test_inspect_reports_leftover_temp_files_and_folders(pair_root, capsys):
     _cache_all(pair_root)
     assert _cli(pair_root, "inspect") == 0
     capsys.readouterr()
-    leftovers = [pair_root / "datasets" / ".tiny.0123456789ab.tmp",        # an interrupted re-import
-                 pair_root / "datasets" / "tiny" / ".00000001.tar.ab12.tmp",  # an interrupted atomic write
-                 pair_root / "cache" / "ref" / "tiny" / ".00000000.parquet.cd34.tmp",
-                 pair_root / "runs" / "r" / "checkpoints" / ".tmp-step-00000010-4242"]  # a killed checkpoint write
-    for p in leftovers:
-        if p.suffix == ".tmp" and "tiny." not in p.name:
-            p.write_bytes(b"partial")
-        else:
-            p.mkdir(parents=True)
-            (p / "part").write_bytes(b"x")
+    folders = [pair_root / "datasets" / ".tiny.0123456789ab.tmp",               # an interrupted re-import
+               pair_root / "runs" / "r" / "checkpoints" / ".00000010.0123456789ab.tmp",  # a killed checkpoint write
+               pair_root / "runs" / "r" / "checkpoints" / ".tmp-step-00000010-4242"]     # ... by the older writer
+    files = [pair_root / "datasets" / "tiny" / ".00000001.tar.ab12.tmp",            # an interrupted atomic write
+             pair_root / "cache" / "ref" / "tiny" / ".00000000.parquet.cd34.tmp"]
+    for p in folders:
+        p.mkdir(parents=True)
+        (p / "part").write_bytes(b"x")
+    for p in files:
+        p.write_bytes(b"partial")
+    leftovers = folders + files
     assert _cli(pair_root, "inspect", "--json") == 1
     problems = json.loads(capsys.readouterr().out)["problems"]
     for p in leftovers:
@@ -225,7 +226,7 @@ def test_inspect_reports_leftover_temp_files_and_folders(pair_root, capsys):
     assert len(problems) == len(leftovers), problems
     assert _cli(pair_root, "inspect", str(pair_root / "datasets" / "tiny")) == 1
     out = capsys.readouterr().out
-    assert str(leftovers[0]) in out and str(leftovers[1]) in out
+    assert str(folders[0]) in out and str(files[0]) in out  # its own leftovers and its interrupted re-import
 
 
 # --------------------------------------------------------------------------- 4, 5: SQL is complete, or refuses
