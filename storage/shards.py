@@ -75,8 +75,9 @@ _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 OnError = Literal["raise", "skip"]
 
 
-class ShardError(Exception):
-    """A pair shard or sample is unusable. The message always names the file and the sample."""
+class ShardError(ValueError):
+    """A pair shard or sample is unusable (bad input: a ValueError, so every command reports it as one
+    line). The message always names the file and the sample."""
 
 
 def make_uid(source: str, image_id: str, caption: str, index: int) -> str:

@@ -329,3 +329,14 @@ def test_sql_results_stream_to_the_writer(big_root, tmp_path):
     # an existing output is replaced only with --overwrite
     assert _cli(big_root, "sql", "select 1", "--out", str(out)) == 1
     assert out.stat().st_size > 90e6
+
+
+def test_aced_train_on_a_dataset_missing_a_file_is_one_line_naming_it(pair_root, capsys):
+    from flows.cli import main
+
+    missing = pair_root / "datasets" / "tiny" / "00000001.parquet"
+    missing.unlink()
+    assert main(["--root", str(pair_root), "train", "r1", "--recipe", "tiny", "--data", "tiny", "--steps", "2"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("aced train: error: ") and f"lists files that are missing: {missing}" in err[-1]
+    assert not any("Traceback" in line for line in err)
