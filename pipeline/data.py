@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from storage.cache import ModelMeta, read_cache_shard
-from storage.shards import (ImageError, ShardError, ShardRef, check_tar_sha256, decode_image, iter_samples,
+from storage.shards import (ImageError, ShardError, ShardRef, decode_image, iter_samples,
                             list_shards, load_dataset, read_metadata)
 
 log = logging.getLogger(__name__)
@@ -179,9 +179,7 @@ class SuperBatches(torch.utils.data.Dataset):
         expected = self.index.uids[self.index.offsets[s]:self.index.offsets[s + 1]]
         rows: list[tuple[bytes, str] | None] = [None] * len(expected)
         position = {u: i for i, u in enumerate(expected)}
-        # A flipped bit in a JPEG may still decode: only the tar's checksum tells (hashed once per
-        # process per file version; a mismatch is an error even with on_bad_sample="skip").
-        check_tar_sha256(ref)
+        # iter_samples checks the tar's sha256 first (a flipped bit in a JPEG may still decode).
         for sample in iter_samples(ref, on_error=self.on_bad_sample):
             rows[position[sample.uid]] = (sample.image_bytes, sample.caption)
         missing = sum(r is None for r in rows)

@@ -704,8 +704,11 @@ def _tar_groups(tf: tarfile.TarFile, path: Path) -> Iterator[tuple[str, dict[str
 
 
 def iter_samples(shard: ShardRef, *, on_error: OnError = "raise", decode: bool = False,
-                 stats: dict[str, int] | None = None) -> Iterator[Sample]:
-    """Samples of `shard` in metadata order.
+                 stats: dict[str, int] | None = None, check_sha256: bool = True) -> Iterator[Sample]:
+    """Samples of `shard` in metadata order, from a tar whose sha256 is the one `_dataset.json` records
+    (`check_tar_sha256`, memoised: hashed once per file version per process; a mismatch is a ShardError
+    even under on_error="skip", since nothing in such a tar can be trusted). Every reader (training,
+    caching, evaluation) gets the check here; only `aced inspect`, which reports it itself, turns it off.
 
     A missing, extra or unreadable member, an undecodable image (header read; with `decode`, every
     pixel), a caption or uid that differs between tar and Parquet, or a truncated tar raises
@@ -715,6 +718,8 @@ def iter_samples(shard: ShardRef, *, on_error: OnError = "raise", decode: bool =
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    if check_sha256:
+        check_tar_sha256(shard)
     stats = stats if stats is not None else {}
     stats.setdefault("skipped", 0)
     rows = read_metadata(shard).to_pylist()

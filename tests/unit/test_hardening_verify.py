@@ -116,7 +116,7 @@ def test_training_refuses_a_flipped_bit_that_still_decodes(pair_root):
 
     ref = list_shards(pair_root / "datasets" / "tiny")[0]
     _flip_a_bit_in_an_image(ref)
-    assert len(list(iter_samples(ref, decode=True))) == 4  # still decodes: only the checksum can tell
+    assert len(list(iter_samples(ref, decode=True, check_sha256=False))) == 4  # still decodes: only the checksum can tell
     index = PairIndex([pair_root / "datasets" / "tiny"])
     sb = SuperBatches(index, size=10, seed=0, window=3, preprocess=lambda im: torch.zeros(3, 2, 2),
                       tokenizer=lambda caps: torch.zeros(len(caps), 3, dtype=torch.long), on_bad_sample="skip")
