@@ -51,7 +51,7 @@ def embed_task(plan: CachePlan, engine: str, chunk_size: int, actors: int | None
             return {"engine": engine, "shards": 0, "pairs": 0}
         if engine == "ray":
             store = object_store_mb * 2**20 if object_store_mb else None
-            with ray_session(ray_address, num_cpus=num_cpus, object_store_memory=store):
+            with ray_session(ray_address, num_cpus=num_cpus, object_store_memory=store, root=plan.root):
                 res = embed_shards_ray(plan, chunk_size=chunk_size, actors=actors, actor_cpus=actor_cpus,
                                        torch_threads=torch_threads, on_shard=progress)
         else:

@@ -8,7 +8,10 @@
   `--work-pool` registers them in a process work pool instead; `--list` = `aced deployments`.
 
 Prefect reads its settings when first imported, so every command here points it at the workspace
-(`flows._prefect_env.use_workspace_state`) before importing a flow.
+(`flows._prefect_env.use_workspace_state`) before importing a flow. `aced cache` and `aced serve`
+reap what a killed predecessor left running and make their own children (Prefect servers, Ray)
+die with them (`pipeline.children`); a full disk under the Prefect state or a server that cannot
+start is one line on stderr and exit code 1.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import json
 import logging
 import os
 import signal
+import sys
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -92,6 +96,23 @@ def _cmd_cache(args: argparse.Namespace) -> int:
         print(rep.format())
         return 0 if rep.ok else 1
     params = _cache_params(args)
+    return _run(args.root, lambda: _cache_run(args, params))
+
+
+def _run(root: Path, fn) -> int:
+    """Run a Prefect-backed command; the expected failures become one line on stderr and exit code 1."""
+    from flows._prefect_env import StateDiskFull, state_errors
+    from flows.serve import PrefectServerError
+
+    try:
+        with state_errors(root):
+            return fn()
+    except (StateDiskFull, PrefectServerError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def _cache_run(args: argparse.Namespace, params: dict) -> int:
     from flows._prefect_env import use_workspace_state
 
     mode = use_workspace_state(args.root)
@@ -127,9 +148,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.work_pool and not os.environ.get("PREFECT_API_URL"):
         raise SystemExit("aced serve --work-pool: set PREFECT_API_URL to the server the pool's worker polls")
     params = _cache_params(args)
+    return _run(args.root, lambda: _serve(args, params))
+
+
+def _serve(args: argparse.Namespace, params: dict) -> int:
     from flows._prefect_env import running_server, server_env
     from flows.serve import LocalPrefectServer
+    from pipeline.children import supervise
 
+    # before looking for a running server: a killed `aced serve` may have left its server answering
+    supervise(args.root)
     _sigterm_as_interrupt()
     _quiet_libraries()
     with contextlib.ExitStack() as stack:

@@ -4,7 +4,8 @@ Prefect's temporary in-process server never fires schedules (STACK.md), so `aced
 starts `prefect server start` as a child process over the workspace's SQLite state
 (`<root>/state/prefect`, see flows/_prefect_env.py), waits for its health endpoint, serves the
 deployments with `prefect.serve(...)` (a Runner that polls the server for due runs and executes
-each in a subprocess), and stops the server when it exits. With PREFECT_API_URL set it uses that
+each in a subprocess), and stops the server when it exits. The server dies with `aced serve` even
+after a SIGKILL (PR_SET_PDEATHSIG, and the watchdog of `pipeline.children.supervise`). With PREFECT_API_URL set it uses that
 server instead and starts none. With a work pool it only registers the deployments there (a
 `prefect worker` of a process pool runs them: docker/compose.yaml).
 
@@ -28,13 +29,18 @@ import sys
 import time
 from pathlib import Path
 
-from flows._prefect_env import SERVER_FILE, healthy, prefect_home, server_env
+from flows._prefect_env import SERVER_FILE, check_state_space, healthy, prefect_home, server_env
+from pipeline.children import parent_death_signal
 from storage.atomic import atomic_write_json
 
 log = logging.getLogger(__name__)
 
 CACHE_DEPLOYMENT = "cache"
 EVAL_DEPLOYMENT = "eval"
+
+
+class PrefectServerError(OSError):
+    """The local Prefect server could not start (port taken, or it exited during start-up)."""
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -46,10 +52,11 @@ def free_port(host: str = "127.0.0.1") -> int:
 class LocalPrefectServer:
     """`prefect server start` as a supervised child process over the workspace state.
 
-    Use as a context manager: on enter it starts the server (log: `<home>/server.log`), waits until
-    `GET /api/health` answers (or the process dies: the error quotes the log), and records the URL
-    in `<home>/server.json` for other `aced` commands; on exit it stops the server (SIGTERM, then
-    SIGKILL after `stop_timeout`) and removes the record.
+    Use as a context manager: on enter it checks the state's free space (`StateDiskFull`), starts
+    the server (log: `<home>/server.log`), waits until `GET /api/health` answers (or the process
+    dies: the error quotes the log), and records the URL in `<home>/server.json` for other `aced`
+    commands; on exit it stops the server (SIGTERM, then SIGKILL after `stop_timeout`) and removes
+    the record. If this process dies without exiting the block, the kernel sends the server SIGTERM.
     """
 
     def __init__(self, root: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 4200,
@@ -66,9 +73,10 @@ class LocalPrefectServer:
         return f"http://{self.host}:{self.port}/api"
 
     def __enter__(self) -> "LocalPrefectServer":
+        check_state_space(self.root)
         with socket.socket() as s:
             if s.connect_ex((self.host, self.port)) == 0:
-                raise RuntimeError(f"port {self.host}:{self.port} is taken; choose another with --port "
+                raise PrefectServerError(f"port {self.host}:{self.port} is taken; choose another with --port "
                                    f"(or point PREFECT_API_URL at a running server)")
         env = {**os.environ, **server_env(self.root), **self.extra_env}
         env.pop("PREFECT_API_URL", None)  # the server itself must not talk to another API
@@ -77,15 +85,16 @@ class LocalPrefectServer:
             env["PREFECT_SERVER_UI_ENABLED"] = "false"
         self.log_path = self.home / "server.log"
         logf = open(self.log_path, "ab")
-        # own process group: a Ctrl-C in the terminal reaches us, and we stop the server in order
+        # own process group: a Ctrl-C in the terminal reaches us, and we stop the server in order;
+        # SIGTERM from the kernel if we die first (a SIGKILL runs none of our cleanup)
         self.proc = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=parent_death_signal(signal.SIGTERM))
         logf.close()
         t0 = time.monotonic()
         try:
             while not healthy(self.api_url, timeout=1.0):
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"prefect server exited with {self.proc.returncode} during start-up; "
+                    raise PrefectServerError(f"prefect server exited with {self.proc.returncode} during start-up; "
                                        f"end of {self.log_path}:\n{self._log_tail()}")
                 if time.monotonic() - t0 > self.startup_timeout:
                     raise TimeoutError(f"prefect server not healthy after {self.startup_timeout:.0f} s; "

@@ -545,15 +545,20 @@ def embed_shards_plain(plan: CachePlan, *, chunk_size: int = 64, torch_threads: 
 
 @contextlib.contextmanager
 def ray_session(address: str | None = None, *, num_cpus: int | None = None,
-                object_store_memory: int | None = None) -> Iterator[None]:
+                object_store_memory: int | None = None, root: str | os.PathLike | None = None) -> Iterator[None]:
     """Connect to Ray for the duration of the block; shut down only what this call started.
 
     - Ray already initialised in this process (tests, notebooks): reuse it.
     - `address` or `$RAY_ADDRESS`: join that cluster (the same code runs on a cluster).
     - else a local instance: `num_cpus`, `object_store_memory`, no dashboard; token auth off and a
       short `RAY_TMPDIR` (Unix socket paths are limited to 107 bytes) unless already set.
+      With `root` (the workspace) its processes die with this one even after a SIGKILL, and a run
+      after a killed one reaps what that left (`pipeline.children.supervise`): Ray's own fate
+      sharing ends gcs_server and the raylet, but the raylet's agents outlive it (Ray 2.60).
     """
     import ray
+
+    from pipeline.children import supervise
 
     if ray.is_initialized():
         yield
@@ -565,6 +570,8 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None,
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         if "RAY_TMPDIR" not in os.environ:
             os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+        if root is not None:
+            supervise(root)
         ray.init(num_cpus=num_cpus, object_store_memory=object_store_memory, include_dashboard=False,
                  log_to_driver=True)
     try:
