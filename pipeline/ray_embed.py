@@ -49,7 +49,7 @@ import numpy as np
 import pyarrow as pa
 
 from storage.cache import CacheError, CacheWriter, ModelMeta, cache_dir, read_cache_shard
-from storage.shards import ShardRef, check_tar_sha256, decode_image, find_datasets, iter_samples, list_shards
+from storage.shards import ShardRef, decode_image, find_datasets, iter_samples, list_shards
 
 # torch, PIL and the models are imported where they are used: the Ray read tasks import this
 # module too, and a worker process that only reads shards should not pay seconds for torch.
@@ -388,9 +388,7 @@ def _shard_chunks(item: PlanItem, chunk_size: int) -> Iterator[tuple[int, list, 
     Reads through `storage.shards.iter_samples` (on_error="raise": the cache must have exactly the
     shard's rows, so a bad sample is an error naming the tar and the key, never a skip).
     """
-    # The cache records the source tar's checksum: it must be the checksum of the bytes embedded here
-    # (a flipped bit in a JPEG may still decode). Hashed once per process per file version.
-    check_tar_sha256(item.shard)
+    # iter_samples checks the tar against its recorded sha256, which the cache then records as its source.
     uids, images, captions, start = [], [], [], 0
     for s in iter_samples(item.shard, on_error="raise"):
         uids.append(s.uid)
