@@ -2,10 +2,18 @@
 
 Stage 2 under `torchrun --nproc-per-node W` (or `aced train RUN --nproc W`): every rank reads, decodes and
 scores only its B/W candidates, selects its b/W of them while the conditional scores see every rank's picks
-(`pipeline.selection.select(gather=...)`, one all-gather per chunk), and trains on the gathered b-pair batch:
-the contrastive and KD losses are computed over all b pairs on every rank (embeddings all-gathered with
-their gradient, as open_clip's `gather_with_grad`), then gradients are averaged over the ranks. With W = 1
-nothing here communicates and the trainer is the single-process one.
+(`pipeline.selection.select(gather=...)`, one all-gather per chunk), and trains on its m = b/W rows:
+each rank computes its own rows of the contrastive and KD losses against the gathered columns
+(`Dist.rows` -> `pipeline.losses.Rows` and the ``*_rows`` losses, as big_vision's SigLIP loss), so a rank
+holds [m, b] logit blocks, never b x b (mlfoundations/open_clip issue 942 is the failure this avoids).
+
+Gradients. The batch loss is the sum of the ranks' shares, L = sum_r L_r. A rank's embeddings reach every
+rank's share through the all-gather, whose backward sums the ranks' gradients for this rank's rows
+(a reduce-scatter): rank r's embeddings receive dL/d(emb_r), so its parameter gradient is its rows'
+part of dL/dtheta, and the ranks' parameter gradients must be SUMMED (not averaged) to give dL/dtheta, the
+single-process gradient on the gathered batch. `Dist.wrap` does that sum with DistributedDataParallel and
+a summing communication hook, bucket by bucket while backward runs. With W = 1 nothing here communicates
+and the trainer is the single-process one.
 
 Backends: NCCL on CUDA (one GPU per rank, `LOCAL_RANK`), gloo on the CPU (what the tests run).
 This module never imports Prefect; the process group is created from torchrun's environment
@@ -20,6 +28,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from pipeline.losses import Rows
 
 __all__ = ["Dist", "setup", "SINGLE"]
 
@@ -57,17 +67,57 @@ class Dist:
         """All ranks' rows in rank order, no gradient ([m, D] -> [W * m, D])."""
         if not self.active:
             return x
-        out = [torch.empty_like(x) for _ in range(self.world)]
-        dist.all_gather(out, x.contiguous())
-        return torch.cat(out)
+        out = x.new_empty((self.world * x.shape[0], *x.shape[1:]))
+        dist.all_gather_single(out, x.contiguous())
+        return out
 
     def gather_with_grad(self, x: torch.Tensor) -> torch.Tensor:
         """All ranks' rows in rank order, differentiable: the backward sums every rank's gradient for the
-        local rows, so with the same loss on every rank and `average_gradients` afterwards the update is
-        the gradient of the loss over the whole gathered batch."""
+        local rows (a reduce-scatter), so rank r's rows receive d(sum_s L_s)/d(rows_r)."""
         if not self.active:
             return x
         return _GatherWithGrad.apply(x.contiguous(), self.rank, self.world)
+
+    def rows(self, img: torch.Tensor, txt: torch.Tensor, *, grad: bool = True) -> Rows:
+        """This rank's m rows of the b = W * m pair batch, for the ``*_rows`` losses of pipeline.losses.
+
+        grad=True for the student (the gather is differentiable), False for cached teacher rows. At W = 1
+        a `Rows` without a gather: every ``*_rows`` loss is then its plain single-process function."""
+        if not self.active:
+            return Rows(img, txt)
+        m = img.shape[0]
+        return Rows(img, txt, offset=self.rank * m, total=self.world * m,
+                    gather=self.gather_with_grad if grad else self.gather_rows)
+
+    def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
+        """`module` for training: DistributedDataParallel with SUMMED gradients at W > 1 (module doc:
+        the ranks' shares L_r add up to the batch loss), `module` itself at W = 1.
+
+        The training forward must go through the returned module's forward (DDP prepares its gradient
+        buckets there); each bucket is all-reduced as soon as its gradients exist, overlapping the rest of
+        backward. Parameters used outside that forward (the logit scale in the loss) still count: DDP
+        hooks every parameter. static_graph: a parameter the objective never uses (the logit bias under a
+        softmax loss) keeps grad None, as at W = 1, instead of stalling the reduction; the set of used
+        parameters must therefore stay the same from step to step. Construction broadcasts rank 0's
+        parameters and buffers, so wrap after loading a checkpoint on every rank."""
+        if not self.active:
+            return module
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [self.local_rank] if next(module.parameters()).device.type == "cuda" else None
+        ddp = DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False,
+                                      gradient_as_bucket_view=True, static_graph=True)
+        ddp.register_comm_hook(None, _sum_hook)
+        return ddp
+
+    def sum_metrics(self, metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Sum over the ranks of detached 0-dim tensors (the ranks' loss shares -> the batch losses), as
+        one all-reduce with no host synchronisation; `metrics` itself at W = 1."""
+        if not self.active or not metrics:
+            return metrics
+        flat = torch.stack([v.detach().reshape(()).to(torch.float64) for v in metrics.values()])
+        dist.all_reduce(flat)
+        return {k: flat[i].to(v.dtype) for i, (k, v) in enumerate(metrics.items())}
 
     def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
         """Mean of each gradient over the ranks, as one flat all-reduce (one message, not one per tensor)."""
@@ -121,22 +171,29 @@ SINGLE = Dist()
 
 
 class _GatherWithGrad(torch.autograd.Function):
-    """all_gather forward; backward = this rank's slice of the gradient summed over the ranks (an
-    all-reduce then a slice: a reduce-scatter that gloo can run too)."""
+    """all_gather into one [W * m, ...] tensor forward; backward = this rank's slice of the gradient summed
+    over the ranks, as one reduce-scatter (W times less traffic than an all-reduce then a slice; NCCL and,
+    in this torch, gloo both run it)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, rank: int, world: int) -> torch.Tensor:
-        ctx.rank, ctx.rows = rank, x.shape[0]
-        out = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(out, x)
-        return torch.cat(out)
+        out = x.new_empty((world * x.shape[0], *x.shape[1:]))
+        dist.all_gather_single(out, x)
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad)
-        start = ctx.rank * ctx.rows
-        return grad[start:start + ctx.rows], None, None
+        grad = grad.contiguous()
+        out = grad.new_empty((grad.shape[0] // dist.get_world_size(), *grad.shape[1:]))
+        dist.reduce_scatter_single(out, grad)
+        return out, None, None
+
+
+def _sum_hook(state: object, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """DDP communication hook: the SUM of a gradient bucket over the ranks (DDP's default divides by W;
+    here the ranks' losses are shares of one sum, module doc), launched asynchronously while backward runs."""
+    fut = dist.all_reduce(bucket.buffer(), async_op=True).get_future()
+    return fut.then(lambda f: f.value()[0])
 
 
 def setup(device: torch.device, *, timeout_s: float = 1800.0) -> Dist:

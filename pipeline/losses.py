@@ -20,6 +20,14 @@ Conventions shared by every function here:
 - The teacher side is a set of cached embeddings (plain tensors) plus the teacher's scale and bias as
   floats: it is detached here, so no gradient ever reaches a cache.
 - Every loss returns a 0-dim tensor.
+
+Data-parallel ranks (ARCHITECTURE.md "Scale-out"; the layout of big_vision's SigLIP loss): each loss has
+a ``*_rows`` form that takes a `Rows` (this rank's m = b / W rows of the batch, the whole batch's b rows
+gathered on demand) and returns this rank's share L_r of the batch loss, so that L = sum_r L_r. A rank
+forms only its [m, b] block of the logits (its images against every text, and for the softmax losses'
+text->image direction its texts against every image), never the b x b matrix: loss memory O(b^2 / W).
+Matching pairs are found by index arithmetic (row i of the block is pair offset + i), not by a dense
+identity matrix. With W = 1 (a `Rows` without a gather) each ``*_rows`` function is its plain function.
 """
 from __future__ import annotations
 
@@ -35,6 +43,7 @@ import torch.nn.functional as F
 Scalar = float | torch.Tensor
 
 __all__ = [
+    "Rows",
     "sigmoid_pair_terms",
     "sigmoid_self_terms",
     "sigmoid_contrastive",
@@ -45,6 +54,11 @@ __all__ = [
     "feature_matching_kd",
     "ensemble_kd",
     "unified_objective",
+    "sigmoid_contrastive_rows",
+    "softmax_contrastive_rows",
+    "softmax_kd_rows",
+    "sigmoid_kd_rows",
+    "feature_matching_kd_rows",
 ]
 
 
@@ -101,9 +115,13 @@ def _logits(img: torch.Tensor, txt: torch.Tensor, scale: Scalar, bias: Scalar | 
     return out
 
 
-def _signs(b: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """y[b, b]: +1 on the diagonal (matching pairs), -1 elsewhere."""
-    return 2.0 * torch.eye(b, dtype=dtype, device=device) - 1.0
+def _signed(logits: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    """y * l for a block l[m, b] of the logits whose row i is pair offset + i: y = +1 at (i, offset + i)
+    (the matching pair), -1 elsewhere. Index arithmetic instead of a dense identity matrix; multiplying
+    by +-1 is exact, so values and gradients are bit-identical to (2 * eye - 1) * l."""
+    out = -logits
+    out.diagonal(offset).neg_()  # entries (i, offset + i), i < m
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -124,7 +142,7 @@ def sigmoid_pair_terms(img: torch.Tensor, txt: torch.Tensor, scale: Scalar, bias
     _check_pair("sigmoid_pair_terms", img, txt)
     dtype = _compute_dtype(img, txt)
     logits = _logits(img, txt, scale, bias, dtype)
-    return -F.logsigmoid(_signs(img.shape[0], dtype, img.device) * logits)
+    return -F.logsigmoid(_signed(logits))
 
 
 @_full_precision
@@ -338,3 +356,163 @@ def unified_objective(contrastive_term: torch.Tensor,
         metrics[name] = value.detach()
     metrics["total"] = total.detach()
     return total, metrics
+
+
+# --------------------------------------------------------------------------------------------
+# this rank's rows of each loss (data-parallel ranks; module doc "Data-parallel ranks")
+
+
+class Rows:
+    """This rank's rows of a batch of b pairs, and the whole batch's rows when a loss asks for them.
+
+    img[m, d], txt[m, d]: this rank's rows, which are pairs offset .. offset + m - 1 of the batch.
+    `gather`: [m, d] -> [b, d], every rank's rows in rank order (pipeline.distributed.Dist.rows passes an
+    all-gather: with gradient for the student, without for a cached teacher); None at W = 1, where the
+    rows are the whole batch and every ``*_rows`` loss is its plain function.
+    `img_all` / `txt_all` are gathered on first use and kept, so a loss that needs only the texts (sigmoid)
+    never moves the images, and the KD loss on the same batch reuses the contrastive loss's gathers. Every
+    rank runs the same loss code, so every rank asks for the same gathers in the same order.
+    """
+
+    def __init__(self, img: torch.Tensor, txt: torch.Tensor, *, offset: int = 0, total: int | None = None,
+                 gather: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        _check_pair("Rows", img, txt)
+        m = img.shape[0]
+        total = m if total is None else int(total)
+        if gather is None and (offset != 0 or total != m):
+            raise ValueError(f"Rows: rows {offset}..{offset + m - 1} of {total} need a gather for the other rows")
+        if not 0 <= offset <= total - m:
+            raise ValueError(f"Rows: rows {offset}..{offset + m - 1} do not fit a batch of {total}")
+        self.img, self.txt, self.offset, self.total = img, txt, int(offset), total
+        self._gather = gather
+
+    @property
+    def whole(self) -> bool:
+        """True when the rows are the whole batch (W = 1): the plain losses apply."""
+        return self._gather is None
+
+    def _all(self, x: torch.Tensor) -> torch.Tensor:
+        if self._gather is None:
+            return x
+        out = self._gather(x)
+        if out.shape != (self.total, x.shape[1]):
+            raise ValueError(f"Rows: gather returned {tuple(out.shape)}, expected {(self.total, x.shape[1])}")
+        return out
+
+    @functools.cached_property
+    def img_all(self) -> torch.Tensor:
+        """[b, d] every rank's image rows in rank order."""
+        return self._all(self.img)
+
+    @functools.cached_property
+    def txt_all(self) -> torch.Tensor:
+        """[b, d] every rank's text rows in rank order."""
+        return self._all(self.txt)
+
+
+def _same_rows(name: str, stu: Rows, tea: Rows) -> None:
+    """The teacher's rows must be the student's pairs: same count, same place in the same batch."""
+    if (tea.img.shape[0], tea.offset, tea.total, tea.whole) != (stu.img.shape[0], stu.offset, stu.total, stu.whole):
+        raise ValueError(f"{name}: teacher rows {tea.offset}+{tea.img.shape[0]} of {tea.total} != student rows "
+                         f"{stu.offset}+{stu.img.shape[0]} of {stu.total} (teacher rows must be the same pairs)")
+
+
+def _targets(x: Rows) -> torch.Tensor:
+    """Column of each row's matching pair in an [m, b] block: offset + i (index arithmetic)."""
+    return torch.arange(x.offset, x.offset + x.img.shape[0], device=x.img.device)
+
+
+@_full_precision
+def sigmoid_contrastive_rows(x: Rows, scale: Scalar, bias: Scalar) -> torch.Tensor:
+    """This rank's share of `sigmoid_contrastive`: its rows of the b x b sum, over the global b.
+
+    L_r = (1/b) * sum_{i in rows} sum_j softplus(-y_ij * (a * u_i . v_j + c)),  y_ij = +1 iff i == j,
+    so that sum_r L_r = L. Shapes: x.img[m, d] against x.txt_all[b, d] (only the texts are gathered) ->
+    0-dim tensor; the largest tensor is the [m, b] block. At W = 1: `sigmoid_contrastive` itself.
+    """
+    if x.whole:
+        return sigmoid_contrastive(x.img, x.txt, scale, bias)
+    txt_all = x.txt_all
+    dtype = _compute_dtype(x.img, txt_all)
+    logits = _logits(x.img, txt_all, scale, bias, dtype)   # [m, b]
+    return -F.logsigmoid(_signed(logits, x.offset)).sum() / x.total
+
+
+@_full_precision
+def softmax_contrastive_rows(x: Rows, scale: Scalar) -> torch.Tensor:
+    """This rank's share of `softmax_contrastive`: both cross-entropies of its own pairs.
+
+    L_r = (1/2b) * sum_{i in rows} [ -log softmax_j(l_i,:)_i  -  log softmax_k(l_:,i)_i ],  l_ij = a * u_i . v_j
+    The image->text term of row i needs image i against every text (x.img[m, d] @ x.txt_all[b, d].T); the
+    text->image term of column i needs text i against every image (x.txt[m, d] @ x.img_all[b, d].T, the
+    columns of l as rows). Two [m, b] blocks -> 0-dim tensor. At W = 1: `softmax_contrastive` itself.
+    """
+    if x.whole:
+        return softmax_contrastive(x.img, x.txt, scale)
+    img_all, txt_all = x.img_all, x.txt_all
+    dtype = _compute_dtype(x.img, txt_all)
+    target = _targets(x)
+    i2t = F.cross_entropy(_logits(x.img, txt_all, scale, None, dtype), target, reduction="sum")
+    t2i = F.cross_entropy(_logits(x.txt, img_all, scale, None, dtype), target, reduction="sum")
+    return (i2t + t2i) / (2 * x.total)
+
+
+@_full_precision
+def softmax_kd_rows(stu: Rows, stu_scale: Scalar, tea: Rows, tea_scale: Scalar) -> torch.Tensor:
+    """This rank's share of `softmax_kd`: the image->text rows and text->image columns of its own pairs.
+
+    T_ij = a_t * u^t_i . v^t_j,  S_ij = a_s * u_i . v_j
+    L_r = -(1/2b) * sum_{i in rows} [ softmax(T_i,:) . log softmax(S_i,:) + softmax(T_:,i) . log softmax(S_:,i) ]
+    Rows: stu.img[m, d_s] @ stu.txt_all.T and tea.img[m, d_t] @ tea.txt_all.T; columns (as rows):
+    stu.txt @ stu.img_all.T and tea.txt @ tea.img_all.T. Four [m, b] blocks -> 0-dim tensor.
+    `tea` is the same pairs as `stu` (its gather carries no gradient). At W = 1: `softmax_kd` itself.
+    """
+    _same_rows("softmax_kd_rows", stu, tea)
+    if stu.whole:
+        return softmax_kd(stu.img, stu.txt, stu_scale, tea.img, tea.txt, tea_scale)
+    dtype = _compute_dtype(stu.img, stu.txt, tea.img, tea.txt)
+    s_rows = _logits(stu.img, stu.txt_all, stu_scale, None, dtype)
+    s_cols = _logits(stu.txt, stu.img_all, stu_scale, None, dtype)
+    with torch.no_grad():
+        t_scale = float(tea_scale)
+        p_rows = torch.softmax(_logits(tea.img.detach(), tea.txt_all.detach(), t_scale, None, dtype), dim=1)
+        p_cols = torch.softmax(_logits(tea.txt.detach(), tea.img_all.detach(), t_scale, None, dtype), dim=1)
+    rows = (p_rows * torch.log_softmax(s_rows, dim=1)).sum()
+    cols = (p_cols * torch.log_softmax(s_cols, dim=1)).sum()
+    return -(rows + cols) / (2 * stu.total)
+
+
+@_full_precision
+def sigmoid_kd_rows(stu: Rows, stu_scale: Scalar, stu_bias: Scalar,
+                    tea: Rows, tea_scale: Scalar, tea_bias: Scalar) -> torch.Tensor:
+    """This rank's share of `sigmoid_kd`: its rows of the b x b soft-target cross-entropy, over the global b.
+
+    T_ij = a_t * u^t_i . v^t_j + c_t,  S_ij = a_s * u_i . v_j + c_s
+    L_r = -(1/b) * sum_{i in rows} sum_j [ sigmoid(T_ij) log sigmoid(S_ij) + sigmoid(-T_ij) log sigmoid(-S_ij) ]
+    Shapes: stu.img[m, d_s] @ stu.txt_all[b, d_s].T, tea.img[m, d_t] @ tea.txt_all[b, d_t].T (only texts
+    are gathered) -> 0-dim tensor. At W = 1: `sigmoid_kd` itself.
+    """
+    _same_rows("sigmoid_kd_rows", stu, tea)
+    if stu.whole:
+        return sigmoid_kd(stu.img, stu.txt, stu_scale, stu_bias, tea.img, tea.txt, tea_scale, tea_bias)
+    dtype = _compute_dtype(stu.img, stu.txt, tea.img, tea.txt)
+    s = _logits(stu.img, stu.txt_all, stu_scale, stu_bias, dtype)
+    with torch.no_grad():
+        t = _logits(tea.img.detach(), tea.txt_all.detach(), float(tea_scale), float(tea_bias), dtype)
+        p, q = torch.sigmoid(t), torch.sigmoid(-t)
+    return -(p * F.logsigmoid(s) + q * F.logsigmoid(-s)).sum() / stu.total
+
+
+@_full_precision
+def feature_matching_kd_rows(stu: Rows, tea: Rows, proj: nn.Module | None = None) -> torch.Tensor:
+    """This rank's share of `feature_matching_kd`: its own pairs' squared errors over the global b.
+
+    L_r = (1/2b) * sum_{i in rows} [ ||z_hat^img_i - u^t_i||^2 + ||z_hat^txt_i - v^t_i||^2 ],  z_hat = z P
+    Per-pair, so nothing is gathered. Shapes: stu.img[m, d_s], tea.img[m, d_t] -> 0-dim tensor.
+    At W = 1: `feature_matching_kd` itself.
+    """
+    _same_rows("feature_matching_kd_rows", stu, tea)
+    local = feature_matching_kd(stu.img, stu.txt, tea.img, tea.txt, proj)   # (1/2m) * sum over the rows
+    if stu.whole:
+        return local
+    return local * (stu.img.shape[0] / stu.total)
