@@ -350,3 +350,118 @@ def test_losses_ignore_an_enclosing_autocast():
         got = [f() for f in fns]
     for r, g in zip(ref, got):
         assert g.dtype == torch.float32 and g.item() == r.item()
+
+
+# ---------------------------------------------------------------- rows of the loss (data-parallel ranks)
+# One process simulates W ranks: rank r's rows are a view of the whole batch and its "gather" returns the
+# whole batch (the same tensor, so gradients flow as through a differentiable all-gather). The ranks'
+# shares must add up to the plain loss as functions, hence in value and in gradient.
+# tests/integration/test_sharded_loss.py runs the same on real gloo ranks with DDP.
+
+
+def _rank_rows(u, v, world, rank):
+    m = u.shape[0] // world
+    img, txt = u[rank * m:(rank + 1) * m], v[rank * m:(rank + 1) * m]
+    whole = {id(img): u, id(txt): v}
+    return L.Rows(img, txt, offset=rank * m, total=u.shape[0], gather=lambda x: whole[id(x)])
+
+
+def _shares(world: int, fn, *tensors):
+    """sum_r fn(rows_r of each (img, txt) pair in `tensors`)."""
+    pairs = [tensors[i:i + 2] for i in range(0, len(tensors), 2)]
+    return sum(fn(*[_rank_rows(a, b, world, r) for a, b in pairs]) for r in range(world))
+
+
+ROW_CASES = {
+    "sigmoid": (lambda s, a, c: L.sigmoid_contrastive_rows(s, a, c),
+                lambda u, v, a, c: L.sigmoid_contrastive(u, v, a, c), 1),
+    "softmax": (lambda s, a, c: L.softmax_contrastive_rows(s, a),
+                lambda u, v, a, c: L.softmax_contrastive(u, v, a), 1),
+    "softmax_kd": (lambda s, t, a, c: L.softmax_kd_rows(s, a, t, 9.0),
+                   lambda u, v, ut, vt, a, c: L.softmax_kd(u, v, a, ut, vt, 9.0), 2),
+    "sigmoid_kd": (lambda s, t, a, c: L.sigmoid_kd_rows(s, a, c, t, 9.0, -3.0),
+                   lambda u, v, ut, vt, a, c: L.sigmoid_kd(u, v, a, c, ut, vt, 9.0, -3.0), 2),
+    "fm": (lambda s, t, a, c: L.feature_matching_kd_rows(s, t),
+           lambda u, v, ut, vt, a, c: L.feature_matching_kd(u, v, ut, vt), 2),
+}
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 6])
+@pytest.mark.parametrize("kind", sorted(ROW_CASES))
+def test_rank_shares_add_up_to_the_plain_loss(kind, world):
+    rows_fn, plain_fn, n_pairs = ROW_CASES[kind]
+    b = 12
+    u, v = _req(_unit(b, D, 1), _unit(b, D, 2))
+    a, c = _req(torch.tensor(6.0, dtype=torch.float64), torch.tensor(-2.5, dtype=torch.float64))
+    tea = (_unit(b, D, 3), _unit(b, D, 4)) if n_pairs == 2 else ()
+    got = _shares(world, lambda *rows: rows_fn(*rows, a, c), u, v, *tea)
+    grads = torch.autograd.grad(got, [u, v, a, c], allow_unused=True)
+    ref = plain_fn(u, v, *tea, a, c)
+    ref_grads = torch.autograd.grad(ref, [u, v, a, c], allow_unused=True)
+    assert got.item() == pytest.approx(ref.item(), rel=1e-12)
+    for g, r in zip(grads, ref_grads):
+        assert (g is None) == (r is None)
+        if g is not None:
+            assert torch.allclose(g, r, rtol=1e-10, atol=1e-12)
+
+
+def test_rows_at_w1_are_the_plain_functions_bit_for_bit():
+    u, v = _unit(10, 6, 1, torch.float32), _unit(10, 6, 2, torch.float32)
+    ut, vt = _unit(10, 4, 3, torch.float32), _unit(10, 4, 4, torch.float32)
+    s, t = L.Rows(u, v), L.Rows(ut, vt)
+    assert s.whole and s.img_all is u and s.txt_all is v
+    assert torch.equal(L.sigmoid_contrastive_rows(s, 10.0, -10.0), L.sigmoid_contrastive(u, v, 10.0, -10.0))
+    assert torch.equal(L.softmax_contrastive_rows(s, 10.0), L.softmax_contrastive(u, v, 10.0))
+    assert torch.equal(L.softmax_kd_rows(s, 10.0, t, 20.0), L.softmax_kd(u, v, 10.0, ut, vt, 20.0))
+    assert torch.equal(L.sigmoid_kd_rows(s, 10.0, -1.0, t, 20.0, -5.0), L.sigmoid_kd(u, v, 10.0, -1.0, ut, vt, 20.0, -5.0))
+    proj = L.FeatureProjection(6, 4)
+    assert torch.equal(L.feature_matching_kd_rows(s, t, proj), L.feature_matching_kd(u, v, ut, vt, proj))
+
+
+def test_signs_by_index_arithmetic_are_bit_identical_to_the_identity_matrix_form():
+    # _signed replaced y = 2 * eye - 1: values and gradients must not move by a bit (W = 1 unchanged).
+    u, v = _req(_unit(33, 8, 1, torch.float32), _unit(33, 8, 2, torch.float32))
+    a = torch.tensor(10.0, requires_grad=True)
+    c = torch.tensor(-10.0, requires_grad=True)
+    got = L.sigmoid_contrastive(u, v, a, c)
+    g = torch.autograd.grad(got, [u, v, a, c])
+    logits = a * (u @ v.T) + c
+    ref = -torch.nn.functional.logsigmoid((2.0 * torch.eye(33) - 1.0) * logits).sum() / 33
+    r = torch.autograd.grad(ref, [u, v, a, c])
+    assert torch.equal(got, ref)
+    assert all(torch.equal(x, y) for x, y in zip(g, r))
+    # an off-diagonal block: row i of the block is pair offset + i
+    block = torch.zeros(3, 9)
+    assert L._signed(block + 1.0, 6).tolist() == [[-1.0] * 6 + [1.0, -1.0, -1.0], [-1.0] * 7 + [1.0, -1.0],
+                                                  [-1.0] * 8 + [1.0]]
+
+
+def test_rows_refuse_misplaced_blocks():
+    u = torch.zeros(4, 3)
+    with pytest.raises(ValueError, match="need a gather"):
+        L.Rows(u, u, offset=4, total=8)
+    with pytest.raises(ValueError, match="do not fit a batch of 6"):
+        L.Rows(u, u, offset=4, total=6, gather=lambda x: torch.zeros(6, 3))
+    bad = L.Rows(u, u, offset=0, total=8, gather=lambda x: torch.zeros(6, 3))
+    with pytest.raises(ValueError, match=r"gather returned \(6, 3\), expected \(8, 3\)"):
+        L.sigmoid_contrastive_rows(bad, 1.0, 0.0)
+    stu = L.Rows(u, u, offset=0, total=8, gather=lambda x: torch.zeros(8, 3))
+    tea = L.Rows(u, u, offset=4, total=8, gather=lambda x: torch.zeros(8, 3))
+    with pytest.raises(ValueError, match="teacher rows must be the same pairs"):
+        L.softmax_kd_rows(stu, 1.0, tea, 1.0)
+
+
+def test_gathers_happen_on_demand_and_once():
+    calls = []
+    u = _unit(8, 4, 1, torch.float32)
+
+    def gather(x):
+        calls.append(x.shape)
+        return torch.cat([x, x])
+
+    rows = L.Rows(u[:4], u[4:], offset=0, total=8, gather=gather)
+    L.sigmoid_contrastive_rows(rows, 10.0, -10.0)
+    assert len(calls) == 1  # the sigmoid loss needs only the texts
+    L.sigmoid_kd_rows(rows, 10.0, -10.0, L.Rows(u[:4], u[4:], offset=0, total=8, gather=gather), 5.0, 0.0)
+    L.softmax_contrastive_rows(rows, 10.0)
+    assert len(calls) == 1 + 1 + 1  # teacher texts; the student's images; student texts reused
