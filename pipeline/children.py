@@ -13,7 +13,7 @@ Three layers, each covering what the previous one cannot:
    the kernel signals them the moment we die. It cannot reach processes a library spawns.
 2. A watchdog per supervised process (`supervise(root)`): a small stdlib-only process that polls its
    parent, keeps a record of the parent's descendants (pid + start time) in
-   `<root>/state/children/<pid>.json`, and when the parent dies, terminates every recorded process
+   `<root>/state/children/<host>-<pid>.json`, and when the parent dies, terminates every recorded process
    that is still the same process (same start time in /proc/<pid>/stat, so a reused pid is never
    hit), plus their descendants, then removes the record.
 3. `reap_orphans(root)` at start-up: a record whose owner is dead (its watchdog was killed too, e.g.
@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -183,15 +184,34 @@ def record_dir(root: str | os.PathLike) -> Path:
     return Path(root).resolve().joinpath(*RECORD_DIR)
 
 
+def _host() -> str:
+    """Records are per host (a workspace on shared storage is seen by several machines)."""
+    return socket.gethostname().replace("/", "_")
+
+
+def _boot_id() -> str:
+    """Start times count from boot: a record from before a reboot names processes long gone."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def record_path(root: str | os.PathLike, pid: int) -> Path:
+    return record_dir(root) / f"{_host()}-{pid}.json"
+
+
 def _write_record(path: Path, owner: Proc, procs: list[Proc]) -> None:
     from storage.atomic import atomic_write_json  # stdlib-only module: cheap in the watchdog
 
-    atomic_write_json(path, {"owner": asdict(owner), "children": [asdict(p) for p in procs]})
+    atomic_write_json(path, {"boot_id": _boot_id(), "owner": asdict(owner), "children": [asdict(p) for p in procs]})
 
 
 def _read_record(path: Path) -> tuple[Proc, list[Proc]]:
+    """(owner, children); no children if the record is from an earlier boot."""
     doc = json.loads(path.read_text())
-    return Proc(**doc["owner"]), [Proc(**c) for c in doc["children"]]
+    procs = [Proc(**c) for c in doc["children"]] if doc["boot_id"] == _boot_id() else []
+    return Proc(**doc["owner"]), procs
 
 
 def reap_orphans(root: str | os.PathLike) -> list[Proc]:
@@ -201,7 +221,7 @@ def reap_orphans(root: str | os.PathLike) -> list[Proc]:
     reaped: list[Proc] = []
     if not folder.is_dir():
         return reaped
-    for path in sorted(folder.glob("*.json")):
+    for path in sorted(folder.glob(f"{_host()}-*.json")):
         try:
             owner, procs = _read_record(path)
         except FileNotFoundError:
@@ -234,7 +254,7 @@ def supervise(root: str | os.PathLike) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     me = proc(os.getpid())
     cmd = [sys.executable, "-m", "pipeline.children", "--parent", str(me.pid), "--parent-start", str(me.start),
-           "--record", str(folder / f"{me.pid}.json")]
+           "--record", str(record_path(root, me.pid))]
     # stdout/stderr not inherited: a caller reading our output to EOF must not wait for the watchdog
     _watchdogs[folder] = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                           stderr=subprocess.DEVNULL, close_fds=True)

@@ -154,8 +154,9 @@ def test_killed_serve_leaves_no_server_and_the_next_serve_starts(workspace, tmp_
 
 def test_next_run_reaps_recorded_children_of_a_dead_owner_only(tmp_path):
     """The watchdog died with its owner (e.g. SIGKILL of the whole process group): the record stays,
-    and `reap_orphans` ends the recorded processes that are still the same processes."""
-    from pipeline.children import Proc, _write_record, proc, reap_orphans, record_dir
+    and `reap_orphans` ends the recorded processes that are still the same processes, on this host
+    and since this boot."""
+    from pipeline.children import Proc, _write_record, proc, reap_orphans, record_dir, record_path
 
     root = tmp_path / "ws"
     orphan = subprocess.Popen(["sleep", "120"], start_new_session=True)
@@ -165,15 +166,21 @@ def test_next_run_reaps_recorded_children_of_a_dead_owner_only(tmp_path):
         o, b, k = proc(orphan.pid), proc(bystander.pid), proc(kept.pid)
         dead_owner = Proc(os.getpid(), proc(os.getpid()).start - 1, "aced cache (killed)")  # pid reused since
         folder = record_dir(root)
-        _write_record(folder / "1.json", dead_owner, [o, Proc(b.pid, b.start + 1, b.cmd)])
-        _write_record(folder / "2.json", proc(os.getpid()), [k])
-        (folder / "3.json").write_text("{not json")
+        _write_record(record_path(root, 1), dead_owner, [o, Proc(b.pid, b.start + 1, b.cmd)])
+        _write_record(record_path(root, 2), proc(os.getpid()), [k])
+        record_path(root, 3).write_text("{not json")
+        # another machine sharing the workspace: not ours to judge
+        _write_record(folder / "elsewhere-4.json", dead_owner, [k])
+        # a record from before a reboot: its start times mean other processes now
+        _write_record(record_path(root, 5), dead_owner, [k])
+        doc = json.loads(record_path(root, 5).read_text())
+        record_path(root, 5).write_text(json.dumps({**doc, "boot_id": "an-earlier-boot"}))
         t0 = time.monotonic()
         reaped = reap_orphans(root)
         assert [p.pid for p in reaped] == [orphan.pid]
         assert orphan.wait(5) == -signal.SIGTERM and time.monotonic() - t0 < 5
         assert bystander.poll() is None and kept.poll() is None
-        assert sorted(p.name for p in folder.glob("*.json")) == ["2.json"]
+        assert sorted(p.name for p in folder.glob("*.json")) == sorted([record_path(root, 2).name, "elsewhere-4.json"])
     finally:
         for p in (orphan, bystander, kept):
             p.kill()
