@@ -39,6 +39,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -549,8 +550,9 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None,
     - Ray already initialised in this process (tests, notebooks): reuse it.
     - `address` or `$RAY_ADDRESS`: join that cluster (the same code runs on a cluster).
     - else a local instance: `num_cpus`, `object_store_memory`, no dashboard; token auth off and a
-      short `RAY_TMPDIR` (Unix socket paths are limited to 107 bytes) unless already set.
-      With `root` (the workspace) its processes die with this one even after a SIGKILL, and a run
+      short `RAY_TMPDIR` (Unix socket paths are limited to 107 bytes) unless already set; a
+      temporary folder made here is removed after a clean shutdown (kept, and named in the log,
+      after an error: it holds Ray's logs). With `root` (the workspace) its processes die with this one even after a SIGKILL, and a run
       after a killed one reaps what that left (`pipeline.children.supervise`): Ray's own fate
       sharing ends gcs_server and the raylet, but the raylet's agents outlive it (Ray 2.60).
     """
@@ -562,20 +564,29 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None,
         yield
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        if "RAY_TMPDIR" not in os.environ:
-            os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-        if root is not None:
-            supervise(root)
-        ray.init(num_cpus=num_cpus, object_store_memory=object_store_memory, include_dashboard=False,
-                 log_to_driver=True)
+    made_tmp = None
     try:
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+            if "RAY_TMPDIR" not in os.environ:
+                made_tmp = os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+            if root is not None:
+                supervise(root)
+            ray.init(num_cpus=num_cpus, object_store_memory=object_store_memory, include_dashboard=False,
+                     log_to_driver=True)
         yield
+    except BaseException:
+        if made_tmp:
+            log.error("Ray's session logs are kept in %s", made_tmp)
+            made_tmp = None
+        raise
     finally:
         ray.shutdown()
+        if made_tmp:
+            os.environ.pop("RAY_TMPDIR", None)
+            shutil.rmtree(made_tmp, ignore_errors=True)
 
 
 def _read_task(batch: dict, *, plan: CachePlan, chunk_size: int) -> pa.Table:

@@ -301,3 +301,24 @@ def test_local_server_checks_space_before_starting(workspace, monkeypatch):
     with pytest.raises(StateDiskFull, match="prefect.db"):
         server.__enter__()
     assert server.proc is None
+
+
+# ---------------------------------------------------------------------------- Ray's temporary folder
+
+
+def test_local_ray_session_removes_the_temporary_folder_it_made(tmp_path):
+    """A local Ray without RAY_TMPDIR gets a short folder under /tmp; it goes after a clean shutdown."""
+    code = textwrap.dedent("""
+        import os
+        from pipeline.ray_embed import ray_session
+        with ray_session(num_cpus=1, object_store_memory=100 * 2**20, root=os.environ["WS"]):
+            print(os.environ["RAY_TMPDIR"], flush=True)
+        print(os.environ.get("RAY_TMPDIR"))
+    """)
+    env = aced_env(WS=str(tmp_path / "ws"))
+    env.pop("RAY_TMPDIR")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    made, after = out.stdout.split()
+    assert made.startswith("/tmp/ray-") and after == "None"
+    assert not Path(made).exists()
