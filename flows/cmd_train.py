@@ -27,6 +27,7 @@ def _parse_value(field: dataclasses.Field, text: str) -> Any:
 
 def config_from_args(args: argparse.Namespace):
     from pipeline.recipes import TrainConfig, recipe
+    from pipeline.selection import SelectionConfig
 
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     overrides: dict[str, Any] = {}
@@ -45,11 +46,18 @@ def config_from_args(args: argparse.Namespace):
         overrides["eval_zeroshot"] = tuple(str(_dataset_dir(root, d)) for d in args.zeroshot)
     if args.retrieval:
         overrides["eval_retrieval"] = tuple(str(_dataset_dir(root, d)) for d in args.retrieval)
+    selection = {f.name: f for f in dataclasses.fields(SelectionConfig)}
+    flat = {"n_chunks": "n_chunks", "tau": "tau", "topk": "topk", "kernel_backend": "backend"}
     for item in args.set or []:
         key, sep, value = item.partition("=")
-        if not sep or key not in fields:
-            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(fields)}")
-        overrides[key] = _parse_value(fields[key], value)
+        sel = flat.get(key) or (key.removeprefix("selection.") if key.startswith("selection.") else None)
+        if sep and key in fields and key != "selection":
+            overrides[key] = _parse_value(fields[key], value)
+        elif sep and sel in selection and sel != "rule":
+            overrides[f"selection.{sel}"] = _parse_value(selection[sel], value)
+        else:
+            names = [f for f in fields if f != "selection"] + [f"selection.{f}" for f in selection if f != "rule"]
+            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(names)}")
     if (overrides.get("reference") or overrides.get("teacher")) and "cache_root" not in overrides:
         overrides["cache_root"] = str(root / "cache")
     return recipe(args.recipe, **overrides)

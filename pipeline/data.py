@@ -12,6 +12,7 @@ any mismatch): a stale, partial or foreign cache is never used silently.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -72,6 +73,60 @@ def cached_model_meta(cache_root: Path, model_id: str, dataset_dirs: Sequence[st
     return found
 
 
+@dataclass
+class SuperBatch:
+    """One training step's candidates (this rank's share of them), as the trainer's steps pass them on.
+
+    images: uint8 [N, 3, H, W] (ModelBundle.pixels): cut into sub-batches and moved as bytes; the
+        model's float input is made on the device (ModelBundle.normalize).
+    tokens: int64 [N, L]; the student's tokenizer cuts L to the super-batch's longest caption where that is
+        exact (pipeline.models.TrimmingTokenizer); a sub-batch keeps its super-batch's L.
+    uids: the pairs' uids; noisy: bool [N], the known caption-noise flags.
+    reference: cached reference (image, text) embeddings [N, d_ref] (None without a reference).
+    teachers: cached teacher (image, text) embeddings [N, d_t], one pair per teacher.
+    """
+
+    step: int
+    images: torch.Tensor
+    tokens: torch.Tensor
+    uids: np.ndarray
+    noisy: torch.Tensor
+    reference: tuple[torch.Tensor, torch.Tensor] | None
+    teachers: list[tuple[torch.Tensor, torch.Tensor]]
+
+    def __len__(self) -> int:
+        return len(self.uids)
+
+    def subset(self, idx: torch.Tensor) -> "SuperBatch":
+        """Rows `idx` (on any device): tensors are cut where they live, with no copy back to the host
+        except the indices themselves (for the uids)."""
+        def cut(t: torch.Tensor) -> torch.Tensor:
+            return t[idx.to(t.device)]
+
+        return SuperBatch(step=self.step, images=cut(self.images), tokens=cut(self.tokens),
+                          uids=self.uids[idx.cpu().numpy()], noisy=cut(self.noisy),
+                          reference=None if self.reference is None else (cut(self.reference[0]), cut(self.reference[1])),
+                          teachers=[(cut(i), cut(t)) for i, t in self.teachers])
+
+    def to(self, device: torch.device) -> "SuperBatch":
+        """Tensors on `device` (non-blocking from pinned memory); uids stay on the host."""
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device, non_blocking=True)
+
+        return dataclasses.replace(self, images=move(self.images), tokens=move(self.tokens), noisy=move(self.noisy),
+                                   reference=None if self.reference is None else tuple(map(move, self.reference)),
+                                   teachers=[(move(i), move(t)) for i, t in self.teachers])
+
+    def pin_memory(self) -> "SuperBatch":
+        """Page-locked copies (the DataLoader calls this with pin_memory=True) for asynchronous copies."""
+        def pin(t: torch.Tensor) -> torch.Tensor:
+            return t.pin_memory()
+
+        return dataclasses.replace(self, images=pin(self.images), tokens=pin(self.tokens), noisy=pin(self.noisy),
+                                   reference=None if self.reference is None else tuple(map(pin, self.reference)),
+                                   teachers=[(pin(i), pin(t)) for i, t in self.teachers])
+
+
 class PairIndex:
     """Every sample of the training datasets: shards, row counts, uids and noise flags (metadata only)."""
 
@@ -129,8 +184,8 @@ class SuperBatches(torch.utils.data.Dataset):
 
     def __init__(self, index: PairIndex, *, size: int, seed: int, window: int,
                  preprocess: Callable[[Image.Image], torch.Tensor], tokenizer: Callable[[list[str]], torch.Tensor],
-                 caches: Sequence[CacheSpec] = (), on_bad_sample: str = "raise", max_open_shards: int | None = None,
-                 shard: tuple[int, int] = (0, 1)):
+                 reference: CacheSpec | None = None, teachers: Sequence[CacheSpec] = (), on_bad_sample: str = "raise",
+                 max_open_shards: int | None = None, shard: tuple[int, int] = (0, 1)):
         rank, world = shard
         if not 0 <= rank < world or size % world:
             raise ValueError(f"shard {shard}: need 0 <= rank < world and a super-batch ({size}) divisible by world")
@@ -143,7 +198,8 @@ class SuperBatches(torch.utils.data.Dataset):
         self.window = window
         self.preprocess = preprocess
         self.tokenizer = tokenizer
-        self.caches = list(caches)
+        self.has_reference = reference is not None
+        self.caches = ([reference] if reference is not None else []) + list(teachers)
         self.on_bad_sample = on_bad_sample
         self.per_epoch = len(index) // size  # drop the last partial super-batch of each epoch
         self._max_open = max_open_shards or window + 2
@@ -209,9 +265,9 @@ class SuperBatches(torch.utils.data.Dataset):
             raise
         return self.preprocess(image)
 
-    def __getitem__(self, step: int) -> dict[str, Any]:
+    def __getitem__(self, step: int) -> SuperBatch:
         ids = self._ids(step)
-        images, captions, uids, noisy, picks = [], [], [], [], []
+        images, captions, uids, noisy = [], [], [], []
         cached: list[tuple[list, list]] = [([], []) for _ in self.caches]
         for gid in ids:
             s, r = self.index.locate(int(gid))
@@ -227,22 +283,16 @@ class SuperBatches(torch.utils.data.Dataset):
             captions.append(row[1])
             uids.append(uid)
             noisy.append(bool(self.index.noisy[gid]))
-            picks.append(int(gid))
             for (ci, ct), (img_emb, txt_emb) in zip(cached, entry["cached"]):
                 ci.append(img_emb[r])
                 ct.append(txt_emb[r])
         if not images:
             raise ShardError(f"step {step}: every sample of the super-batch was bad")
-        batch: dict[str, Any] = {
-            "step": step,
-            "images": torch.stack(images),
-            "tokens": self.tokenizer(captions),
-            "uids": uids,
-            "noisy": torch.tensor(noisy, dtype=torch.bool),
-            "cached": [(torch.from_numpy(np.stack(ci)).float(), torch.from_numpy(np.stack(ct)).float())
-                       for ci, ct in cached],
-        }
-        return batch
+        embs = [(torch.from_numpy(np.stack(ci)).float(), torch.from_numpy(np.stack(ct)).float()) for ci, ct in cached]
+        return SuperBatch(step=step, images=torch.stack(images), tokens=self.tokenizer(captions),
+                          uids=np.asarray(uids, dtype=object), noisy=torch.tensor(noisy, dtype=torch.bool),
+                          reference=embs[0] if self.has_reference else None,
+                          teachers=embs[1:] if self.has_reference else embs)
 
 
 class _Steps(torch.utils.data.Sampler):
@@ -256,10 +306,13 @@ class _Steps(torch.utils.data.Sampler):
         return self.stop - self.start
 
 
-def loader(dataset: SuperBatches, *, start_step: int, stop_step: int, num_workers: int) -> torch.utils.data.DataLoader:
-    """Super-batches for steps [start_step, stop_step), decoded ahead by worker processes."""
+def loader(dataset: SuperBatches, *, start_step: int, stop_step: int, num_workers: int,
+           pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """Super-batches for steps [start_step, stop_step), decoded ahead by worker processes (in page-locked
+    memory with `pin_memory`, for asynchronous copies to a GPU)."""
     return torch.utils.data.DataLoader(
         dataset, sampler=_Steps(start_step, stop_step), batch_size=None, num_workers=num_workers,
+        pin_memory=pin_memory,
         prefetch_factor=2 if num_workers > 0 else None, persistent_workers=False,
         # Workers are forked: each keeps its own shard LRU. One torch thread each so decoding does not
         # fight the training step for the two cores.

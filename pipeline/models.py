@@ -107,6 +107,27 @@ class ModelBundle:
     def context_length(self) -> int:
         return int(self.config["model_cfg"]["text_cfg"].get("context_length", 77))
 
+    @property
+    def pixels(self) -> Callable:
+        """PIL image -> uint8 Tensor[3, H, W]: `preprocess` without its float conversion and normalisation,
+        so a batch travels (and is cut into sub-batches) at a quarter of the bytes; `normalize` finishes
+        it on the device: normalize(pixels(im)[None]) == preprocess(im)[None] exactly. A small picklable
+        transform (DataLoader workers receive it, not the model)."""
+        from torchvision.transforms import Compose, PILToTensor
+
+        steps = list(self.preprocess.transforms)
+        if type(steps[-1]).__name__ != "Normalize" or "ToTensor" not in type(steps[-2]).__name__:
+            raise ValueError(f"{self.name}: preprocessing does not end in ToTensor + Normalize: {self.preprocess}")
+        return Compose(steps[:-2] + [PILToTensor()])
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 Tensor[N, 3, H, W] (from `pixels`, on any device) -> the model's float32 input, as
+        torchvision's ToTensor + Normalize compute it (divide by 255, subtract mean, divide by std)."""
+        pre = self.config["preprocess_cfg"]
+        mean = torch.tensor(pre["mean"], dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+        std = torch.tensor(pre["std"], dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+        return images.to(torch.float32).div_(255).sub_(mean).div_(std)
+
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Tensor[N, 3, H, W] (preprocessed) -> L2-normalised Tensor[N, embed_dim]."""
         return self.model.encode_image(images, normalize=True)
@@ -211,11 +232,94 @@ def _preprocess_cfg(model_cfg: dict, given: dict | None) -> dict:
     return cfg
 
 
+# --------------------------------------------------------------------------- text at the batch's length
+
+TEXT_MULTIPLE = 8  # trimmed context lengths are rounded up to this (fewer distinct shapes; tensor-core friendly)
+
+
+def trim_tokens(tokens: torch.Tensor, multiple: int = TEXT_MULTIPLE) -> torch.Tensor:
+    """The columns of `tokens` [N, context] up to the batch's longest caption (its end-of-text token
+    included), rounded up to a multiple of `multiple`; a view, no copy. Call it where tokens are made
+    (the CPU tokenizer output): on a device tensor it would cost a host sync."""
+    if tokens.ndim != 2 or tokens.shape[1] == 0:
+        return tokens
+    used = torch.nonzero(tokens.ne(0).any(dim=0))  # open_clip pads with token 0
+    length = int(used[-1]) + 1 if len(used) else 1
+    length = min(tokens.shape[1], -(-length // multiple) * multiple)
+    return tokens[:, :length]
+
+
+class TrimmingTokenizer:
+    """open_clip's tokenizer whose output is cut to the batch's longest caption (`trim_tokens`), for
+    models whose text tower gives the same embedding at any context length (`exact_short_text`)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.context_length = inner.context_length
+
+    def __call__(self, texts, context_length: int | None = None) -> torch.Tensor:
+        return trim_tokens(self.inner(texts, context_length) if context_length else self.inner(texts))
+
+
+def exact_short_text(text_tower) -> bool:
+    """True when the text tower's embedding of a caption does not depend on the padding after it: a
+    causal attention mask (position t sees only positions <= t) and pooling at the end-of-text token
+    (argmax/eos), no appended class token. Then running only the first L positions is exact."""
+    pool = getattr(text_tower, "text_pool_type", getattr(text_tower, "pool_type", None))
+    return (getattr(text_tower, "attn_mask", None) is not None and pool in ("argmax", "eos")
+            and getattr(text_tower, "cls_emb", None) is None)
+
+
+def _short_text_forward(tower, text: torch.Tensor, *, pool_type: str, eos_id) -> torch.Tensor:
+    """The text transformer of CLIP / TextTransformer over the first L = text.shape[1] positions:
+    positional embedding and causal mask sliced to L (exact, see `exact_short_text`)."""
+    length = text.shape[1]
+    cast_dtype = tower.transformer.get_cast_dtype()
+    x = tower.token_embedding(text).to(cast_dtype) + tower.positional_embedding[:length].to(cast_dtype)
+    x = tower.transformer(x, attn_mask=tower.attn_mask[:length, :length])
+    x = tower.ln_final(x)
+    x = open_clip.transformer.text_global_pool(x, text, pool_type, eos_token_id=eos_id)
+    if tower.text_projection is not None:
+        x = tower.text_projection(x) if isinstance(tower.text_projection, torch.nn.Linear) else x @ tower.text_projection
+    return x
+
+
+def _pad_context(text: torch.Tensor, context: int) -> torch.Tensor:
+    return torch.nn.functional.pad(text, (0, context - text.shape[1])) if text.shape[1] < context else text
+
+
+class ShortTextCLIP(open_clip.CLIP):
+    """open_clip's CLIP whose encode_text accepts tokens cut to the batch's length (TrimmingTokenizer):
+    exact for causal, end-of-text-pooled towers; any other tower gets the tokens padded back."""
+
+    def encode_text(self, text, normalize: bool = False):
+        context = self.positional_embedding.shape[0]
+        if text.shape[1] == context or not exact_short_text(self):
+            x = super().encode_text(_pad_context(text, context), normalize=False)
+        else:
+            x = _short_text_forward(self, text, pool_type=self.text_pool_type, eos_id=getattr(self, "text_eos_id", None))
+        return torch.nn.functional.normalize(x, dim=-1) if normalize else x
+
+
+class ShortTextCustomTextCLIP(open_clip.CustomTextCLIP):
+    """CustomTextCLIP counterpart of ShortTextCLIP (the text tower is `self.text`)."""
+
+    def encode_text(self, text, normalize: bool = False):
+        tower = self.text
+        context = tower.positional_embedding.shape[0]
+        if text.shape[1] == context or not exact_short_text(tower) or not hasattr(tower, "token_embedding"):
+            x = tower(_pad_context(text, context))
+        else:
+            x = _short_text_forward(tower, text, pool_type=tower.pool_type, eos_id=getattr(tower, "eos_id", None))
+        return torch.nn.functional.normalize(x, dim=-1) if normalize else x
+
+
 def _model_class(model_cfg: dict):
-    """The class open_clip.create_model would pick for this config."""
+    """The class open_clip.create_model would pick for this config (CLIP towers as their short-text
+    subclasses: same parameters and state dict, plus encode_text at the batch's length)."""
     if model_cfg.get("custom_text", False):
-        return open_clip.CoCa if "multimodal_cfg" in model_cfg else open_clip.CustomTextCLIP
-    return open_clip.CLIP
+        return open_clip.CoCa if "multimodal_cfg" in model_cfg else ShortTextCustomTextCLIP
+    return ShortTextCLIP
 
 
 _POSITIVE_KEYS = {"vision_cfg": ("layers", "width", "patch_size", "image_size", "head_width", "mlp_ratio"),
@@ -258,6 +362,8 @@ def _build(name: str, model_cfg: dict, preprocess_cfg: dict | None, seed: int) -
                                            fill_color=pre.get("fill_color", 0))
     tokenizer = open_clip.tokenizer.SimpleTokenizer(
         context_length=int(model_cfg["text_cfg"].get("context_length", open_clip.tokenizer.DEFAULT_CONTEXT_LENGTH)))
+    if isinstance(model, (ShortTextCLIP, ShortTextCustomTextCLIP)):
+        tokenizer = TrimmingTokenizer(tokenizer)
     config = {"model_cfg": model_cfg, "preprocess_cfg": pre, "name": name}
     return ModelBundle(model=model, preprocess=preprocess, tokenizer=tokenizer, name=name, config=config)
 

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pipeline.selection import SelectionConfig
 
 
 @dataclass(frozen=True)
@@ -72,16 +74,15 @@ class TrainConfig:
     """b: pairs per training batch (the selected sub-batch for ACID methods)."""
     filter_ratio: float = 0.8
     """f: fraction of the super-batch filtered out; super-batch B = round(b / (1 - f)). Ignored by IID methods."""
-    n_chunks: int = 16
-    """JEST chunks per selection (each b/n examples)."""
-    tau: float = 10.0
-    """Sampling temperature of joint selection (0 = uniform, large = greedy)."""
-    topk: bool = False
-    """Deterministic top-k per chunk instead of Gumbel sampling."""
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    """How the sub-batch is drawn (pipeline.selection.SelectionConfig: n_chunks = JEST chunks, tau =
+    sampling temperature, topk, backend = conditional-score kernel); its rule is the method's. Ignored by
+    IID methods. CLI: `--set n_chunks=8` or `--set selection.tau=5`."""
     score_resolution: int | None = None
     """Score the super-batch at this lower image resolution (Flexi-JEST style); None = training resolution."""
-    kernel_backend: str = "auto"
-    """Conditional-score kernel: auto (Triton on CUDA, torch on CPU), triton or torch."""
+    score_dtype: str = "auto"
+    """Scoring forward precision: auto (bf16 autocast on CUDA and on CPUs with native bf16, else float32),
+    bfloat16 or float32. Training always runs as before (bf16 autocast on CUDA, float32 on the CPU)."""
     contrastive: str = "sigmoid"
     """Contrastive loss: sigmoid (SigLIP) or softmax (CLIP)."""
     kd_loss: str = "softmax"
@@ -117,8 +118,11 @@ class TrainConfig:
     """Shards whose samples are shuffled together (memory grows with it)."""
     on_bad_sample: str = "raise"
     """raise: stop at the first bad sample, naming it; skip: count, log and skip it."""
-    log_selections: bool = True
-    """Write per-candidate selection records (step, uid, score, selected, noisy) to Parquet."""
+    selection_log_every: int = 1
+    """Write per-candidate selection records (step, uid, score, selected, noisy) to Parquet every this
+    many steps (0 = never): at B = 160k candidates a record per candidate per step adds up."""
+    selection_log_rows: int = 0
+    """Per logged step, a seeded random sample of this many candidates (0 = all of them)."""
     device: str = "auto"
     """auto (CUDA when present), cpu or cuda."""
     eval_zeroshot: tuple[str, ...] = ()
@@ -129,16 +133,23 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; known: {', '.join(METHODS)}")
-        for name in ("steps", "batch_size", "n_chunks", "checkpoint_every", "keep_checkpoints", "shuffle_window"):
+        if isinstance(self.selection, dict):  # from JSON
+            object.__setattr__(self, "selection", SelectionConfig(**self.selection))
+        if not isinstance(self.selection, SelectionConfig):
+            raise ValueError(f"selection must be a SelectionConfig, got {type(self.selection).__name__}")
+        if self.spec.selection is not None and self.selection.rule != self.spec.selection:
+            # the rule is the method's: one source of truth, whatever the config file said
+            object.__setattr__(self, "selection", dataclasses.replace(self.selection, rule=self.spec.selection))
+        for name in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints", "shuffle_window"):
             _positive(name, getattr(self, name))
+        if self.selection_log_every < 0 or self.selection_log_rows < 0:
+            raise ValueError("selection_log_every and selection_log_rows must be >= 0")
         if not 0.0 <= self.filter_ratio < 1.0:
             raise ValueError(f"filter_ratio must be in [0, 1), got {self.filter_ratio}")
-        if self.tau < 0:
-            raise ValueError(f"tau must be >= 0, got {self.tau}")
         _positive("lr", self.lr)
         for name, options in (("contrastive", ("sigmoid", "softmax")), ("kd_loss", ("softmax", "sigmoid", "fm")),
                               ("schedule", ("cosine", "rsqrt")), ("on_bad_sample", ("raise", "skip")),
-                              ("device", ("auto", "cpu", "cuda")), ("kernel_backend", ("auto", "triton", "torch"))):
+                              ("device", ("auto", "cpu", "cuda")), ("score_dtype", ("auto", "bfloat16", "float32"))):
             if getattr(self, name) not in options:
                 raise ValueError(f"{name} must be one of {options}, got {getattr(self, name)!r}")
         if not 0 <= self.warmup_frac + (self.cooldown_frac if self.schedule == "rsqrt" else 0) <= 1:
@@ -155,8 +166,8 @@ class TrainConfig:
         if spec.selection is not None and self.superbatch_size <= self.batch_size:
             raise ValueError(f"filter_ratio {self.filter_ratio} leaves nothing to select: super-batch "
                              f"{self.superbatch_size} <= batch {self.batch_size}")
-        if spec.selection is not None and self.n_chunks > self.batch_size:
-            raise ValueError(f"n_chunks {self.n_chunks} > batch_size {self.batch_size}")
+        if spec.selection is not None and self.selection.n_chunks > self.batch_size:
+            raise ValueError(f"selection.n_chunks {self.selection.n_chunks} > batch_size {self.batch_size}")
 
     @property
     def spec(self) -> MethodSpec:
@@ -169,20 +180,27 @@ class TrainConfig:
             return self.batch_size
         return int(round(self.batch_size / (1.0 - self.filter_ratio)))
 
-    EXECUTION_FIELDS = ("num_workers", "device", "log_selections", "eval_zeroshot", "eval_retrieval",
-                        "kernel_backend", "checkpoint_every", "keep_checkpoints")
-    """How a run executes, not what it computes: these may change when a run resumes (kernel_backend
+    EXECUTION_FIELDS = ("num_workers", "device", "selection_log_every", "selection_log_rows", "eval_zeroshot",
+                        "eval_retrieval", "selection.backend", "checkpoint_every", "keep_checkpoints")
+    """How a run executes, not what it computes: these may change when a run resumes (the kernel backend
     picks an implementation of the same scores; checkpoint spacing does not change any step)."""
 
     def identity(self) -> dict[str, Any]:
         """The fields that define the run (compared on resume): everything but EXECUTION_FIELDS."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.EXECUTION_FIELDS}
+        flat = {}
+        for k, v in dataclasses.asdict(self).items():
+            if isinstance(v, dict):
+                flat.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+            else:
+                flat[k] = v
+        return {k: v for k, v in flat.items() if k not in self.EXECUTION_FIELDS}
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        data = normalise_fields(data)
         known = {f.name: f for f in dataclasses.fields(cls)}
         unknown = set(data) - set(known)
         if unknown:
@@ -195,13 +213,35 @@ class TrainConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
+# Flat names of earlier versions (config.json files of existing runs, recipe overrides, `--set`).
+_SELECTION_ALIASES = {"n_chunks": "n_chunks", "tau": "tau", "topk": "topk", "kernel_backend": "backend"}
+
+
+def normalise_fields(data: dict[str, Any]) -> dict[str, Any]:
+    """TrainConfig fields from a dict that may use the flat selection names (`n_chunks`, `tau`, `topk`,
+    `kernel_backend`), dotted ones (`selection.tau`) or the old `log_selections` flag."""
+    out = dict(data)
+    sel = out.pop("selection", None)
+    sel = dataclasses.asdict(sel) if isinstance(sel, SelectionConfig) else dict(sel or {})
+    for key in list(out):
+        name = _SELECTION_ALIASES.get(key) or (key.split(".", 1)[1] if key.startswith("selection.") else None)
+        if name is not None:
+            sel[name] = out.pop(key)
+    if sel:
+        sel.setdefault("rule", "learnability")  # replaced by the method's rule in __post_init__
+        out["selection"] = SelectionConfig(**sel)
+    if "log_selections" in out:
+        out["selection_log_every"] = 1 if out.pop("log_selections") else 0
+    return out
+
+
 def recipe(name: str, **overrides: Any) -> TrainConfig:
     """Named starting points.
 
     - "student": the tiny CPU student (aced-vit-t, b=64) for any method (pass method=...).
     - "reference": a larger model trained IID on clean data; the paper trains its own references this way.
     - "tiny": a few-step CPU variant for integration tests (b=16, 4 chunks, checkpoints every 3 steps).
-    Overrides are TrainConfig fields.
+    Overrides are TrainConfig fields (selection knobs also by their flat names, e.g. n_chunks=4).
     """
     base: dict[str, Any]
     if name == "student":
@@ -214,4 +254,4 @@ def recipe(name: str, **overrides: Any) -> TrainConfig:
     else:
         raise ValueError(f"unknown recipe {name!r}; known: student, reference, tiny")
     base.update(overrides)
-    return TrainConfig(**base)
+    return TrainConfig(**normalise_fields(base))

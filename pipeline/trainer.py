@@ -1,13 +1,14 @@
 """The training loop for every method of SPEC.md's table (paper sections 3.1-3.3, Appendix E).
 
-One step reads as its named parts:
-  read_superbatch   B raw pairs + cached reference/teacher rows (pipeline.data)
-  score_superbatch  student forward over all B candidates, no grad (ACID methods only)
+`train` opens the run (`open_run`: lock, config, student, caches, logs, resume) and then, for each step,
+reads as its named parts:
+  SuperBatch        B raw pairs (uint8 pixels, tokens) + cached reference/teacher rows (pipeline.data)
+  score_superbatch  student forward over all B candidates, no grad (selection methods only)
   select_subbatch   joint (JEST) selection of b pairs with the conditional-score kernel
   train_step        contrastive loss on B_CE (+ lambda * KD on B_KD), clipped Adam update
-  log_step          per-step metrics and per-candidate selection records
-Checkpoints are atomic (pipeline.checkpoint); metrics and selections are flushed to Parquet only
-together with a checkpoint, so a resumed run never holds a duplicated or a missing step.
+  log_step          per-step metrics and (every k steps, optionally sampled) per-candidate selection records
+  checkpoint        atomic (pipeline.checkpoint); metrics and selections are flushed to Parquet only
+                    together with a checkpoint, so a resumed run never holds a duplicated or a missing step.
 
 Resume order (written once, here): the run's own latest checkpoint, then `init_from` weights, then scratch.
 Everything random is derived from (seed, step), so a killed and restarted run reproduces the
@@ -22,30 +23,32 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
 import torch
 
 from pipeline import losses
+from pipeline.checkpoint import latest_checkpoint, load_checkpoint, load_weights, save_checkpoint
+from pipeline.data import CacheSpec, PairIndex, SuperBatch, SuperBatches, cached_model_meta, loader
 from pipeline.distributed import SINGLE, Dist
 from pipeline.distributed import setup as setup_distributed
-from pipeline.checkpoint import latest_checkpoint, load_checkpoint, load_weights, save_checkpoint
 from pipeline.flexi import at_resolution
-from pipeline.data import CacheSpec, PairIndex, SuperBatches, cached_model_meta, loader
 from pipeline.models import ModelBundle, create_model, load_model, resolve_device, save_model
 from pipeline.recipes import TrainConfig
-from pipeline.selection import SelectionConfig, select
+from pipeline.selection import SelectionResult, select
 from storage.atomic import atomic_write_json
+from storage.runlog import SELECTIONS_SCHEMA, ParquetLog
 from storage.shards import load_dataset
 from storage.workspace import FolderLock, held_by
-from storage.runlog import SELECTIONS_SCHEMA, ParquetLog
 
 log = logging.getLogger(__name__)
 
-MAX_LOGIT_SCALE = math.log(100.0)
-LOG_EVERY = 25  # steps between progress log lines when no progress bar is shown  # CLIP/open_clip clamp: keeps a = exp(t) <= 100
+MAX_LOGIT_SCALE = math.log(100.0)  # CLIP/open_clip clamp: keeps a = exp(t) <= 100
+LOG_EVERY = 25  # steps between progress log lines when no progress bar is shown
 
 
 @dataclass
@@ -54,6 +57,32 @@ class TrainResult:
     step: int
     metrics: dict[str, float]
     model_dir: Path
+
+
+@dataclass
+class Run:
+    """What every step of a run shares; built once by `open_run` (benchmarks build one by hand)."""
+
+    cfg: TrainConfig
+    device: torch.device
+    bundle: ModelBundle
+    """The student: model, tokenizer, pixel transform and normalisation."""
+    opt: torch.optim.Optimizer
+    sched: Any
+    proj: torch.nn.Module | None = None
+    """Feature-matching projection head (kd_loss="fm"), a submodule of the student."""
+    reference: CacheSpec | None = None
+    teachers: list[CacheSpec] = field(default_factory=list)
+    group: Dist = SINGLE
+    run_dir: Path | None = None
+    start: int = 0
+    """First step to run (the resumed checkpoint's step)."""
+    metrics_log: ParquetLog | None = None
+    selections_log: ParquetLog | None = None
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.bundle.model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,10 +152,24 @@ def embed(model: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor) ->
 
 
 def autocast(device: torch.device):
-    """bf16 autocast on CUDA, plain float32 on the CPU (SPEC: no low precision where it is slow or inexact)."""
+    """bf16 autocast on CUDA, plain float32 on the CPU for training (SPEC: no low precision where it is
+    slow or inexact); the scoring forward may use bf16 on CPUs too (`score_dtype`)."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def score_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    """Precision of the scoring forward: cfg.score_dtype, where "auto" is bf16 on CUDA and on CPUs with
+    native bf16 arithmetic (AVX512-BF16 / AMX), float32 elsewhere (emulated bf16 is slower than fp32).
+    benchmarks/step_cost.py measures its embedding error and how often it changes the selection."""
+    if cfg.score_dtype != "auto":
+        return getattr(torch, cfg.score_dtype)
+    if device.type == "cuda":
+        return torch.bfloat16
+    native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or \
+        getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return torch.bfloat16 if native else torch.float32
 
 
 @contextlib.contextmanager
@@ -142,43 +185,85 @@ def _eval_mode(model: torch.nn.Module):
         model.train(was_training)
 
 
-def score_superbatch(model: torch.nn.Module, batch: dict[str, Any], device: torch.device,
-                     resolution: int | None, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Student embeddings of every candidate, under inference mode (optionally at lower resolution)."""
-    images = batch["images"].to(device, non_blocking=True)
+def score_superbatch(bundle: ModelBundle, sb: SuperBatch, *, resolution: int | None, chunk: int,
+                     dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Student embeddings of every candidate (float32, L2-normalised), under inference mode, in `dtype`
+    (autocast), optionally at a lower image resolution. `sb` lives on the scoring device already."""
+    model = bundle.model
+    images = bundle.normalize(sb.images)
     lowres = resolution is not None and resolution != images.shape[-1]
     if lowres:
         images = torch.nn.functional.interpolate(images, size=(resolution, resolution), mode="bilinear",
                                                  antialias=True, align_corners=False)
-    tokens = batch["tokens"].to(device, non_blocking=True)
+    precision = (torch.autocast(images.device.type, dtype=dtype) if dtype != torch.float32
+                 else contextlib.nullcontext())
     # In chunks of `chunk` rows: measured 1.3-1.4x faster than one B=320 forward on the CPU (cache-sized
     # activations; benchmarks/results/step_cost.md); on a GPU pass chunk=B.
     imgs, txts = [], []
-    with torch.inference_mode(), autocast(device), _eval_mode(model), (
+    with torch.inference_mode(), precision, _eval_mode(model), (
             at_resolution(model, resolution) if lowres else contextlib.nullcontext()):
         for start in range(0, images.shape[0], chunk):
-            i, t = embed(model, images[start:start + chunk], tokens[start:start + chunk])
+            i, t = embed(model, images[start:start + chunk], sb.tokens[start:start + chunk])
             imgs.append(i.float())
             txts.append(t.float())
     return torch.cat(imgs), torch.cat(txts)
 
 
-def select_subbatch(cfg: TrainConfig, model: torch.nn.Module, stu: tuple[torch.Tensor, torch.Tensor],
-                    ref: tuple[torch.Tensor, torch.Tensor] | None, ref_meta, step: int, group: Dist = SINGLE):
+def select_subbatch(run: Run, stu: tuple[torch.Tensor, torch.Tensor], sb: SuperBatch) -> SelectionResult:
     """Joint batch selection (JEST / ACID) of this rank's b / W candidates; noise drawn from
     (seed, step, rank) for exact resume; with W > 1 the conditional scores see every rank's picks."""
+    cfg, group = run.cfg, run.group
     gen = torch.Generator(device=stu[0].device)
     # Not hash(): Python salts str hashes per process, which would break exact resume.
-    gen.manual_seed((cfg.seed * 1_000_003 + step + group.rank * 0x9E3779B97F4A7C15) % (2**63 - 1))
-    sel_cfg = SelectionConfig(rule=cfg.spec.selection, n_chunks=cfg.n_chunks, tau=cfg.tau, topk=cfg.topk,
-                              backend=cfg.kernel_backend)
-    kwargs: dict[str, Any] = dict(stu_img=stu[0], stu_txt=stu[1], stu_scale=float(model.logit_scale.detach().exp()),
-                                  stu_bias=float(model.logit_bias.detach()))
-    if ref is not None:
-        kwargs.update(ref_img=ref[0].to(stu[0].device), ref_txt=ref[1].to(stu[0].device),
-                      ref_scale=ref_meta.logit_scale, ref_bias=ref_meta.logit_bias)
-    return select(sel_cfg, cfg.batch_size // group.world, generator=gen,
+    gen.manual_seed((cfg.seed * 1_000_003 + sb.step + group.rank * 0x9E3779B97F4A7C15) % (2**63 - 1))
+    kwargs: dict[str, Any] = dict(stu_img=stu[0], stu_txt=stu[1], stu_scale=run.model.logit_scale.detach().exp(),
+                                  stu_bias=run.model.logit_bias.detach())
+    if sb.reference is not None:
+        meta = run.reference.meta
+        kwargs.update(ref_img=sb.reference[0], ref_txt=sb.reference[1], ref_scale=meta.logit_scale,
+                      ref_bias=meta.logit_bias)
+    return select(cfg.selection, cfg.batch_size // group.world, generator=gen,
                   gather=group.gather_rows if group.active else None, **kwargs)
+
+
+def selection_metrics(run: Run, sb: SuperBatch, result: SelectionResult) -> dict[str, float]:
+    """Means over the whole (global) super-batch of the scores and the noisy flags, of all candidates and
+    of the selected ones: sums and counts added over the ranks in one collective."""
+    selected = torch.zeros(len(sb), dtype=torch.bool, device=result.scores.device)
+    selected[result.indices] = True
+    scores, noisy = result.scores.float(), sb.noisy.to(selected.device)
+    sums = torch.stack([scores.sum(), torch.tensor(float(len(sb)), device=selected.device),
+                        scores[selected].sum(), selected.sum().float(), noisy.sum().float(),
+                        noisy[selected].sum().float()]).double()
+    s = run.group.sum_floats(sums.tolist(), run.device)  # one host sync per step, here
+    return {"score_mean_all": s[0] / s[1], "score_mean_selected": s[2] / s[3],
+            "noisy_frac_superbatch": s[4] / s[1], "noisy_frac_selected": s[5] / s[3]}
+
+
+def log_selections(run: Run, sb: SuperBatch, result: SelectionResult) -> None:
+    """Per-candidate records (step, uid, score, selected, noisy) as Arrow columns, every
+    cfg.selection_log_every steps, of all candidates or a seeded sample of cfg.selection_log_rows."""
+    cfg = run.cfg
+    if not cfg.selection_log_every or sb.step % cfg.selection_log_every:
+        return
+    n = len(sb)
+    rows = np.arange(n)
+    if cfg.selection_log_rows and cfg.selection_log_rows < n:
+        rng = np.random.default_rng([cfg.seed, sb.step, run.group.rank, 0x10C])
+        rows = np.sort(rng.choice(n, cfg.selection_log_rows, replace=False))
+    selected = np.zeros(n, dtype=bool)
+    selected[result.indices.cpu().numpy()] = True
+    part = {"uid": sb.uids[rows], "score": result.scores.float().cpu().numpy()[rows],
+            "selected": selected[rows], "noisy": sb.noisy.cpu().numpy()[rows]}
+    every = run.group.gather_objects(part)
+    if run.group.is_main:
+        cols = {k: np.concatenate([p[k] for p in every]) for k in part}
+        table = pa.table({"step": pa.array(np.full(len(cols["uid"]), sb.step, dtype=np.int64)),
+                          "uid": pa.array(cols["uid"].tolist(), pa.string()),
+                          "score": pa.array(cols["score"], pa.float32()),
+                          "selected": pa.array(cols["selected"]), "noisy": pa.array(cols["noisy"])},
+                         schema=SELECTIONS_SCHEMA)
+        run.selections_log.append_table(table)
 
 
 def contrastive_loss(cfg: TrainConfig, model: torch.nn.Module, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
@@ -203,60 +288,50 @@ def kd_loss(cfg: TrainConfig, model: torch.nn.Module, img: torch.Tensor, txt: to
     return losses.ensemble_kd(one_teacher, (), teachers)
 
 
-def train_step(cfg: TrainConfig, model: torch.nn.Module, proj: torch.nn.Module | None, opt: torch.optim.Optimizer,
-               sched: Any, device: torch.device, ce_batch: dict[str, Any], kd_batch: dict[str, Any] | None,
-               teacher_metas: list, group: Dist = SINGLE) -> dict[str, float]:
-    """One update: L = L_contrastive[B_CE] + lambda * L_dist[B_KD] (SPEC "Full objective").
+def train_step(run: Run, ce: SuperBatch, kd: SuperBatch | None) -> dict[str, float]:
+    """One update: L = L_contrastive[B_CE] + lambda * L_dist[B_KD] (SPEC "Full objective"). `ce` and `kd`
+    live on the training device (uint8 pixels: normalised here).
 
     Data-parallel (W > 1): each rank embeds its rows, the embeddings are all-gathered with their gradient
     and every rank computes the loss over the whole b-pair batch; gradients are then averaged over ranks,
     which makes the update the single-process update on the gathered batch."""
+    cfg, model, group, device = run.cfg, run.model, run.group, run.device
     model.train()
-    opt.zero_grad(set_to_none=True)
+    run.opt.zero_grad(set_to_none=True)
     with autocast(device):
-        img, txt = embed(model, ce_batch["images"].to(device), ce_batch["tokens"].to(device))
+        img, txt = embed(model, run.bundle.normalize(ce.images), ce.tokens)
         img, txt = group.gather_with_grad(img), group.gather_with_grad(txt)
-        ce = contrastive_loss(cfg, model, img.float(), txt.float())
-        kd_terms = {}
-        if kd_batch is not None:
-            if kd_batch is ce_batch:
+        terms = {}
+        if kd is not None:
+            if kd is ce:
                 k_img, k_txt = img, txt
             else:
-                k_img, k_txt = embed(model, kd_batch["images"].to(device), kd_batch["tokens"].to(device))
+                k_img, k_txt = embed(model, run.bundle.normalize(kd.images), kd.tokens)
                 k_img, k_txt = group.gather_with_grad(k_img), group.gather_with_grad(k_txt)
-            teachers = [(group.gather_rows(ti.to(device)), group.gather_rows(tt.to(device)), meta)
-                        for (ti, tt), meta in zip(kd_batch["teacher"], teacher_metas)]
-            kd_terms["kd"] = (cfg.kd_lambda, kd_loss(cfg, model, k_img.float(), k_txt.float(), teachers, proj))
-        total, terms = losses.unified_objective(ce, kd_terms)
+            teachers = [(group.gather_rows(ti), group.gather_rows(tt), spec.meta)
+                        for (ti, tt), spec in zip(kd.teachers, run.teachers)]
+            terms["kd"] = (cfg.kd_lambda, kd_loss(cfg, model, k_img.float(), k_txt.float(), teachers, run.proj))
+        total, metrics = losses.unified_objective(contrastive_loss(cfg, model, img.float(), txt.float()), terms)
     total.backward()
     # model.parameters() includes the feature-matching projection (a registered submodule), once
     params = [p for p in model.parameters() if p.requires_grad]
     group.average_gradients(params)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-    lr = opt.param_groups[0]["lr"]
-    opt.step()
-    sched.step()
+    lr = run.opt.param_groups[0]["lr"]
+    run.opt.step()
+    run.sched.step()
     with torch.no_grad():
         model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-    out = {name: float(v) for name, v in terms.items()}
-    with torch.no_grad():
-        out.update(grad_norm=float(grad_norm), lr=lr, logit_scale=float(model.logit_scale.exp()),
-                   logit_bias=float(model.logit_bias) if getattr(model, "logit_bias", None) is not None else 0.0)
+    bias = getattr(model, "logit_bias", None)
+    values = torch.stack([*metrics.values(), grad_norm, model.logit_scale.detach().exp(),
+                          bias.detach().reshape(()) if bias is not None else torch.zeros((), device=device)])
+    out = dict(zip([*metrics, "grad_norm", "logit_scale", "logit_bias"], values.tolist()))  # one host sync
+    out["lr"] = lr
     return out
 
 
-def _subset(batch: dict[str, Any], idx: torch.Tensor, n_teachers: int, teacher_offset: int) -> dict[str, Any]:
-    """Rows `idx` of a super-batch (images, tokens, uids, flags, teacher rows)."""
-    cpu = idx.cpu()
-    return {
-        "images": batch["images"][cpu], "tokens": batch["tokens"][cpu],
-        "uids": [batch["uids"][i] for i in cpu.tolist()], "noisy": batch["noisy"][cpu],
-        "teacher": [(ci[cpu], ct[cpu]) for ci, ct in batch["cached"][teacher_offset:teacher_offset + n_teachers]],
-    }
-
-
 # ---------------------------------------------------------------------------------------------
-# the loop
+# the run
 
 
 def _init_student(cfg: TrainConfig, *, resuming: bool) -> ModelBundle:
@@ -276,7 +351,7 @@ def check_or_write_config(cfg: TrainConfig, run_dir: Path, group: Dist = SINGLE)
     Only the fields that define the run are compared (TrainConfig.identity): execution settings such as
     the device, data workers or evaluation sets may change between a run and its resume; the file is
     then rewritten with the new settings (torchrun ranks read it). Call this only with a config that has
-    passed every check (`validate_run`), so a failed start never leaves a config that blocks the retry."""
+    passed every check, so a failed start never leaves a config that blocks the retry."""
     saved_cfg = run_dir / "config.json"
     if group.is_main:
         if saved_cfg.exists():
@@ -307,11 +382,45 @@ def validate_run(cfg: TrainConfig) -> None:
         load_dataset(d)
 
 
+def open_run(cfg: TrainConfig, run_dir: Path, device: torch.device, group: Dist) -> tuple[Run, PairIndex]:
+    """Everything before the first step. Whatever can refuse the run (caches, model, data) is checked
+    before config.json is written; then the student is restored from the run's checkpoint (resume order
+    in the module docstring) and logs written after that checkpoint are dropped."""
+    ckpt_dir = run_dir / "checkpoints"
+    latest = latest_checkpoint(ckpt_dir)
+    reference, teachers = cache_specs(cfg)
+    torch.manual_seed(cfg.seed)
+    bundle = _init_student(cfg, resuming=latest is not None)
+    index = PairIndex(cfg.train_data)
+    check_or_write_config(cfg, run_dir, group)
+
+    model = bundle.model.to(device)
+    proj = None
+    if cfg.spec.kd and cfg.kd_loss == "fm":
+        d_student = model.text_projection.shape[1] if hasattr(model, "text_projection") else bundle.embed_dim
+        proj = losses.FeatureProjection(d_student, teachers[0].meta.dim).to(device)
+        model.add_module("kd_projection", proj)  # saved and optimised with the student
+    opt, sched = build_optimizer(cfg, model)
+    run = Run(cfg=cfg, device=device, bundle=bundle, opt=opt, sched=sched, proj=proj, reference=reference,
+              teachers=teachers, group=group, run_dir=run_dir, metrics_log=ParquetLog(run_dir / "metrics"),
+              selections_log=ParquetLog(run_dir / "selections", schema=SELECTIONS_SCHEMA))
+    if latest is not None:
+        run.start = int(load_checkpoint(latest, model=model, optimizer=opt, scheduler=sched)["step"])
+        log.info("resuming %s from %s (step %d)", run_dir, latest.name, run.start)
+    else:
+        group.broadcast_module(model)
+    if group.is_main:
+        # Rows logged after the checkpoint we resume from belong to steps that will run again.
+        run.metrics_log.truncate_after(run.start - 1)
+        run.selections_log.truncate_after(run.start - 1)
+    return run, index
+
+
 def train(cfg: TrainConfig, run_dir: Path, *, progress: bool | None = None) -> TrainResult:
     """Train (or resume) the run in `run_dir` to cfg.steps; export the final model to run_dir/model.
 
     Under torchrun (WORLD_SIZE > 1) this is one rank of a data-parallel run (pipeline.distributed):
-    every rank calls it with the same config and run folder; rank 0 writes the folder."""
+    every rank calls it with the same config and run folder; rank 0 owns and writes the folder."""
     run_dir = Path(run_dir)
     device = resolve_device(cfg.device)
     group = setup_distributed(device)
@@ -322,148 +431,95 @@ def train(cfg: TrainConfig, run_dir: Path, *, progress: bool | None = None) -> T
     with contextlib.ExitStack() as owner:
         if group.is_main:  # one owner per run folder; torchrun's rank 0 inherits the launcher's lock
             owner.enter_context(own_run(run_dir))
-        return _train_owned(cfg, run_dir, device, group, progress)
-
-
-def _train_owned(cfg: TrainConfig, run_dir: Path, device: torch.device, group: Dist,
-                 progress: bool | None) -> TrainResult:
-    ckpt_dir = run_dir / "checkpoints"
-    latest = latest_checkpoint(ckpt_dir)
-    # Everything that can refuse the run happens before config.json is written (check_or_write_config).
-    ref_spec, teacher_specs = cache_specs(cfg)
-    torch.manual_seed(cfg.seed)
-    bundle = _init_student(cfg, resuming=latest is not None)
-    index = PairIndex(cfg.train_data)
-    check_or_write_config(cfg, run_dir, group)
-
-    model = bundle.model.to(device)
-    proj = None
-    if cfg.spec.kd and cfg.kd_loss == "fm":
-        d_student = model.text_projection.shape[1] if hasattr(model, "text_projection") else bundle.embed_dim
-        proj = losses.FeatureProjection(d_student, teacher_specs[0].meta.dim).to(device)
-        model.add_module("kd_projection", proj)  # saved and optimised with the student
-    opt, sched = build_optimizer(cfg, model)
-
-    metrics_log = ParquetLog(run_dir / "metrics")
-    selections_log = ParquetLog(run_dir / "selections", schema=SELECTIONS_SCHEMA)
-    start = 0
-    if latest is not None:
-        state = load_checkpoint(latest, model=model, optimizer=opt, scheduler=sched)
-        start = int(state["step"])
-        log.info("resuming %s from %s (step %d)", run_dir, latest.name, start)
-    else:
-        group.broadcast_module(model)
-    if group.is_main:
-        # Rows logged after the checkpoint we resume from belong to steps that will run again.
-        metrics_log.truncate_after(start - 1)
-        selections_log.truncate_after(start - 1)
-
-    if start >= cfg.steps:  # already finished: nothing to read or train; export only what is missing
+        run, index = open_run(cfg, run_dir, device, group)
+        if run.start < cfg.steps:
+            last = _steps(run, index, progress)
+        else:
+            last = {}
+            log.info("%s: finished run (step %d), nothing to do", run_dir, run.start)
         model_dir = run_dir / "model"
-        if group.is_main and not (model_dir / "open_clip_config.json").exists():
+        if group.is_main and (last or not (model_dir / "open_clip_config.json").exists()):
             export_model(run_dir, model_dir, overwrite=True)
         group.barrier()
-        log.info("%s: finished run (step %d), nothing to do", run_dir, start)
-        return TrainResult(run_dir=run_dir, step=start, metrics={}, model_dir=model_dir)
+        return TrainResult(run_dir=run_dir, step=max(run.start, cfg.steps if last else run.start), metrics=last,
+                           model_dir=model_dir)
 
-    caches = ([ref_spec] if ref_spec else []) + teacher_specs
+
+def _steps(run: Run, index: PairIndex, progress: bool | None) -> dict[str, float]:
+    """The loop: for each step, score -> select -> train_step -> log -> checkpoint. Returns the last metrics."""
+    cfg, group, device = run.cfg, run.group, run.device
     data = SuperBatches(index, size=cfg.superbatch_size, seed=cfg.seed, window=cfg.shuffle_window,
-                        preprocess=bundle.preprocess, tokenizer=bundle.tokenizer, caches=caches,
-                        on_bad_sample=cfg.on_bad_sample, shard=(group.rank, group.world))
-    teacher_offset = 1 if ref_spec else 0
-    teacher_metas = [t.meta for t in teacher_specs]
-    show = (sys.stderr.isatty() if progress is None else progress) and group.is_main
-    bar = None
-    if show and start < cfg.steps:
-        from tqdm import tqdm
-        bar = tqdm(total=cfg.steps, initial=start, desc=f"{cfg.method}", unit="step", dynamic_ncols=True)
-
-    last: dict[str, float] = {}
+                        preprocess=run.bundle.pixels, tokenizer=run.bundle.tokenizer, reference=run.reference,
+                        teachers=run.teachers, on_bad_sample=cfg.on_bad_sample, shard=(group.rank, group.world))
+    scoring = score_dtype(cfg, device)
+    bar = _progress_bar(run, progress)
+    metrics: dict[str, Any] = {}
     t_wait = time.perf_counter()
-    for batch in loader(data, start_step=start, stop_step=cfg.steps, num_workers=cfg.num_workers):
-        step = batch["step"]
+    for sb in loader(data, start_step=run.start, stop_step=cfg.steps, num_workers=cfg.num_workers,
+                     pin_memory=device.type == "cuda"):
         t0 = time.perf_counter()
-        data_wait = t0 - t_wait
-        metrics: dict[str, Any] = {"step": step}
+        sb = sb.to(device)
+        metrics = {"step": sb.step, "data_wait_s": t0 - t_wait}
         if cfg.spec.selection is not None:
-            stu = score_superbatch(model, batch, device, cfg.score_resolution,
-                                   chunk=len(batch["uids"]) if device.type == "cuda" else cfg.batch_size)
+            stu = score_superbatch(run.bundle, sb, resolution=cfg.score_resolution, dtype=scoring,
+                                   chunk=len(sb) if device.type == "cuda" else cfg.batch_size)
             t1 = time.perf_counter()
-            ref = batch["cached"][0] if ref_spec else None
-            result = select_subbatch(cfg, model, stu, ref, ref_spec.meta if ref_spec else None, step, group)
+            result = select_subbatch(run, stu, sb)
             t2 = time.perf_counter()
-            idx = result.indices
-            ce_batch = _subset(batch, idx, len(teacher_specs), teacher_offset)
-            if cfg.spec.kd:
-                kd_batch = ce_batch if cfg.spec.kd_batch == "same" else _subset(
-                    batch, torch.arange(len(idx)), len(teacher_specs), teacher_offset)  # uniform draw
-            else:
-                kd_batch = None
-            selected = torch.zeros(len(batch["uids"]), dtype=torch.bool)
-            selected[idx.cpu()] = True
-            scores = result.scores.detach().float().cpu()
-            noisy = batch["noisy"]
-            # means over the whole (global) super-batch: sums and counts added over the ranks
-            sums = group.sum_floats([float(scores.sum()), len(scores), float(scores[selected].sum()),
-                                     int(selected.sum()), float(noisy.sum()), float(noisy[selected].sum())], device)
-            metrics.update(score_s=t1 - t0, select_s=t2 - t1,
-                           score_mean_all=sums[0] / sums[1], score_mean_selected=sums[2] / sums[3],
-                           noisy_frac_superbatch=sums[4] / sums[1], noisy_frac_selected=sums[5] / sums[3])
-            if cfg.log_selections:
-                rows = [{"step": step, "uid": u, "score": float(s), "selected": bool(k), "noisy": bool(n)}
-                        for u, s, k, n in zip(batch["uids"], scores.tolist(), selected.tolist(), noisy.tolist())]
-                every = group.gather_objects(rows)
-                if group.is_main:
-                    selections_log.append([r for part in every for r in part])
+            ce = sb.subset(result.indices)
+            kd = (ce if cfg.spec.kd_batch == "same" else sb.subset(torch.arange(len(ce)))) if cfg.spec.kd else None
+            metrics.update(score_s=t1 - t0, select_s=t2 - t1, **selection_metrics(run, sb, result))
+            log_selections(run, sb, result)
         else:
             t2 = t0
-            everything = torch.arange(len(batch["uids"]))
-            ce_batch = _subset(batch, everything, len(teacher_specs), teacher_offset)
-            kd_batch = ce_batch if cfg.spec.kd else None
-            sums = group.sum_floats([float(batch["noisy"].sum()), len(batch["uids"])], device)
-            metrics.update(noisy_frac_selected=sums[0] / sums[1], noisy_frac_superbatch=sums[0] / sums[1])
-        step_metrics = train_step(cfg, model, proj, opt, sched, device, ce_batch, kd_batch, teacher_metas, group)
+            ce, kd = sb, (sb if cfg.spec.kd else None)
+            noisy = group.sum_floats([float(sb.noisy.sum()), len(sb)], device)
+            metrics.update(noisy_frac_selected=noisy[0] / noisy[1], noisy_frac_superbatch=noisy[0] / noisy[1])
+        metrics.update(train_step(run, ce, kd))
         t3 = time.perf_counter()
-        n_trained = len(ce_batch["uids"]) * group.world
-        metrics.update(step_metrics, data_wait_s=data_wait, train_s=t3 - t2, step_s=t3 - t0 + data_wait,
-                       pairs_per_s=n_trained / max(1e-9, t3 - t0 + data_wait))
-        if group.is_main:
-            metrics_log.append([metrics])
-        last = metrics
-        done = step + 1
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['total']:.3f}")
-        elif group.is_main and (done % LOG_EVERY == 0 or done == cfg.steps):  # no terminal: a log line
-            log.info("%s step %d/%d loss %.4f (%.2f s/step)", run_dir.name, done, cfg.steps, metrics["total"],
-                     metrics["step_s"])
+        metrics.update(train_s=t3 - t2, step_s=t3 - t0 + metrics["data_wait_s"],
+                       pairs_per_s=len(ce) * group.world / max(1e-9, t3 - t0 + metrics["data_wait_s"]))
+        _log_step(run, metrics, bar)
+        done = sb.step + 1
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             if group.is_main:
-                _checkpoint(cfg, ckpt_dir, done, model, opt, sched, metrics_log, selections_log)
+                _checkpoint(run, done)
             group.barrier()  # no rank runs ahead of a checkpoint it might have to resume from
         t_wait = time.perf_counter()
     if bar is not None:
         bar.close()
     if data.skipped:
         log.warning("%d bad samples skipped in the main process (workers log their own)", data.skipped)
-
-    final = latest_checkpoint(ckpt_dir)
-    if final is None:
-        raise RuntimeError(f"{run_dir}: training ended without a checkpoint")
-    model_dir = run_dir / "model"
-    if group.is_main:
-        export_model(run_dir, model_dir, overwrite=True)
-    group.barrier()
-    return TrainResult(run_dir=run_dir, step=cfg.steps, metrics=last, model_dir=model_dir)
+    return metrics
 
 
-def _checkpoint(cfg, ckpt_dir, done, model, opt, sched, metrics_log, selections_log) -> None:
+def _progress_bar(run: Run, progress: bool | None):
+    show = (sys.stderr.isatty() if progress is None else progress) and run.group.is_main
+    if not show:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=run.cfg.steps, initial=run.start, desc=run.cfg.method, unit="step", dynamic_ncols=True)
+
+
+def _log_step(run: Run, metrics: dict[str, Any], bar) -> None:
+    if run.group.is_main:
+        run.metrics_log.append([metrics])
+    done = metrics["step"] + 1
+    if bar is not None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['total']:.3f}")
+    elif run.group.is_main and (done % LOG_EVERY == 0 or done == run.cfg.steps):  # no terminal: a log line
+        log.info("%s step %d/%d loss %.4f (%.2f s/step)", run.run_dir.name, done, run.cfg.steps, metrics["total"],
+                 metrics["step_s"])
+
+
+def _checkpoint(run: Run, done: int) -> None:
     # Logs first: a crash after them but before the checkpoint leaves rows past the old checkpoint,
     # which truncate_after() removes on resume; the reverse order could lose rows.
-    metrics_log.flush(f"{done:08d}")
-    selections_log.flush(f"{done:08d}")
-    save_checkpoint(ckpt_dir, done, model=model, optimizer=opt, scheduler=sched,
-                    state={"config": json.loads(cfg.to_json())}, keep=cfg.keep_checkpoints)
+    run.metrics_log.flush(f"{done:08d}")
+    run.selections_log.flush(f"{done:08d}")
+    save_checkpoint(run.run_dir / "checkpoints", done, model=run.model, optimizer=run.opt, scheduler=run.sched,
+                    state={"config": json.loads(run.cfg.to_json())}, keep=run.cfg.keep_checkpoints)
 
 
 def export_model(run_dir: Path, out_dir: Path, *, overwrite: bool = False) -> Path:

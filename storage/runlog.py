@@ -46,6 +46,7 @@ class ParquetLog:
         self.folder = Path(folder)
         self.schema = schema
         self._rows: list[dict[str, Any]] = []
+        self._tables: list[pa.Table] = []  # columnar appends (need a fixed schema)
 
     def append(self, rows: list[dict[str, Any]]) -> None:
         """Buffer rows; each must have an integer `step`."""
@@ -61,9 +62,16 @@ class ParquetLog:
             checked.append({**r, "step": step})
         self._rows.extend(checked)
 
+    def append_table(self, table: pa.Table) -> None:
+        """Buffer rows given as columns (cheap for many rows: no Python object per value). The log must
+        have a fixed schema and the table must match it."""
+        if self.schema is None or not table.schema.equals(self.schema):
+            raise ValueError(f"{self.folder}: append_table needs the log's schema {self.schema}, got {table.schema}")
+        self._tables.append(table)
+
     @property
     def pending(self) -> int:
-        return len(self._rows)
+        return len(self._rows) + sum(t.num_rows for t in self._tables)
 
     def part_path(self, tag: str) -> Path:
         if not _TAG_RE.match(tag):
@@ -74,10 +82,10 @@ class ParquetLog:
         """Write the buffered rows as `part-<tag>.parquet` atomically (replacing a part of that
         tag) and clear the buffer. Returns the path, or None if nothing was buffered."""
         path = self.part_path(tag)
-        if not self._rows:
+        if not self.pending:
             return None
         if self.schema is not None:
-            table = pa.Table.from_pylist(self._rows, schema=self.schema)
+            table = pa.concat_tables([pa.Table.from_pylist(self._rows, schema=self.schema), *self._tables])
         else:
             # Columns = the union of the rows' keys (from_pylist would keep only the first row's).
             names = list(dict.fromkeys(k for r in self._rows for k in r))
@@ -91,6 +99,7 @@ class ParquetLog:
         with atomic_path(path) as tmp:
             pq.write_table(table, tmp, compression="zstd")
         self._rows = []
+        self._tables = []
         return path
 
     def parts(self) -> list[Path]:
@@ -105,6 +114,7 @@ class ParquetLog:
         """
         touched = []
         self._rows = [r for r in self._rows if int(r["step"]) <= step]
+        self._tables = [t.filter(pc.less_equal(t.column("step"), step)) for t in self._tables]
         for p in self.parts():
             steps = pq.read_table(p, columns=["step"]).column("step")
             if len(steps) == 0 or pc.max(steps).as_py() <= step:

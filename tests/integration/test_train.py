@@ -133,3 +133,18 @@ def test_h_acid_scores_at_lower_resolution(cached_workspace, synthetic_dataset, 
                  cache_root=str(cached_workspace / "cache"), reference="reference", score_resolution=32)
     train(cfg, tmp_path / "run", progress=False)
     assert _metrics(tmp_path / "run")["step"] == [0, 1]
+
+
+def test_selection_records_every_k_steps_and_sampled(cached_workspace, synthetic_dataset, tmp_path):
+    """At B = 160k a record per candidate per step adds up: log every k-th step, a seeded sample of rows."""
+    cfg = recipe("tiny", method="h-acid", train_data=(str(synthetic_dataset),), steps=4, checkpoint_every=4,
+                 cache_root=str(cached_workspace / "cache"), reference="reference",
+                 selection_log_every=2, selection_log_rows=7)
+    train(cfg, tmp_path / "run", progress=False)
+    files = sorted((tmp_path / "run" / "selections").glob("part-*.parquet"))
+    sel = pq.ParquetDataset(files).read().to_pydict()
+    assert sorted(set(sel["step"])) == [0, 2]
+    assert [sel["step"].count(s) for s in (0, 2)] == [7, 7]
+    assert all(isinstance(u, str) and len(u) == 32 for u in sel["uid"])
+    m = _metrics(tmp_path / "run")
+    assert m["step"] == [0, 1, 2, 3] and all(0.0 <= v <= 1.0 for v in m["noisy_frac_selected"])

@@ -36,10 +36,10 @@ def test_superbatch_is_a_function_of_the_step(dataset):
     index = PairIndex([dataset])
     sb = _batches(index, size=16)
     assert sb.per_epoch == 90 // 16
-    first = sb[7]["uids"]
+    first = sb[7].uids.tolist()
     assert len(first) == 16 and len(set(first)) == 16
-    assert _batches(index, size=16)[7]["uids"] == first  # a fresh reader (a resumed run) reads the same
-    epoch0 = [u for step in range(sb.per_epoch) for u in sb[step]["uids"]]
+    assert _batches(index, size=16)[7].uids.tolist() == first  # a fresh reader (a resumed run) reads the same
+    epoch0 = [u for step in range(sb.per_epoch) for u in sb[step].uids]
     assert len(set(epoch0)) == len(epoch0)  # no pair twice within an epoch
 
 
@@ -49,9 +49,9 @@ def test_ranks_read_disjoint_contiguous_shares_of_the_same_superbatch(dataset, w
     full = _batches(index, size=16)
     for step in (0, 5, 6):
         parts = [_batches(index, size=16, shard=(r, world))[step] for r in range(world)]
-        assert [u for p in parts for u in p["uids"]] == full[step]["uids"]
-        assert torch.equal(torch.cat([p["noisy"] for p in parts]), full[step]["noisy"])
-        assert all(len(p["uids"]) == 16 // world for p in parts)
+        assert [u for p in parts for u in p.uids] == full[step].uids.tolist()
+        assert torch.equal(torch.cat([p.noisy for p in parts]), full[step].noisy)
+        assert all(len(p) == 16 // world for p in parts)
 
 
 def test_shard_validation(dataset):

@@ -34,6 +34,9 @@ def test_resolution_must_be_a_multiple_of_the_patch():
 
 
 def test_scoring_forward_runs_in_eval_mode_gives_train_mode_embeddings_and_restores_mode():
+    import numpy as np
+
+    from pipeline.data import SuperBatch
     from pipeline.trainer import embed, score_superbatch
 
     bundle = create_model("aced-vit-t", seed=0)
@@ -41,10 +44,12 @@ def test_scoring_forward_runs_in_eval_mode_gives_train_mode_embeddings_and_resto
     seen = []
     hook = model.visual.register_forward_pre_hook(lambda m, a: seen.append(m.training))
     torch.manual_seed(0)
-    batch = {"images": torch.randn(7, 3, 64, 64), "tokens": bundle.tokenizer(["a red circle."] * 7)}
-    img, txt = score_superbatch(model, batch, torch.device("cpu"), None, chunk=3)
+    sb = SuperBatch(step=0, images=torch.randint(0, 256, (7, 3, 64, 64), dtype=torch.uint8),
+                    tokens=bundle.tokenizer(["a red circle."] * 7), uids=np.arange(7).astype(str).astype(object),
+                    noisy=torch.zeros(7, dtype=torch.bool), reference=None, teachers=[])
+    img, txt = score_superbatch(bundle, sb, resolution=None, chunk=3)
     hook.remove()
     assert seen == [False, False, False] and model.training  # eval while scoring, train mode after
     with torch.no_grad():
-        ref_img, ref_txt = embed(model, batch["images"], batch["tokens"])  # the training forward
+        ref_img, ref_txt = embed(model, bundle.normalize(sb.images), sb.tokens)  # the training forward
     assert torch.allclose(img, ref_img, atol=1e-5) and torch.allclose(txt, ref_txt, atol=1e-5)
