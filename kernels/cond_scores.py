@@ -13,22 +13,37 @@ and the pairwise score is
     learnability   (H-ACID): s(i, j) = ell_student(i, j) - ell_reference(i, j)
     easy_reference (I-ACID): s(i, j) = -ell_reference(i, j).
 
-The sampler adds a chunk J of already-drawn candidates to the batch at every step and needs, for every
+The sampler adds a set J of already-drawn pairs to the batch at every round and needs, for every
 candidate x, the *conditional* increment
 
-    cond(x) = sum_{j in J} [ s(x, j) + s(j, x) ]          (y = +1 when x == j, so selected x are defined too)
+    cond(x) = sum_{j in J} [ s(x, j) + s(j, x) ]          (y = +1 when x is j itself)
 
 This is O(B * k * d) work and would naively build B x k logit matrices (B x B for the whole batch); the
 Triton kernel keeps every tile in registers and writes only the B results.
 
-Reading order: the Triton kernel (with the derivation), its launcher, the PyTorch reference (what CPU
-machines run), the self-score helpers, then the dispatcher ``conditional_scores``.
+The picked pairs J enter as their own embedding rows (``picked``), not as indices into the candidates:
+in data-parallel selection they are every rank's picks, all-gathered, while the candidates are this
+rank's only, so each rank scores just its own B candidates against W * k gathered rows. ``picked_ids``
+names, for each picked row, the candidate it is (or -1): that is where y = +1.
+
+Embeddings enter in the dtype they were produced in (float32, float16 or bfloat16; bf16/fp16 run on
+tensor cores) and every product is accumulated in float32.
+
+Cost of the checks: ``prepare_scores`` validates the candidates, reads the scales/biases as Python
+floats (one device-to-host transfer at most) and resolves the backend, once per selection;
+``cross_scores`` then runs with no checks and no host synchronisation, so a selection loop can call it
+every round. ``conditional_scores`` is the checked one-shot form (chunk given as candidate indices).
+
+Reading order: the Triton kernel (with the derivation), its launcher and autotuning, the PyTorch
+reference (what CPU machines run), the self-score helpers, then validation and dispatch.
 """
 from __future__ import annotations
 
 import logging
 import math
 import os
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -44,29 +59,66 @@ BACKENDS = ("auto", "triton", "torch")
 __all__ = [
     "RULES",
     "BACKENDS",
+    "Embeddings",
+    "ScoreSetup",
     "conditional_scores",
     "conditional_scores_triton",
     "conditional_scores_torch",
+    "cross_scores",
     "pair_loss_self",
+    "prepare_scores",
     "self_scores",
     "resolve_backend",
+    "take_rows",
     "triton_interpreting",
 ]
+
+
+class Embeddings(NamedTuple):
+    """One set of pairs as embedding rows: student image/text [n, ds] (None when the rule needs no
+    student) and reference image/text [n, dr]; each model's pair shares one dtype and device."""
+
+    stu_img: torch.Tensor | None
+    stu_txt: torch.Tensor | None
+    ref_img: torch.Tensor
+    ref_txt: torch.Tensor
+
+
+@dataclass(frozen=True)
+class ScoreSetup:
+    """What ``cross_scores`` needs besides the rows, validated once by ``prepare_scores``.
+
+    rule: "learnability" or "easy_reference" (see the module docstring).
+    backend: the resolved implementation, "triton" or "torch" (never "auto").
+    stu_scale, stu_bias: the student's a = exp(t) and c as finite floats (0.0 for easy_reference: unused).
+    ref_scale, ref_bias: the reference's a and c as finite floats.
+    """
+
+    rule: str
+    backend: str
+    stu_scale: float
+    stu_bias: float
+    ref_scale: float
+    ref_bias: float
+
+    @property
+    def has_student(self) -> bool:
+        return self.rule == "learnability"
 
 
 # ============================================================================================
 # 1. The Triton kernel
 # ============================================================================================
 #
-# Derivation. Fix one tile of candidates X (BLOCK_B rows) and one tile of chunk entries J (BLOCK_K
-# indices into the super-batch). For one model (student or reference) with scale a and bias c:
+# Derivation. Fix one tile of candidates X (BLOCK_B rows) and one tile of picked pairs J (BLOCK_K rows of
+# the picked embeddings). For one model (student or reference) with scale a and bias c:
 #
-#     L_xj = a * <u_x, v_j> + c        (candidate's image vs chunk member's text)  = a * (U_X  V_J^T) + c
-#     L_jx = a * <u_j, v_x> + c        (chunk member's image vs candidate's text)  = a * (V_X  U_J^T) + c
+#     L_xj = a * <u_x, v_j> + c        (candidate's image vs picked pair's text)  = a * (U_X  V_J^T) + c
+#     L_jx = a * <u_j, v_x> + c        (picked pair's image vs candidate's text)  = a * (V_X  U_J^T) + c
 #
 # so both directions are plain [BLOCK_B, d] x [d, BLOCK_K] products, accumulated over d in BLOCK_D
-# slices with tl.dot (fp32 accumulator whatever the input dtype). The label is y = +1 exactly where the
-# candidate index equals the chunk index (the candidate itself is in the chunk), so
+# slices with tl.dot (fp32 accumulator whatever the input dtype: fp16/bf16 tiles go to tensor cores).
+# The label is y = +1 exactly where the picked row is the candidate itself (ids[j] == x), so
 #
 #     ell = softplus(-y * L) = softplus(z),  z = -L on those entries, +L elsewhere.
 #
@@ -78,9 +130,10 @@ __all__ = [
 # Per model the tile contributes ell(x, j) + ell(j, x); the score tile is w_stu * (student) + w_ref *
 # (reference) with (w_stu, w_ref) = (1, -1) for learnability and (0, -1) for easy_reference (the student
 # matmuls are skipped entirely, HAS_STUDENT is a compile-time constant). Padding rows (x >= B) and
-# padding columns (past the end of the chunk) load zeros and are masked to 0 before the row sum, which
-# is accumulated over the chunk tiles in fp32 in a loop inside the program: each program owns its
-# BLOCK_B outputs, so there is no atomic and the result is deterministic. Only B floats are written.
+# padding columns (j >= K) load zeros and are masked to 0 before the row sum, which is accumulated over
+# the picked tiles in fp32 in a loop inside the program: each program owns its BLOCK_B outputs, so there
+# is no atomic and the result is deterministic. Only B floats are written, so re-running the kernel
+# (as the autotuner does) is harmless.
 
 
 @triton.jit
@@ -94,10 +147,11 @@ def _softplus(z):
 
 
 @triton.jit
-def _two_way_pair_loss(u_ptr, v_ptr, stride_u, stride_v, D, scale, bias,
+def _two_way_pair_loss(u_ptr, v_ptr, stride_u, stride_v, pu_ptr, pv_ptr, stride_pu, stride_pv, D, scale, bias,
                        rows_b, mask_b, rows_k, mask_k, is_pos, PRECISION: tl.constexpr,
                        BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    """[BLOCK_B, BLOCK_K] tile of ell(x, j) + ell(j, x) for one model (u = image, v = text rows)."""
+    """[BLOCK_B, BLOCK_K] tile of ell(x, j) + ell(j, x) for one model (u = image, v = text rows;
+    u/v: the candidates, pu/pv: the picked pairs)."""
     xj = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)   # <u_x, v_j>
     jx = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)   # <u_j, v_x>
     for d0 in range(0, D, BLOCK_D):
@@ -107,9 +161,8 @@ def _two_way_pair_loss(u_ptr, v_ptr, stride_u, stride_v, D, scale, bias,
         m_kd = mask_k[:, None] & mask_d[None, :]
         u_x = tl.load(u_ptr + rows_b[:, None] * stride_u + offs_d[None, :], mask=m_bd, other=0.0)
         v_x = tl.load(v_ptr + rows_b[:, None] * stride_v + offs_d[None, :], mask=m_bd, other=0.0)
-        # gather the chunk members' rows by index ([BLOCK_K, BLOCK_D], row-contiguous loads)
-        u_j = tl.load(u_ptr + rows_k[:, None] * stride_u + offs_d[None, :], mask=m_kd, other=0.0)
-        v_j = tl.load(v_ptr + rows_k[:, None] * stride_v + offs_d[None, :], mask=m_kd, other=0.0)
+        u_j = tl.load(pu_ptr + rows_k[:, None] * stride_pu + offs_d[None, :], mask=m_kd, other=0.0)
+        v_j = tl.load(pv_ptr + rows_k[:, None] * stride_pv + offs_d[None, :], mask=m_kd, other=0.0)
         # PRECISION is "ieee" for fp32 operands (a GPU would otherwise round them to tf32) and the
         # default "tf32" otherwise (where Triton ignores it: fp16/bf16 products are exact in fp32)
         xj = tl.dot(u_x, tl.trans(v_j), xj, input_precision=PRECISION)
@@ -120,14 +173,19 @@ def _two_way_pair_loss(u_ptr, v_ptr, stride_u, stride_v, D, scale, bias,
 
 
 @triton.jit
-def _cond_scores_kernel(out_ptr, chunk_ptr,
-                        su_ptr, sv_ptr, ru_ptr, rv_ptr,
+def _cond_scores_kernel(out_ptr, ids_ptr,
+                        su_ptr, sv_ptr, ru_ptr, rv_ptr, psu_ptr, psv_ptr, pru_ptr, prv_ptr,
                         B, K, DS, DR,
                         stride_su, stride_sv, stride_ru, stride_rv,
+                        stride_psu, stride_psv, stride_pru, stride_prv,
                         stu_scale, stu_bias, ref_scale, ref_bias,
+                        B_BUCKET, K_BUCKET,
                         HAS_STUDENT: tl.constexpr, STU_PRECISION: tl.constexpr, REF_PRECISION: tl.constexpr,
                         BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out[x] = sum_{j in chunk} s(x, j) + s(j, x) for the BLOCK_B candidates of this program."""
+    """out[x] = sum_{j picked} s(x, j) + s(j, x) for the BLOCK_B candidates of this program.
+
+    B_BUCKET, K_BUCKET are not read: they are the autotuner's key (sizes rounded to powers of two), so
+    it tunes once per size class rather than once per exact B and K."""
     pid = tl.program_id(0)
     offs_b = pid * BLOCK_B + tl.arange(0, BLOCK_B)
     mask_b = offs_b < B
@@ -136,22 +194,54 @@ def _cond_scores_kernel(out_ptr, chunk_ptr,
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        rows_k = tl.load(chunk_ptr + offs_k, mask=mask_k, other=0).to(tl.int64)
-        is_pos = rows_b[:, None] == rows_k[None, :]          # y = +1: the candidate is this chunk member
+        rows_k = offs_k.to(tl.int64)
+        ids_k = tl.load(ids_ptr + offs_k, mask=mask_k, other=-1)
+        is_pos = rows_b[:, None] == ids_k[None, :]           # y = +1: the picked pair is the candidate
         valid = mask_b[:, None] & mask_k[None, :]
-        tile = -_two_way_pair_loss(ru_ptr, rv_ptr, stride_ru, stride_rv, DR, ref_scale, ref_bias,
-                                   rows_b, mask_b, rows_k, mask_k, is_pos, REF_PRECISION, BLOCK_B, BLOCK_K, BLOCK_D)
+        tile = -_two_way_pair_loss(ru_ptr, rv_ptr, stride_ru, stride_rv, pru_ptr, prv_ptr, stride_pru, stride_prv,
+                                   DR, ref_scale, ref_bias, rows_b, mask_b, rows_k, mask_k, is_pos, REF_PRECISION,
+                                   BLOCK_B, BLOCK_K, BLOCK_D)
         if HAS_STUDENT:
-            tile += _two_way_pair_loss(su_ptr, sv_ptr, stride_su, stride_sv, DS, stu_scale, stu_bias,
-                                       rows_b, mask_b, rows_k, mask_k, is_pos, STU_PRECISION,
-                                       BLOCK_B, BLOCK_K, BLOCK_D)
+            tile += _two_way_pair_loss(su_ptr, sv_ptr, stride_su, stride_sv, psu_ptr, psv_ptr, stride_psu,
+                                       stride_psv, DS, stu_scale, stu_bias, rows_b, mask_b, rows_k, mask_k, is_pos,
+                                       STU_PRECISION, BLOCK_B, BLOCK_K, BLOCK_D)
         acc += tl.sum(tl.where(valid, tile, 0.0), axis=1)
     tl.store(out_ptr + offs_b, acc, mask=mask_b)
 
 
 # ============================================================================================
-# 2. Launcher
+# 2. Launcher and autotuning
 # ============================================================================================
+
+# Candidate tilings for large super-batches (B in the thousands to 10^5) and d in {128, 256, 768}. A tile
+# holds two [BLOCK_B, BLOCK_K] fp32 accumulators, so the 128 x 64 tiles get 8 warps (register pressure);
+# BLOCK_D 32/64 keeps the operand tiles small enough for 2-3 pipeline stages. All blocks are >= 16
+# (the GPU tl.dot minimum) and powers of two.
+AUTOTUNE_CONFIGS = [
+    triton.Config({"BLOCK_B": bb, "BLOCK_K": bk, "BLOCK_D": bd}, num_warps=w, num_stages=s)
+    for bb, bk, bd, w, s in [
+        (32, 32, 64, 4, 3),
+        (64, 32, 64, 4, 3),
+        (64, 64, 32, 4, 3),
+        (64, 64, 64, 4, 3),
+        (128, 32, 64, 4, 3),
+        (128, 64, 32, 8, 3),
+        (128, 64, 64, 8, 2),
+        (128, 128, 32, 8, 2),
+    ]
+]
+# The interpreter cannot time configs (no CUDA events) and runs each program as numpy calls, so there
+# the autotuner gets this one config and benchmarks nothing. Large blocks cut the per-tile Python
+# overhead: B = 64, k = 2048, d = 768 takes 12 s at 64 x 128 x 128 tiles and 2.4 s at 64 x 512 x 256.
+INTERPRETER_CONFIG = triton.Config({"BLOCK_B": 128, "BLOCK_K": 512, "BLOCK_D": 256}, num_warps=4, num_stages=1)
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Drop tilings much larger than the problem: BLOCK_B above B's bucket or BLOCK_K above K's bucket
+    only adds padding. Always keeps at least the smallest config."""
+    kept = [c for c in configs if c.kwargs["BLOCK_B"] <= max(32, named_args["B_BUCKET"])
+            and c.kwargs["BLOCK_K"] <= max(32, named_args["K_BUCKET"])]
+    return kept or configs[:1]
 
 
 def triton_interpreting() -> bool:
@@ -163,50 +253,59 @@ def triton_interpreting() -> bool:
     return isinstance(_cond_scores_kernel, InterpretedFunction)
 
 
-def _pow2_block(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
+_cond_scores_autotuned = triton.autotune(
+    configs=[INTERPRETER_CONFIG] if triton_interpreting() else AUTOTUNE_CONFIGS,
+    key=["B_BUCKET", "K_BUCKET", "DS", "DR", "HAS_STUDENT"],   # (+ the tensors' dtypes, added by Triton)
+    prune_configs_by={"early_config_prune": _prune_configs},
+)(_cond_scores_kernel)
 
 
-def conditional_scores_triton(stu_img, stu_txt, ref_img, ref_txt, chunk, *, stu_scale, stu_bias,
-                              ref_scale, ref_bias, rule, block_b: int | None = None,
-                              block_k: int | None = None, block_d: int | None = None) -> torch.Tensor:
-    """Launch the fused kernel (inputs already validated by ``conditional_scores``). Returns [B] float32.
+def _bucket(n: int) -> int:
+    """Autotuning key of a size: the next power of two (>= 16)."""
+    return max(16, triton.next_power_of_2(max(n, 1)))
 
-    Blocks are powers of two >= 16 (GPU tl.dot minimum). Defaults: BLOCK_B 32 (64 for B > 4096, so
-    small super-batches still spread over several SMs), BLOCK_K and BLOCK_D the next power of two of k
-    and of the widest embedding, clamped to [16, 64]. The interpreter runs each program as numpy calls,
-    so under TRITON_INTERPRET larger blocks (128) are used to cut the Python overhead.
+
+def conditional_scores_triton(setup: ScoreSetup, cand: Embeddings, picked: Embeddings,
+                              picked_ids: torch.Tensor | None = None, *,
+                              blocks: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """Launch the fused kernel (inputs already validated by ``prepare_scores``). Returns [B] float32.
+
+    blocks: (BLOCK_B, BLOCK_K, BLOCK_D) powers of two >= 16 to force one tiling (tests use small ones to
+    cover several tiles); None = the autotuner picks among ``AUTOTUNE_CONFIGS`` per (B bucket, K bucket,
+    widths, dtypes), or uses ``INTERPRETER_CONFIG`` under the interpreter. No host synchronisation
+    (after the autotuner's first call per key, which times the configs).
     """
-    B, k = ref_img.shape[0], chunk.numel()
-    out = torch.empty(B, dtype=torch.float32, device=ref_img.device)
-    if B == 0:
+    B, k = cand.ref_img.shape[0], picked.ref_img.shape[0]
+    device = cand.ref_img.device
+    out = torch.zeros(B, dtype=torch.float32, device=device)
+    if B == 0 or k == 0:
         return out
-    has_student = rule == "learnability"
-    ds = stu_img.shape[1] if has_student else 0
-    dr = ref_img.shape[1]
-    hi = 128 if triton_interpreting() else 64
-    bb = block_b or (128 if triton_interpreting() else (64 if B > 4096 else 32))
-    bk = block_k or _pow2_block(k, 16, hi)
-    bd = block_d or _pow2_block(max(ds, dr), 16, hi)
-    for name, blk in (("block_b", bb), ("block_k", bk), ("block_d", bd)):
+    has_student = setup.has_student
+    ds = cand.stu_img.shape[1] if has_student else 0
+    dr = cand.ref_img.shape[1]
+    cu, cv, pu, pv = (_row_major(t) for t in (cand.ref_img, cand.ref_txt, picked.ref_img, picked.ref_txt))
+    if has_student:
+        su, sv, psu, psv = (_row_major(t) for t in (cand.stu_img, cand.stu_txt, picked.stu_img, picked.stu_txt))
+    else:  # never read (HAS_STUDENT=False); any valid pointer will do
+        su, sv, psu, psv = cu, cv, pu, pv
+    if picked_ids is None:   # no picked row is one of the candidates: y = -1 everywhere
+        ids = torch.full((k,), -1, dtype=torch.int64, device=device)
+    else:
+        ids = picked_ids.to(device=device, dtype=torch.int64).contiguous()
+    args = (out, ids, su, sv, cu, cv, psu, psv, pu, pv, B, k, ds, dr,
+            su.stride(0), sv.stride(0), cu.stride(0), cv.stride(0),
+            psu.stride(0), psv.stride(0), pu.stride(0), pv.stride(0),
+            setup.stu_scale, setup.stu_bias, setup.ref_scale, setup.ref_bias, _bucket(B), _bucket(k))
+    consts = dict(HAS_STUDENT=has_student, STU_PRECISION=_dot_precision(su.dtype),
+                  REF_PRECISION=_dot_precision(cu.dtype))
+    if blocks is None:
+        _cond_scores_autotuned[lambda meta: (triton.cdiv(B, meta["BLOCK_B"]),)](*args, **consts)
+        return out
+    for name, blk in zip(("BLOCK_B", "BLOCK_K", "BLOCK_D"), blocks):
         if blk < 16 or blk & (blk - 1):
             raise ValueError(f"conditional_scores_triton: {name}={blk} must be a power of two >= 16")
-    ref_img, ref_txt = _row_major(ref_img), _row_major(ref_txt)
-    if has_student:
-        stu_img, stu_txt = _row_major(stu_img), _row_major(stu_txt)
-    else:  # never read (HAS_STUDENT=False); any valid pointer will do
-        stu_img, stu_txt = ref_img, ref_txt
-    chunk = chunk.to(device=ref_img.device, dtype=torch.int64).contiguous()
-    grid = (triton.cdiv(B, bb),)
-    _cond_scores_kernel[grid](
-        out, chunk, stu_img, stu_txt, ref_img, ref_txt,
-        B, k, ds, dr,
-        stu_img.stride(0), stu_txt.stride(0), ref_img.stride(0), ref_txt.stride(0),
-        float(stu_scale) if has_student else 0.0, float(stu_bias) if has_student else 0.0,
-        float(ref_scale), float(ref_bias),
-        HAS_STUDENT=has_student, STU_PRECISION=_dot_precision(stu_img.dtype),
-        REF_PRECISION=_dot_precision(ref_img.dtype), BLOCK_B=bb, BLOCK_K=bk, BLOCK_D=bd,
-    )
+    bb, bk, bd = blocks
+    _cond_scores_kernel[(triton.cdiv(B, bb),)](*args, **consts, BLOCK_B=bb, BLOCK_K=bk, BLOCK_D=bd)
     return out
 
 
@@ -230,37 +329,42 @@ _TORCH_BLOCK_ELEMS = 1 << 19
 
 
 def _two_way_pair_loss_torch(u_x, v_x, u_j, v_j, scale: float, bias: float, sign) -> torch.Tensor:
-    """[m] = sum_j ell(x, j) + ell(j, x) for one model; ``sign`` [m, k] is -y (so z = sign * logit)."""
-    # both directions written by two GEMMs into one [2, m, k] buffer (no copy of the candidate rows)
-    logits = torch.empty((2, u_x.shape[0], u_j.shape[0]), dtype=torch.float32, device=u_x.device)
-    c = torch.tensor(bias, dtype=torch.float32, device=u_x.device)
-    torch.addmm(c, u_x, v_j.T, alpha=scale, out=logits[0])       # a * u_x . v_j + c
-    torch.addmm(c, v_x, u_j.T, alpha=scale, out=logits[1])       # a * u_j . v_x + c
-    return F.softplus(logits.mul_(sign)).sum(dim=(0, 2))
+    """[m] = sum_j ell(x, j) + ell(j, x) for one model (float32 rows); ``sign`` [m, k] is -y
+    (z = sign * logit), or None when y = -1 everywhere (no picked pair is one of these candidates)."""
+    # both directions written by two GEMMs into one [2, m, k] buffer (no copy of the candidate rows);
+    # the bias is filled in first so that addmm_ adds a * u . v to it (no bias tensor to create)
+    logits = torch.empty((2, u_x.shape[0], u_j.shape[0]), dtype=torch.float32, device=u_x.device).fill_(bias)
+    logits[0].addmm_(u_x, v_j.T, alpha=scale)       # a * u_x . v_j + c
+    logits[1].addmm_(v_x, u_j.T, alpha=scale)       # a * u_j . v_x + c
+    if sign is not None:
+        logits.mul_(sign)
+    return F.softplus(logits).sum(dim=(0, 2))
 
 
-def conditional_scores_torch(stu_img, stu_txt, ref_img, ref_txt, chunk, *, stu_scale, stu_bias,
-                             ref_scale, ref_bias, rule) -> torch.Tensor:
-    """Reference implementation: candidates in blocks, float32 math, memory O(block * k). Returns [B]."""
-    B, k = ref_img.shape[0], chunk.numel()
-    device = ref_img.device
+def conditional_scores_torch(setup: ScoreSetup, cand: Embeddings, picked: Embeddings,
+                             picked_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference implementation: candidates in blocks, float32 math (half inputs are upcast block by
+    block), memory O(block * k). Returns [B] float32. No host synchronisation."""
+    B, k = cand.ref_img.shape[0], picked.ref_img.shape[0]
+    device = cand.ref_img.device
     out = torch.zeros(B, dtype=torch.float32, device=device)
     if B == 0 or k == 0:
         return out
-    chunk = chunk.to(device=device, dtype=torch.int64)
-    models = [(ref_img, ref_txt, float(ref_scale), float(ref_bias), -1.0)]
-    if rule == "learnability":
-        models.append((stu_img, stu_txt, float(stu_scale), float(stu_bias), 1.0))
-    # the chunk members' rows, gathered once per call, float32
-    gathered = [(u.index_select(0, chunk).float(), v.index_select(0, chunk).float()) for u, v, *_ in models]
+    models = [(cand.ref_img, cand.ref_txt, picked.ref_img, picked.ref_txt, setup.ref_scale, setup.ref_bias, -1.0)]
+    if setup.has_student:
+        models.append((cand.stu_img, cand.stu_txt, picked.stu_img, picked.stu_txt, setup.stu_scale,
+                       setup.stu_bias, 1.0))
+    ids = None if picked_ids is None else picked_ids.to(device=device, dtype=torch.int64)
+    # the picked rows as float32, once per call
+    models = [(u, v, pu.float(), pv.float(), a, c, w) for u, v, pu, pv, a, c, w in models]
     block = max(1, _TORCH_BLOCK_ELEMS // k)
     for start in range(0, B, block):
         stop = min(B, start + block)
-        # sign = -y: -1 where the candidate is the chunk member itself, +1 elsewhere
-        is_pos = torch.arange(start, stop, device=device)[:, None] == chunk[None, :]
-        sign = 1.0 - 2.0 * is_pos.to(torch.float32)
+        sign = None
+        if ids is not None:   # sign = -y: -1 where the picked pair is the candidate itself, +1 elsewhere
+            sign = 1.0 - 2.0 * (torch.arange(start, stop, device=device)[:, None] == ids[None, :]).to(torch.float32)
         total = out[start:stop]
-        for (u, v, a, c, weight), (u_j, v_j) in zip(models, gathered):
+        for u, v, u_j, v_j, a, c, weight in models:
             term = _two_way_pair_loss_torch(u[start:stop].float(), v[start:stop].float(), u_j, v_j, a, c, sign)
             total.add_(term, alpha=weight)
     return out
@@ -275,12 +379,12 @@ def pair_loss_self(img: torch.Tensor, txt: torch.Tensor, scale, bias) -> torch.T
     """ell(x, x) = softplus(-(a * u_x . v_x + c)): the positive-pair sigmoid term, [B] float32.
 
     img, txt: [B, d] (any float dtype, upcast to float32); scale a (exp already applied), bias c: floats
-    or 1-element tensors.
+    or 1-element tensors (a tensor costs one device-to-host read).
     """
     _check_model("pair_loss_self", img, txt)
-    a, c = _scalar("pair_loss_self: scale", scale), _scalar("pair_loss_self: bias", bias)
+    s = _scalars("pair_loss_self", scale=scale, bias=bias)
     dot = (img.float() * txt.float()).sum(dim=1)
-    return F.softplus(-(a * dot + c))
+    return F.softplus(-(s["scale"] * dot + s["bias"]))
 
 
 def self_scores(stu_img, stu_txt, ref_img, ref_txt, *, stu_scale, stu_bias, ref_scale, ref_bias,
@@ -290,7 +394,7 @@ def self_scores(stu_img, stu_txt, ref_img, ref_txt, *, stu_scale, stu_bias, ref_
     learnability: ell_student(x, x) - ell_reference(x, x);  easy_reference: -ell_reference(x, x)
     (the student arguments may then be None).
     """
-    _check_inputs(stu_img, stu_txt, ref_img, ref_txt, None, rule)
+    _check_embeddings(Embeddings(stu_img, stu_txt, ref_img, ref_txt), rule)
     s = -pair_loss_self(ref_img, ref_txt, ref_scale, ref_bias)
     if rule == "learnability":
         s = s + pair_loss_self(stu_img, stu_txt, stu_scale, stu_bias).to(s.device)
@@ -298,12 +402,12 @@ def self_scores(stu_img, stu_txt, ref_img, ref_txt, *, stu_scale, stu_bias, ref_
 
 
 # ============================================================================================
-# 5. Dispatcher
+# 5. Validation (once per selection) and dispatch (every round)
 # ============================================================================================
 
 
 def resolve_backend(backend: str, device: torch.device, dtypes: tuple[torch.dtype, ...] = ()) -> str:
-    """Which implementation ``conditional_scores`` runs: "triton" or "torch". Never falls back silently.
+    """Which implementation runs: "triton" or "torch". Never falls back silently.
 
     auto: Triton for CUDA tensors, the PyTorch reference otherwise. "triton" on CPU tensors needs the
     Triton interpreter (TRITON_INTERPRET=1 before this module is imported), and refuses bf16 there
@@ -333,16 +437,27 @@ def resolve_backend(backend: str, device: torch.device, dtypes: tuple[torch.dtyp
     return "triton"
 
 
-def _scalar(name: str, x) -> float:
-    """A scale or bias (float or 1-element tensor) as a finite Python float."""
-    if x is None:
-        raise ValueError(f"{name} is required")
-    if isinstance(x, torch.Tensor) and x.numel() != 1:
-        raise ValueError(f"{name} must be a scalar, got shape {tuple(x.shape)}")
-    v = float(x)
-    if not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {v}")
-    return v
+def _scalars(where: str, **named) -> dict[str, float]:
+    """Scales and biases (floats or 1-element tensors) as finite Python floats.
+
+    The tensor ones are read in one transfer per device (one host synchronisation, not one per scalar).
+    """
+    tensors: dict[torch.device, list[str]] = {}
+    for name, x in named.items():
+        if x is None:
+            raise ValueError(f"{where}: {name} is required")
+        if isinstance(x, torch.Tensor):
+            if x.numel() != 1:
+                raise ValueError(f"{where}: {name} must be a scalar, got shape {tuple(x.shape)}")
+            tensors.setdefault(x.device, []).append(name)
+    out = {name: float(x) for name, x in named.items() if not isinstance(x, torch.Tensor)}
+    for names in tensors.values():
+        values = torch.stack([named[n].detach().reshape(()).double() for n in names]).tolist()
+        out.update(zip(names, values))
+    for name, v in out.items():
+        if not math.isfinite(v):
+            raise ValueError(f"{where}: {name} must be finite, got {v}")
+    return out
 
 
 def _check_model(name: str, img, txt) -> None:
@@ -358,30 +473,63 @@ def _check_model(name: str, img, txt) -> None:
         raise ValueError(f"{name}: img on {img.device} but txt on {txt.device}")
 
 
-def _check_inputs(stu_img, stu_txt, ref_img, ref_txt, chunk, rule) -> None:
+def _check_embeddings(e: Embeddings, rule: str) -> None:
+    """Shapes, dtypes and devices (no host synchronisation)."""
     if rule not in RULES:
         raise ValueError(f"conditional batch scores: rule must be one of {RULES}, got {rule!r}")
-    _check_model("reference", ref_img, ref_txt)
+    _check_model("reference", e.ref_img, e.ref_txt)
     if rule == "learnability":
-        _check_model("student", stu_img, stu_txt)
-        if stu_img.shape[0] != ref_img.shape[0]:
-            raise ValueError(f"student has {stu_img.shape[0]} candidates but the reference {ref_img.shape[0]}")
-        if stu_img.device != ref_img.device:
-            raise ValueError(f"student embeddings on {stu_img.device} but reference on {ref_img.device}")
-    if chunk is not None:
-        if chunk.dim() != 1 or chunk.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"chunk must be a 1-d int64/int32 tensor of candidate indices, got "
-                             f"{chunk.dtype} {tuple(chunk.shape)}")
-        if chunk.numel():
-            lo, hi = torch.aminmax(chunk)
-            if int(lo) < 0 or int(hi) >= ref_img.shape[0]:
-                raise IndexError(f"chunk indices must lie in [0, {ref_img.shape[0]}), got [{int(lo)}, {int(hi)}]")
+        _check_model("student", e.stu_img, e.stu_txt)
+        if e.stu_img.shape[0] != e.ref_img.shape[0]:
+            raise ValueError(f"student has {e.stu_img.shape[0]} candidates but the reference {e.ref_img.shape[0]}")
+        if e.stu_img.device != e.ref_img.device:
+            raise ValueError(f"student embeddings on {e.stu_img.device} but reference on {e.ref_img.device}")
+
+
+def prepare_scores(stu_img, stu_txt, ref_img, ref_txt, *, stu_scale, stu_bias, ref_scale, ref_bias, rule: str,
+                   backend: str = "auto") -> ScoreSetup:
+    """Validate the candidates' embeddings and the scalars and resolve the backend: once per selection.
+
+    Arguments as for ``conditional_scores`` (without the chunk). Costs at most one host synchronisation
+    (reading tensor scales/biases), none for float ones. Rows later given to ``cross_scores`` must have
+    the candidates' widths, dtypes and device (the picked rows of a selection do by construction).
+    """
+    _check_embeddings(Embeddings(stu_img, stu_txt, ref_img, ref_txt), rule)
+    learn = rule == "learnability"
+    named = dict(ref_scale=ref_scale, ref_bias=ref_bias)
+    if learn:
+        named.update(stu_scale=stu_scale, stu_bias=stu_bias)
+    s = _scalars("conditional batch scores", **named)
+    dtypes = (ref_img.dtype,) + ((stu_img.dtype,) if learn else ())
+    ran = resolve_backend(backend, ref_img.device, dtypes)
+    log.debug("conditional scores: backend=%s (asked %s) B=%d rule=%s", ran, backend, ref_img.shape[0], rule)
+    return ScoreSetup(rule=rule, backend=ran, stu_scale=s.get("stu_scale", 0.0), stu_bias=s.get("stu_bias", 0.0),
+                      ref_scale=s["ref_scale"], ref_bias=s["ref_bias"])
+
+
+def cross_scores(setup: ScoreSetup, cand: Embeddings, picked: Embeddings,
+                 picked_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """cond(x) = sum_{j picked} [s(x, j) + s(j, x)] for every candidate x: Tensor[B] float32.
+
+    cand: the B candidates' rows; picked: the k picked pairs' rows (same widths, dtypes and device);
+    picked_ids: [k] int64/int32, the candidate index each picked row is (y = +1 there), -1 for a row
+    that is no candidate (another rank's pick); None = no picked row is a candidate.
+    No checks and no host synchronisation: ``prepare_scores`` validated the setup once.
+    """
+    impl = conditional_scores_triton if setup.backend == "triton" else conditional_scores_torch
+    return impl(setup, cand, picked, picked_ids)
+
+
+def take_rows(e: Embeddings, idx: torch.Tensor) -> Embeddings:
+    """The rows ``idx`` of every tensor of ``e`` (student entries stay None when absent)."""
+    return Embeddings(*(None if t is None else t.index_select(0, idx) for t in e))
 
 
 def conditional_scores(stu_img, stu_txt, ref_img, ref_txt, chunk: torch.Tensor, *, stu_scale, stu_bias,
                        ref_scale, ref_bias, rule: str, backend: str = "auto") -> torch.Tensor:
     """cond(x) = sum_{j in chunk} [s(x, j) + s(j, x)] for every candidate x: Tensor[B] float32.
 
+    The checked one-shot form of ``prepare_scores`` + ``cross_scores`` (a selection loop uses those).
     stu_img, stu_txt: [B, ds] student embeddings (None allowed for rule="easy_reference");
     ref_img, ref_txt: [B, dr] reference embeddings; each model's pair shares one dtype
     (float32/float16/bfloat16; math in float32). chunk: [k] distinct indices into the super-batch
@@ -389,15 +537,19 @@ def conditional_scores(stu_img, stu_txt, ref_img, ref_txt, chunk: torch.Tensor, 
     Scales are exp(t) (already exponentiated), biases c; floats or 1-element tensors.
     rule: "learnability" (s = ell_student - ell_reference) or "easy_reference" (s = -ell_reference).
     backend: "auto" | "triton" | "torch" (see ``resolve_backend``); the choice is logged at DEBUG.
+    The index range check reads the chunk's min and max (one host synchronisation).
     """
-    _check_inputs(stu_img, stu_txt, ref_img, ref_txt, chunk, rule)
-    dtypes = (ref_img.dtype,) + ((stu_img.dtype,) if rule == "learnability" else ())
-    ref_scale, ref_bias = _scalar("ref_scale", ref_scale), _scalar("ref_bias", ref_bias)
-    if rule == "learnability":
-        stu_scale, stu_bias = _scalar("stu_scale", stu_scale), _scalar("stu_bias", stu_bias)
-    ran = resolve_backend(backend, ref_img.device, dtypes)
-    log.debug("conditional_scores: backend=%s (asked %s) B=%d k=%d rule=%s",
-              ran, backend, ref_img.shape[0], chunk.numel(), rule)
-    impl = conditional_scores_triton if ran == "triton" else conditional_scores_torch
-    return impl(stu_img, stu_txt, ref_img, ref_txt, chunk, stu_scale=stu_scale, stu_bias=stu_bias,
-                ref_scale=ref_scale, ref_bias=ref_bias, rule=rule)
+    setup = prepare_scores(stu_img, stu_txt, ref_img, ref_txt, stu_scale=stu_scale, stu_bias=stu_bias,
+                           ref_scale=ref_scale, ref_bias=ref_bias, rule=rule, backend=backend)
+    if chunk.dim() != 1 or chunk.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"chunk must be a 1-d int64/int32 tensor of candidate indices, got "
+                         f"{chunk.dtype} {tuple(chunk.shape)}")
+    B = ref_img.shape[0]
+    chunk = chunk.to(ref_img.device)
+    if chunk.numel():
+        lo, hi = torch.stack(torch.aminmax(chunk)).tolist()
+        if lo < 0 or hi >= B:
+            raise IndexError(f"chunk indices must lie in [0, {B}), got [{lo}, {hi}]")
+    cand = Embeddings(stu_img if setup.has_student else None, stu_txt if setup.has_student else None,
+                      ref_img, ref_txt)
+    return cross_scores(setup, cand, take_rows(cand, chunk), chunk)

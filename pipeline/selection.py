@@ -17,7 +17,10 @@ s(i, j) the pairwise score of ``kernels.cond_scores``:
 Gumbel-top-k trick: the same law as m successive softmax draws that each remove the winner, and its
 order is the order of those draws), computed in float64 log space, so no score overflows and no
 B x B mask exists. The running sum over selected j is kept per candidate and only the newest chunk
-is added (one ``conditional_scores`` call per chunk after the first).
+is added (one ``kernels.cond_scores.cross_scores`` call per chunk after the first, against the newest
+picks' rows). One loop serves one process and W data-parallel ranks (one process = the identity
+gather); inputs are validated and the backend resolved once per ``select``, and the rounds make no host
+synchronisation, so a GPU never waits for the CPU inside a selection.
 
 Scores always use the sigmoid (SigLIP) per-pair loss, whatever contrastive loss trains the student:
 the softmax form would need a log-sum-exp over the selected set per candidate (SPEC.md allows either;
@@ -31,7 +34,8 @@ from typing import Callable
 
 import torch
 
-from kernels.cond_scores import BACKENDS, conditional_scores, pair_loss_self, resolve_backend, self_scores
+from kernels.cond_scores import (BACKENDS, Embeddings, ScoreSetup, cross_scores, pair_loss_self, prepare_scores,
+                                 self_scores, take_rows)
 
 JOINT_RULES = ("learnability", "easy_reference")
 SELECTION_RULES = JOINT_RULES + ("independent_learnability", "student_loss")
@@ -52,7 +56,7 @@ class SelectionConfig:
     n_chunks: n, the number of sampling rounds of the joint rules (JEST uses 16); capped at b.
     tau: temperature multiplying the scores (p proportional to exp(tau * score)); 0 = uniform, large = top-k.
     topk: take the top-m scores of each round deterministically instead of sampling (no noise).
-    backend: "auto" | "triton" | "torch", passed to ``kernels.cond_scores.conditional_scores``.
+    backend: "auto" | "triton" | "torch", resolved by ``kernels.cond_scores.resolve_backend``.
     """
 
     rule: str = "learnability"
@@ -83,7 +87,7 @@ class SelectionResult:
         joint rules, the per-example score for the baselines).
     self_scores: Tensor[B] float32, s(x, x) of the rule (learnability for independent_learnability,
         ell_student(x, x) for student_loss).
-    backend: the ``conditional_scores`` backend that ran ("triton" | "torch"), or "none" when the rule
+    backend: the conditional-score backend that ran ("triton" | "torch"), or "none" when the rule
         needs no conditional scores.
     """
 
@@ -138,6 +142,7 @@ def _super_batch(stu_img, ref_img) -> tuple[int, torch.device]:
 
 
 def _require_finite(name: str, x: torch.Tensor) -> None:
+    """One host synchronisation (reading the flag); call it outside the rounds."""
     if not bool(torch.isfinite(x).all()):
         bad = torch.nonzero(~torch.isfinite(x)).flatten()[:5].tolist()
         raise ValueError(f"select: {name} are not finite for candidates {bad} (NaN/inf in the embeddings, "
@@ -155,13 +160,20 @@ def select(cfg: SelectionConfig, b: int, *, stu_img=None, stu_txt=None, stu_scal
     ref_img, ref_txt: [B, dr] cached reference embeddings, ref_scale/ref_bias
     (needed by learnability, easy_reference, independent_learnability);
     uniform needs only one embedding tensor, to know B and the device.
+    Embeddings may be float32, float16 or bfloat16 (kept as they are; math in float32); scales and
+    biases floats or 1-element tensors.
     generator: torch.Generator for the sampling noise; the same generator state gives the same result.
     gather: data-parallel selection (ARCHITECTURE.md "Scale-out"). Each of W ranks holds its own B
         candidates and picks its own b of them, chunk by chunk, while the conditional scores see every
         rank's picks: ``gather(rows)`` maps this rank's [m, D] rows to all ranks' [W * m, D] rows in rank
-        order (an all-gather; every rank must call ``select`` with the same b and config). cbar then
-        normalises by the global number of picks. Only the joint rules gather; the others are per rank.
-    Costs n_chunks - 1 ``conditional_scores`` calls (O(B * b * d) in all) for the joint rules.
+        order (an all-gather; every rank must call ``select`` with the same b and config). The rows are
+        the picks' embeddings as raw bytes (uint8), so one collective carries every dtype unchanged.
+        cbar then normalises by the global number of picks. None = one process (the identity gather).
+        Only the joint rules gather; the others are per rank.
+    Costs n_chunks - 1 conditional-score calls, each of this rank's B candidates against the W * m
+    newest picks (O(B * b * W * d) in all, i.e. O(B * b_global * d)) for the joint rules. Host
+    synchronisations: reading tensor scales (once), the finiteness of the self scores (once, before the
+    rounds) and of the final scores (once, after them); the rounds themselves have none.
     """
     B, device = _super_batch(stu_img, ref_img)
     if not isinstance(b, int) or not 1 <= b <= B:
@@ -169,93 +181,81 @@ def select(cfg: SelectionConfig, b: int, *, stu_img=None, stu_txt=None, stu_scal
 
     if cfg.rule == "student_loss":
         s_self = pair_loss_self(stu_img, stu_txt, stu_scale, stu_bias)
-    else:
-        joint_rule = "easy_reference" if cfg.rule == "easy_reference" else "learnability"
-        s_self = self_scores(stu_img, stu_txt, ref_img, ref_txt, stu_scale=stu_scale, stu_bias=stu_bias,
-                             ref_scale=ref_scale, ref_bias=ref_bias, rule=joint_rule)
-    _require_finite("self scores", s_self)
-
-    if cfg.rule not in JOINT_RULES:  # non-joint baselines: one round on the per-example score
+        _require_finite("self scores", s_self)
         idx = gumbel_top_k(s_self, b, tau=cfg.tau, topk=cfg.topk, generator=generator)
         return SelectionResult(idx, s_self.clone(), s_self, "none")
 
-    # joint rules: n rounds; scores are converted to floats once (no device sync per round)
-    stu_scale, stu_bias = (None, None) if cfg.rule == "easy_reference" else (float(stu_scale), float(stu_bias))
-    ref_scale, ref_bias = float(ref_scale), float(ref_bias)
-    dtypes = (ref_img.dtype,) + ((stu_img.dtype,) if cfg.rule == "learnability" else ())
-    backend = resolve_backend(cfg.backend, device, dtypes)
-    if gather is not None:
-        return _select_joint_gathered(cfg, b, s_self, stu_img, stu_txt, ref_img, ref_txt, stu_scale, stu_bias,
-                                      ref_scale, ref_bias, backend, generator, gather)
+    joint_rule = "easy_reference" if cfg.rule == "easy_reference" else "learnability"
+    if joint_rule == "easy_reference":
+        stu_img = stu_txt = stu_scale = stu_bias = None
+    # validated once here (scales read as floats, backend resolved): the rounds below do no checks
+    setup = prepare_scores(stu_img, stu_txt, ref_img, ref_txt, stu_scale=stu_scale, stu_bias=stu_bias,
+                           ref_scale=ref_scale, ref_bias=ref_bias, rule=joint_rule,
+                           backend=cfg.backend if cfg.rule in JOINT_RULES else "torch")
+    s_self = self_scores(stu_img, stu_txt, ref_img, ref_txt, stu_scale=setup.stu_scale, stu_bias=setup.stu_bias,
+                         ref_scale=setup.ref_scale, ref_bias=setup.ref_bias, rule=joint_rule)
+    _require_finite("self scores", s_self)
+    if cfg.rule not in JOINT_RULES:  # independent_learnability: one round on the per-example score
+        idx = gumbel_top_k(s_self, b, tau=cfg.tau, topk=cfg.topk, generator=generator)
+        return SelectionResult(idx, s_self.clone(), s_self, "none")
+    scores, picks = _joint_rounds(cfg, b, setup, Embeddings(stu_img, stu_txt, ref_img, ref_txt), s_self,
+                                  generator, gather)
+    return SelectionResult(picks, scores, s_self, setup.backend)
+
+
+def _joint_rounds(cfg: SelectionConfig, b: int, setup: ScoreSetup, cand: Embeddings, s_self: torch.Tensor,
+                  generator, gather) -> tuple[torch.Tensor, torch.Tensor]:
+    """The n rounds of joint sampling (one loop for one process and for W ranks): (scores [B], picks [b]).
+
+    After each round but the last, the newest picks' rows are gathered from every rank (``_gather_picks``;
+    a plain row selection in one process) and this rank's B candidates are scored against them only.
+    A candidate is never scored against its own pick with y = +1 (``picked_ids`` None): it is taken by
+    then, so its value is never read (its recorded score is the one it was picked with).
+    No host synchronisation inside the loop: sizes come from shapes, indices stay on the device.
+    """
+    B, device = s_self.shape[0], s_self.device
+    sizes = chunk_sizes(b, cfg.n_chunks)
     taken = torch.zeros(B, dtype=torch.bool, device=device)
     pair_sum = torch.zeros(B, dtype=torch.float32, device=device)   # sum_{j selected} s(x,j) + s(j,x)
     picked_with = torch.zeros(B, dtype=torch.float32, device=device)
     current = s_self
     picks: list[torch.Tensor] = []
-    n_selected = 0
-    for m in chunk_sizes(b, cfg.n_chunks):
-        if picks:
-            pair_sum += conditional_scores(stu_img, stu_txt, ref_img, ref_txt, picks[-1],
-                                           stu_scale=stu_scale, stu_bias=stu_bias, ref_scale=ref_scale,
-                                           ref_bias=ref_bias, rule=cfg.rule, backend=backend)
-            current = (s_self + pair_sum) / (2 * n_selected + 1)      # cbar(x)
-            _require_finite("conditional batch scores", current)
-        chunk = gumbel_top_k(current, m, tau=cfg.tau, taken=taken, topk=cfg.topk, generator=generator)
-        picked_with[chunk] = current[chunk]
-        taken[chunk] = True
-        picks.append(chunk)
-        n_selected += m
-    scores = torch.where(taken, picked_with, current)
-    return SelectionResult(torch.cat(picks), scores, s_self, backend)
-
-
-def _select_joint_gathered(cfg, b, s_self, stu_img, stu_txt, ref_img, ref_txt, stu_scale, stu_bias, ref_scale,
-                           ref_bias, backend, generator, gather) -> SelectionResult:
-    """The joint rounds of ``select`` across ranks (see its `gather`).
-
-    Every rank's picks of a round are all-gathered (student and reference rows, one call) into a
-    buffer appended after the local candidates, so the kernel scores the local candidates against them
-    by index, unchanged. The buffer rows are never candidates (they are sliced off the output), and a
-    local candidate is never compared with its own copy in the buffer, because it is taken by then.
-    """
-    B, device = s_self.shape[0], s_self.device
-    learn = cfg.rule == "learnability"
-    parts = ([stu_img, stu_txt] if learn else []) + [ref_img, ref_txt]
-    widths = [t.shape[1] for t in parts]
-    sizes = chunk_sizes(b, cfg.n_chunks)
-    world = 0  # known from the first gather (its rows / this rank's picks)
-    ext: list[torch.Tensor] = []  # candidates + everyone's picks, allocated at the first gather
-    taken = torch.zeros(B, dtype=torch.bool, device=device)
-    pair_sum = torch.zeros(B, dtype=torch.float32, device=device)
-    picked_with = torch.zeros(B, dtype=torch.float32, device=device)
-    current = s_self
-    picks: list[torch.Tensor] = []
-    filled = 0  # rows of the pick buffer written so far (global picks)
+    newest: Embeddings | None = None   # every rank's picks of the previous round
+    n_global = 0                       # picks so far over all ranks
+    world = None                       # learnt from the first gather
     for r, m in enumerate(sizes):
-        if r:
-            newest = torch.arange(B + filled - world * sizes[r - 1], B + filled, device=device)
-            stu_x = (ext[0], ext[1]) if learn else (None, None)
-            full = conditional_scores(*stu_x, ext[-2], ext[-1], newest, stu_scale=stu_scale, stu_bias=stu_bias,
-                                      ref_scale=ref_scale, ref_bias=ref_bias, rule=cfg.rule, backend=backend)
-            pair_sum += full[:B]
-            current = (s_self + pair_sum) / (2 * filled + 1)      # cbar(x) over every rank's picks
-            _require_finite("conditional batch scores", current)
+        if newest is not None:
+            pair_sum += cross_scores(setup, cand, newest)
+            current = (s_self + pair_sum) / (2 * n_global + 1)      # cbar(x) over every rank's picks
         chunk = gumbel_top_k(current, m, tau=cfg.tau, taken=taken, topk=cfg.topk, generator=generator)
-        picked_with[chunk] = current[chunk]
-        taken[chunk] = True
+        picked_with.index_copy_(0, chunk, current.index_select(0, chunk))
+        taken.index_fill_(0, chunk, True)
         picks.append(chunk)
         if r == len(sizes) - 1:
             break  # the last round's picks condition nothing: no gather
-        rows = torch.cat([t.index_select(0, chunk).to(torch.float32) for t in parts], dim=1)
-        everyone = gather(rows)
-        if not ext:
-            world = everyone.shape[0] // m
-            ext = [torch.cat([t, t.new_zeros(world * b, t.shape[1])]) for t in parts]
-        if everyone.shape != (world * m, sum(widths)):
-            raise RuntimeError(f"select: gather returned {tuple(everyone.shape)} for {m} picks on each of {world} "
-                               "ranks: every rank must select the same b with the same config")
-        for t, piece in zip(ext, torch.split(everyone, widths, dim=1)):
-            t[B + filled:B + filled + world * m] = piece.to(t.dtype)
-        filled += world * m
-    scores = torch.where(taken, picked_with, current)
-    return SelectionResult(torch.cat(picks), scores, s_self, backend)
+        newest, world = _gather_picks(cand, chunk, gather, world)
+        n_global += newest.ref_img.shape[0]
+    _require_finite("conditional batch scores", current)
+    return torch.where(taken, picked_with, current), torch.cat(picks)
+
+
+def _gather_picks(cand: Embeddings, chunk: torch.Tensor, gather, world: int | None) -> tuple[Embeddings, int]:
+    """Every rank's rows for this round's picks, in their own dtypes, and the number of ranks.
+
+    gather None: this process's rows. Otherwise one collective: the rows of every tensor are laid side
+    by side as raw bytes ([m, sum of row bytes] uint8), so student and reference embeddings of any
+    dtypes (bf16 student, fp16 cache) travel in one message without a conversion, then are cut apart.
+    """
+    rows = take_rows(cand, chunk)
+    if gather is None:
+        return rows, 1
+    parts = [t for t in rows if t is not None]
+    widths = [t.shape[1] * t.element_size() for t in parts]
+    m = chunk.shape[0]
+    everyone = gather(torch.cat([t.contiguous().view(torch.uint8) for t in parts], dim=1))
+    world = world or everyone.shape[0] // m
+    if everyone.shape != (world * m, sum(widths)) or everyone.dtype != torch.uint8:
+        raise RuntimeError(f"select: gather returned {everyone.dtype} {tuple(everyone.shape)} for {m} picks on "
+                           f"each of {world} ranks: every rank must select the same b with the same config")
+    pieces = iter(t.contiguous().view(p.dtype) for t, p in zip(torch.split(everyone, widths, dim=1), parts))
+    return Embeddings(*(None if t is None else next(pieces) for t in rows)), world

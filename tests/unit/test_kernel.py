@@ -1,5 +1,7 @@
 """Parity tests of kernels/cond_scores.py: Triton kernel (CPU interpreter / CUDA) vs PyTorch reference vs a
-naive full-matrix float64 computation, on odd shapes, every dtype and both rules.
+naive full-matrix float64 computation, on odd shapes, every dtype and both rules; picked rows given as indices
+(``conditional_scores``) and as rows of which some are other ranks' (``cross_scores``), at the paper's widths
+d in {128, 256, 768} with up to 2048 picked rows, and every tiling the GPU autotuner may choose.
 
 Triton decides between compiled and interpreted when ``@triton.jit`` runs, i.e. when kernels.cond_scores is
 imported, and the interpreter must not leak into other test modules. So the interpreter cases run in a
@@ -18,7 +20,8 @@ import pytest
 import torch
 
 from kernels import cond_scores as cs
-from kernels.cond_scores import conditional_scores, pair_loss_self, resolve_backend, self_scores
+from kernels.cond_scores import (Embeddings, conditional_scores, cross_scores, pair_loss_self, prepare_scores,
+                                 resolve_backend, self_scores, take_rows)
 
 SHAPES = [(1, 1), (37, 5), (129, 33), (250, 33)]          # (B, k): odd, non-powers of two
 DIMS = [(24, 40), (40, 24)]                              # (ds, dr): student and reference widths differ
@@ -59,6 +62,41 @@ def naive_conditional(su, sv, ru, rv, chunk, rule, **scales):
     return s[:, chunk].sum(1) + s[chunk, :].sum(0)
 
 
+def make_cross_inputs(B, k, ds, dr, dtype, seed, shared):
+    """B candidates and k picked rows, `shared` of which are candidates (ids = their index, y = +1 there)
+    and the rest foreign rows (ids = -1: another rank's picks), in shuffled order."""
+    g = torch.Generator().manual_seed(seed)
+
+    def unit(n, d):
+        return torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1)
+
+    cand = [unit(B, ds), None, unit(B, dr), None]
+    cand[1] = torch.nn.functional.normalize(cand[0] + 1.5 * torch.randn(B, ds, generator=g), dim=1)
+    cand[3] = torch.nn.functional.normalize(cand[2] + 0.5 * torch.randn(B, dr, generator=g), dim=1)
+    own = torch.randperm(B, generator=g)[:shared]
+    foreign = [unit(k - shared, d) for d in (ds, ds, dr, dr)]
+    order = torch.randperm(k, generator=g)
+    picked = [torch.cat([c[own], f])[order] for c, f in zip(cand, foreign)]
+    ids = torch.cat([own, torch.full((k - shared,), -1)])[order]
+    return Embeddings(*(t.to(dtype) for t in cand)), Embeddings(*(t.to(dtype) for t in picked)), ids
+
+
+def naive_cross(cand, picked, ids, rule, *, stu_scale, stu_bias, ref_scale, ref_bias):
+    """sum_j s(x, j) + s(j, x) over picked rows j in float64, from the definition (y = +1 iff ids[j] == x)."""
+    y = torch.where(torch.arange(len(cand.ref_img))[:, None] == ids[None, :], 1.0, -1.0).double()
+
+    def ell_two_way(u, v, pu, pv, a, c):
+        l_xj = a * (u.double() @ pv.double().T) + c
+        l_jx = a * (v.double() @ pu.double().T) + c
+        zero = torch.zeros_like(l_xj)
+        return (torch.logaddexp(zero, -y * l_xj) + torch.logaddexp(zero, -y * l_jx)).sum(1)
+
+    s = -ell_two_way(cand.ref_img, cand.ref_txt, picked.ref_img, picked.ref_txt, ref_scale, ref_bias)
+    if rule == "learnability":
+        s = s + ell_two_way(cand.stu_img, cand.stu_txt, picked.stu_img, picked.stu_txt, stu_scale, stu_bias)
+    return s
+
+
 def assert_close_f64(got, want, what):
     # fp32 accumulation of up to 4k terms of size <~ 30: a few 1e-6 relative
     torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-4, msg=lambda m: f"{what}: {m}")
@@ -91,6 +129,71 @@ def test_torch_path_blocking_and_index_dtypes(monkeypatch):
     torch.testing.assert_close(blocked, whole, rtol=1e-6, atol=1e-5)
     empty = conditional_scores(su, sv, ru, rv, chunk[:0], rule="learnability", backend="torch", **SCALES)
     assert torch.equal(empty, torch.zeros(250))
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("rule", RULES)
+def test_cross_scores_torch_with_foreign_rows_matches_definition(dtype, rule):
+    """Picked rows that are partly other ranks' (ids -1), k > B, half inputs computed in fp32."""
+    cand, picked, ids = make_cross_inputs(37, 70, 24, 40, DTYPES[dtype], seed=21, shared=9)
+    setup = prepare_scores(*cand, rule=rule, backend="torch", **SCALES)
+    got = cross_scores(setup, cand, picked, ids)
+    assert got.dtype == torch.float32 and got.shape == (37,)
+    assert_close_f64(got, naive_cross(cand, picked, ids, rule, **SCALES), f"cross {dtype} {rule}")
+    # ids None = no picked row is a candidate = every id -1
+    none = cross_scores(setup, cand, picked)
+    assert torch.equal(none, cross_scores(setup, cand, picked, torch.full((70,), -1)))
+    assert_close_f64(none, naive_cross(cand, picked, torch.full((70,), -1), rule, **SCALES), "ids None")
+    assert not torch.allclose(none, got)   # the y = +1 entries matter
+
+
+def test_half_inputs_equal_their_float32_values_on_the_torch_path():
+    """The reference keeps fp16/bf16 inputs as they are and computes in fp32: the same numbers as
+    feeding it the fp32 values of those half inputs."""
+    for dtype in (torch.float16, torch.bfloat16):
+        cand, picked, ids = make_cross_inputs(129, 33, 24, 40, dtype, seed=22, shared=5)
+        setup = prepare_scores(*cand, rule="learnability", backend="torch", **SCALES)
+        up = [Embeddings(*(t.float() for t in e)) for e in (cand, picked)]
+        torch.testing.assert_close(cross_scores(setup, cand, picked, ids), cross_scores(setup, *up, ids),
+                                   rtol=0, atol=0)
+
+
+def test_tensor_scales_are_read_once():
+    """0-dim tensor scales are read as floats in one transfer (one .tolist()), not one per scalar."""
+    su, sv, ru, rv, _ = make_inputs(37, 5, 24, 40, torch.float32, seed=4)
+    reads = []
+    orig = torch.Tensor.tolist
+
+    def counting(self):
+        reads.append(tuple(self.shape))
+        return orig(self)
+    torch.Tensor.tolist = counting
+    try:
+        setup = prepare_scores(su, sv, ru, rv, rule="learnability", stu_scale=torch.tensor(10.0),
+                               stu_bias=torch.tensor([-10.0]), ref_scale=torch.tensor(14.0), ref_bias=-6.0)
+    finally:
+        torch.Tensor.tolist = orig
+    assert reads == [(3,)]
+    assert (setup.stu_scale, setup.stu_bias, setup.ref_scale, setup.ref_bias) == (10.0, -10.0, 14.0, -6.0)
+    with pytest.raises(ValueError, match="stu_scale must be finite"):
+        prepare_scores(su, sv, ru, rv, rule="learnability", stu_scale=torch.tensor(float("nan")),
+                       stu_bias=0.0, ref_scale=1.0, ref_bias=0.0)
+    with pytest.raises(ValueError, match="must be a scalar"):
+        prepare_scores(su, sv, ru, rv, rule="learnability", stu_scale=torch.ones(2), stu_bias=0.0,
+                       ref_scale=1.0, ref_bias=0.0)
+
+
+def test_autotune_configs_and_pruning():
+    """Every config is a GPU-valid tiling; pruning drops tiles far larger than the problem, keeps one."""
+    for c in cs.AUTOTUNE_CONFIGS + [cs.INTERPRETER_CONFIG]:
+        for name in ("BLOCK_B", "BLOCK_K", "BLOCK_D"):
+            blk = c.kwargs[name]
+            assert blk >= 16 and blk & (blk - 1) == 0, (c, name)
+    big = cs._prune_configs(cs.AUTOTUNE_CONFIGS, {"B_BUCKET": 262144, "K_BUCKET": 4096})
+    assert big == cs.AUTOTUNE_CONFIGS
+    small = cs._prune_configs(cs.AUTOTUNE_CONFIGS, {"B_BUCKET": 32, "K_BUCKET": 16})
+    assert small and all(c.kwargs["BLOCK_B"] <= 32 and c.kwargs["BLOCK_K"] <= 32 for c in small)
+    assert cs._bucket(1) == 16 and cs._bucket(163840) == 262144 and cs._bucket(2048) == 2048
 
 
 def test_huge_logits_stay_finite_and_exact():
@@ -188,9 +291,48 @@ def _case_inputs(i, case):
     return su, sv, ru, rv, chunk, scales
 
 
-def _run_interpreter_cases(out_path):
-    """Child process (TRITON_INTERPRET=1): run every case through the Triton backend and save."""
+# Wide embeddings and large chunks (the paper's widths, W * m picked rows up to 2048), picked rows partly
+# foreign (ids -1), through the autotuner's interpreter config: (B, k, ds, dr, dtype, rule). A few seconds
+# each in the interpreter, so they run in their own child, marked slow except the two smallest.
+WIDE_CASES = [(B, k, ds, dr, dt, rule) for B, k, ds, dr, rule in [
+    (100, 1000, 128, 256, "learnability"),
+    (250, 333, 256, 128, "easy_reference"),
+    (37, 2048, 256, 768, "learnability"),
+    (64, 2048, 768, 768, "learnability"),
+] for dt in ("float32", "float16")]
+WIDE_FAST = 4   # the first cases run by default; the rest are @slow
+# every autotuning config, forced, on one case with several tiles of each size
+CONFIG_CASE = (129, 70, 128, 256, "float32", "learnability")
+
+
+def _wide_inputs(i, case):
+    B, k, ds, dr, dtype, rule = case
+    return make_cross_inputs(B, k, ds, dr, DTYPES[dtype], seed=300 + i, shared=min(B, k) // 3)
+
+
+def _run_interpreter_cases(out_path, which):
+    """Child process (TRITON_INTERPRET=1): run the cases through the Triton backend and save."""
     assert cs.triton_interpreting(), "child must be started with TRITON_INTERPRET=1"
+    if which == "wide-slow":   # the @slow wide cases only
+        results = {}
+        for i in range(WIDE_FAST, len(WIDE_CASES)):
+            cand, picked, ids = _wide_inputs(i, WIDE_CASES[i])
+            setup = prepare_scores(*cand, rule=WIDE_CASES[i][5], backend="triton", **SCALES)
+            results[i] = cross_scores(setup, cand, picked, ids)
+        torch.save({"results": results}, out_path)
+        return
+    if which == "wide":
+        results = []
+        for i, case in enumerate(WIDE_CASES[:WIDE_FAST]):
+            cand, picked, ids = _wide_inputs(i, case)
+            setup = prepare_scores(*cand, rule=case[5], backend="triton", **SCALES)
+            results.append(cross_scores(setup, cand, picked, ids))
+        cand, picked, ids = _wide_inputs(-1, CONFIG_CASE)
+        setup = prepare_scores(*cand, rule=CONFIG_CASE[5], backend="triton", **SCALES)
+        per_config = [cs.conditional_scores_triton(setup, cand, picked, ids, blocks=(
+            c.kwargs["BLOCK_B"], c.kwargs["BLOCK_K"], c.kwargs["BLOCK_D"])) for c in cs.AUTOTUNE_CONFIGS]
+        torch.save({"results": results, "per_config": per_config}, out_path)
+        return
     results = []
     for i, case in enumerate(INTERP_CASES):
         su, sv, ru, rv, chunk, scales = _case_inputs(i, case)
@@ -198,9 +340,9 @@ def _run_interpreter_cases(out_path):
         if blocks is None:
             out = conditional_scores(su, sv, ru, rv, chunk, rule=rule, backend="triton", **scales)
         else:
-            bb, bk, bd = blocks
-            out = cs.conditional_scores_triton(su, sv, ru, rv, chunk, rule=rule, block_b=bb, block_k=bk,
-                                               block_d=bd, **scales)
+            setup = prepare_scores(su, sv, ru, rv, rule=rule, backend="triton", **scales)
+            cand = Embeddings(su, sv, ru, rv)
+            out = cs.conditional_scores_triton(setup, cand, take_rows(cand, chunk), chunk, blocks=blocks)
         results.append(out)
     try:  # the interpreter must refuse bf16 rather than compute it wrongly
         su, sv, ru, rv, chunk = make_inputs(37, 5, 24, 40, torch.bfloat16, seed=0)
@@ -212,16 +354,30 @@ def _run_interpreter_cases(out_path):
                 "auto_on_cpu": resolve_backend("auto", torch.device("cpu"))}, out_path)
 
 
-@pytest.fixture(scope="module")
-def interpreter_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("interp") / "triton_interpreter.pt"
+def _interpreter_child(tmp_path_factory, which, name):
+    out = tmp_path_factory.mktemp("interp") / name
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--interpreter", str(out)], env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--interpreter", which, str(out)], env=env,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"interpreter child failed:\n{proc.stdout}\n{proc.stderr}"
     return torch.load(out)
+
+
+@pytest.fixture(scope="module")
+def interpreter_run(tmp_path_factory):
+    return _interpreter_child(tmp_path_factory, "small", "triton_interpreter.pt")
+
+
+@pytest.fixture(scope="module")
+def interpreter_wide_fast(tmp_path_factory):
+    return _interpreter_child(tmp_path_factory, "wide", "wide_fast.pt")
+
+
+@pytest.fixture(scope="module")
+def interpreter_wide_slow(tmp_path_factory):
+    return _interpreter_child(tmp_path_factory, "wide-slow", "wide_slow.pt")
 
 
 @pytest.mark.parametrize("i", range(len(INTERP_CASES)), ids=[
@@ -241,6 +397,41 @@ def test_triton_interpreter_matches_torch_and_definition(interpreter_run, i):
     else:
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
         assert_close_f64(got, want, f"triton case {case}")
+
+
+def _check_wide(got, i):
+    case = WIDE_CASES[i]
+    cand, picked, ids = _wide_inputs(i, case)
+    assert got.dtype == torch.float32 and got.shape == (case[0],) and torch.isfinite(got).all()
+    setup = prepare_scores(*cand, rule=case[5], backend="torch", **SCALES)
+    torch.testing.assert_close(got, cross_scores(setup, cand, picked, ids), rtol=1e-5, atol=1e-3)
+    # k up to 2048 terms of size ~10 in fp32: a few 1e-6 relative
+    torch.testing.assert_close(got.double(), naive_cross(cand, picked, ids, case[5], **SCALES), rtol=2e-5,
+                               atol=2e-3)
+
+
+WIDE_IDS = [f"B{c[0]}-k{c[1]}-ds{c[2]}-dr{c[3]}-{c[4]}-{c[5]}" for c in WIDE_CASES]
+
+
+@pytest.mark.parametrize("i", range(WIDE_FAST), ids=WIDE_IDS[:WIDE_FAST])
+def test_triton_interpreter_wide_and_long_chunks(interpreter_wide_fast, i):
+    _check_wide(interpreter_wide_fast["results"][i], i)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("i", range(WIDE_FAST, len(WIDE_CASES)), ids=WIDE_IDS[WIDE_FAST:])
+def test_triton_interpreter_wide_and_long_chunks_slow(interpreter_wide_slow, i):
+    _check_wide(interpreter_wide_slow["results"][i], i)
+
+
+@pytest.mark.parametrize("c", range(len(cs.AUTOTUNE_CONFIGS)),
+                         ids=["x".join(str(v) for v in c.kwargs.values()) for c in cs.AUTOTUNE_CONFIGS])
+def test_triton_interpreter_every_autotune_config(interpreter_wide_fast, c):
+    """Each tiling the GPU autotuner may choose computes the same scores (several B, K and d tiles)."""
+    cand, picked, ids = _wide_inputs(-1, CONFIG_CASE)
+    setup = prepare_scores(*cand, rule=CONFIG_CASE[5], backend="torch", **SCALES)
+    torch.testing.assert_close(interpreter_wide_fast["per_config"][c], cross_scores(setup, cand, picked, ids),
+                               rtol=1e-5, atol=1e-4)
 
 
 def test_triton_interpreter_refuses_bf16_and_auto_stays_torch_on_cpu(interpreter_run):
@@ -267,8 +458,24 @@ def test_triton_cuda_matches_torch(dtype, rule):
         torch.testing.assert_close(got.cpu().double(), want, rtol=2e-5, atol=1e-3 if k > 100 else 2e-4)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled, autotuned kernel; bf16)")
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_triton_cuda_wide_autotuned_matches_torch(dtype):
+    """The autotuned kernel at the paper's widths and W * m = 2048 picked rows, partly foreign, on a
+    super-batch large enough to pick the big tiles."""
+    for i, case in enumerate(WIDE_CASES[::2]):
+        B, k, ds, dr, _, rule = case
+        cand, picked, ids = make_cross_inputs(4 * 4099, k, ds, dr, DTYPES[dtype], seed=400 + i, shared=k // 3)
+        cand, picked = (Embeddings(*(t.cuda() for t in e)) for e in (cand, picked))
+        setup = prepare_scores(*cand, rule=rule, backend="auto", **SCALES)
+        assert setup.backend == "triton"
+        got = cross_scores(setup, cand, picked, ids.cuda())
+        ref = cs.conditional_scores_torch(setup, cand, picked, ids.cuda())
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=2e-3)
+
+
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--interpreter":
-        _run_interpreter_cases(sys.argv[2])
+    if len(sys.argv) == 4 and sys.argv[1] == "--interpreter" and sys.argv[2] in ("small", "wide", "wide-slow"):
+        _run_interpreter_cases(sys.argv[3], sys.argv[2])
     else:
-        sys.exit("usage: TRITON_INTERPRET=1 python test_kernel.py --interpreter OUT.pt (run by pytest)")
+        sys.exit("usage: TRITON_INTERPRET=1 python test_kernel.py --interpreter small|wide|wide-slow OUT.pt (run by pytest)")
