@@ -5,12 +5,17 @@ Knows nothing about datasets or training; see ``kernels.cond_scores`` and SPEC.m
 from kernels.cond_scores import (
     BACKENDS,
     RULES,
+    Embeddings,
+    ScoreSetup,
     conditional_scores,
+    cross_scores,
     pair_loss_self,
+    prepare_scores,
     resolve_backend,
     self_scores,
+    take_rows,
     triton_interpreting,
 )
 
-__all__ = ["BACKENDS", "RULES", "conditional_scores", "pair_loss_self", "resolve_backend", "self_scores",
-           "triton_interpreting"]
+__all__ = ["BACKENDS", "RULES", "Embeddings", "ScoreSetup", "conditional_scores", "cross_scores", "pair_loss_self",
+           "prepare_scores", "resolve_backend", "self_scores", "take_rows", "triton_interpreting"]

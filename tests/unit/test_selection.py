@@ -361,3 +361,204 @@ def test_gathered_selection_rejects_ranks_that_disagree_on_b():
     with pytest.raises((RuntimeError, threading.BrokenBarrierError)):
         run_ranks(2, lambda r, g: select(SelectionConfig(rule="learnability", n_chunks=2, topk=True), 4 + 2 * r,
                                          **shard(batch, r, 2), gather=g))
+
+
+# ---------------------------------------------------------------- unchanged selections, one loop, no host syncs
+
+# Recorded with the implementation of commit 5dbecb0 (separate W = 1 and gathered loops, per-round checks)
+# on this seed and these inputs: the rewrite must select the same candidates in the same order with the same
+# scores. (rule, dtype, n_chunks, tau, topk, seed) -> (indices, sum of scores, sum of squared scores).
+RECORDED = {
+    ("learnability", "float32", 16, 10.0, False, 0): (
+        [6, 191, 187, 114, 95, 170, 66, 136, 186, 75, 247, 177, 238, 210, 245, 251, 8, 258, 27, 184, 100, 68, 221,
+         115, 123, 109, 223, 192, 298, 289, 197, 265, 276, 84, 253, 50, 63, 167, 29, 260],
+        53.69332429394126, 17.825363569488594),
+    ("learnability", "float32", 5, 1.0, False, 1): (
+        [21, 90, 87, 296, 151, 108, 132, 61, 172, 111, 166, 157, 253, 18, 38, 107, 279, 12, 32, 91, 205, 294, 35,
+         79, 223, 201, 202, 217, 255, 240, 195, 281, 210, 70, 62, 115, 30, 206, 109, 47],
+        52.5947604002431, 14.893943178202257),
+    ("easy_reference", "float32", 16, 10.0, False, 2): (
+        [126, 147, 153, 249, 222, 220, 196, 234, 122, 237, 0, 44, 89, 202, 282, 69, 198, 1, 22, 289, 233, 278,
+         286, 160, 195, 58, 254, 149, 212, 100, 248, 53, 177, 294, 268, 260, 102, 290, 151, 88],
+        -66.21985190361738, 14.962837397422014),
+    ("learnability", "float16", 16, 10.0, False, 3): (
+        [276, 59, 297, 162, 179, 107, 235, 152, 277, 202, 279, 112, 9, 283, 175, 0, 15, 56, 27, 298, 114, 88, 174,
+         1, 272, 90, 172, 189, 299, 102, 80, 117, 245, 21, 273, 79, 237, 171, 53, 193],
+        53.51556247472763, 17.659211582420806),
+    ("learnability", "float32", 7, 10.0, True, 4): (
+        [117, 30, 288, 129, 100, 230, 218, 215, 131, 275, 77, 112, 55, 9, 226, 195, 42, 258, 108, 287, 94, 245,
+         237, 206, 170, 23, 198, 107, 1, 50, 284, 220, 69, 37, 192, 208, 5, 115, 137, 87],
+        59.21067203528946, 31.221550797132625),
+}
+# W = 2 (ThreadGather), B = 150 per rank, b = 24, 8 chunks, tau = 10, rank r seeded r: per-rank indices, score sums
+RECORDED_W2 = {
+    "learnability": ([[15, 63, 30, 115, 76, 96, 95, 88, 103, 36, 43, 124, 136, 17, 66, 94, 47, 29, 87, 120, 75, 27,
+                       97, 72],
+                      [32, 112, 28, 85, 146, 47, 18, 111, 21, 22, 16, 127, 108, 12, 91, 129, 144, 55, 13, 106, 94,
+                       73, 52, 42]], [27.753754917532206, 29.643649466335773]),
+    "easy_reference": ([[63, 48, 53, 76, 114, 69, 95, 89, 30, 36, 43, 86, 17, 136, 66, 94, 62, 29, 87, 115, 120, 27,
+                         97, 72],
+                        [21, 108, 122, 146, 47, 29, 111, 38, 18, 22, 16, 127, 12, 32, 91, 129, 144, 55, 94, 13, 24,
+                         73, 51, 52]], [-33.92596881091595, -33.13969711959362]),
+}
+
+
+def _recorded_batch(rule, dtype, seed):
+    batch = make_batch(300, seed=100 + seed, ds=24, dr=40)
+    for k in ("stu_img", "stu_txt", "ref_img", "ref_txt"):
+        batch[k] = batch[k].to(getattr(torch, dtype))
+    return {k: v for k, v in batch.items() if k.startswith("ref")} if rule == "easy_reference" else batch
+
+
+@pytest.mark.parametrize("case", list(RECORDED), ids=["-".join(map(str, c)) for c in RECORDED])
+def test_same_selection_as_the_previous_implementation(case):
+    rule, dtype, n_chunks, tau, topk, seed = case
+    res = select(SelectionConfig(rule=rule, n_chunks=n_chunks, tau=tau, topk=topk), 40,
+                 **_recorded_batch(rule, dtype, seed), generator=torch.Generator().manual_seed(seed))
+    idx, total, squares = RECORDED[case]
+    assert res.indices.tolist() == idx
+    assert float(res.scores.double().sum()) == pytest.approx(total, rel=1e-6)
+    assert float(res.scores.double().pow(2).sum()) == pytest.approx(squares, rel=1e-6)
+
+
+@pytest.mark.parametrize("rule", list(RECORDED_W2))
+def test_same_gathered_selection_as_the_previous_implementation(rule):
+    batch = make_batch(2 * 150, seed=200, ds=24, dr=40)
+    out = run_ranks(2, lambda r, g: select(SelectionConfig(rule=rule, n_chunks=8, tau=10.0), 24, **shard(batch, r, 2),
+                                           generator=torch.Generator().manual_seed(r), gather=g))
+    idx, sums = RECORDED_W2[rule]
+    assert [o.indices.tolist() for o in out] == idx
+    assert [float(o.scores.double().sum()) for o in out] == pytest.approx(sums, rel=1e-6)
+
+
+class CountingGather:
+    """Identity all-gather of one rank that records what crossed it."""
+
+    def __init__(self):
+        self.calls: list[tuple] = []
+
+    def __call__(self, rows):
+        self.calls.append((rows.dtype, tuple(rows.shape)))
+        return rows.clone()
+
+
+def test_ranks_score_only_their_own_candidates_against_gathered_rows(monkeypatch):
+    """W = 3: each conditional-score call takes this rank's B candidates and the 3 * m newest picks' rows
+    (not B + 3 * b rows of which B are kept), in the dtypes the embeddings came in (bf16 student,
+    fp16 reference), one gather per round but the last."""
+    import pipeline.selection as sel
+    world, B, b, n_chunks = 3, 30, 6, 3
+    batch = make_batch(world * B, seed=13, ds=24, dr=40)
+    for k, dt in (("stu_img", torch.bfloat16), ("stu_txt", torch.bfloat16), ("ref_img", torch.float16),
+                  ("ref_txt", torch.float16)):
+        batch[k] = batch[k].to(dt)
+    calls: list[tuple] = []
+    lock = threading.Lock()
+    real = sel.cross_scores
+
+    def spy(setup, cand, picked, picked_ids=None):
+        with lock:
+            calls.append(([tuple(t.shape) for t in cand], [(tuple(t.shape), t.dtype) for t in picked], picked_ids))
+        return real(setup, cand, picked, picked_ids)
+    monkeypatch.setattr(sel, "cross_scores", spy)
+    run_ranks(world, lambda r, g: select(SelectionConfig(n_chunks=n_chunks, tau=10.0), b, **shard(batch, r, world),
+                                         generator=torch.Generator().manual_seed(r), gather=g))
+    assert len(calls) == world * (n_chunks - 1)
+    m = b // n_chunks
+    for cand_shapes, picked, ids in calls:
+        assert cand_shapes == [(B, 24), (B, 24), (B, 40), (B, 40)]
+        assert picked == [((world * m, 24), torch.bfloat16), ((world * m, 24), torch.bfloat16),
+                          ((world * m, 40), torch.float16), ((world * m, 40), torch.float16)]
+        assert ids is None
+    # one gather per round but the last, of the picks' bytes: m rows of 2 * (24 * 2 + 40 * 2) bytes
+    gather = CountingGather()
+    select(SelectionConfig(n_chunks=n_chunks, tau=10.0), b, **shard(batch, 0, world),
+           generator=torch.Generator().manual_seed(0), gather=gather)
+    assert gather.calls == [(torch.uint8, (m, 2 * (24 * 2 + 40 * 2)))] * (n_chunks - 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("world", [1, 2])
+def test_half_embeddings_select_as_their_float32_values(dtype, world):
+    """Half inputs stay half through the gather and are computed in fp32: the same selection and scores as
+    passing the fp32 values of those half numbers."""
+    batch = make_batch(world * 60, seed=14, ds=24, dr=40)
+    half = {k: (v.to(dtype) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    up = {k: (v.float() if torch.is_tensor(v) else v) for k, v in half.items()}
+    cfg = SelectionConfig(n_chunks=4, tau=10.0)
+
+    def run(inputs):
+        if world == 1:
+            return [select(cfg, 12, **inputs, generator=torch.Generator().manual_seed(5))]
+        return run_ranks(world, lambda r, g: select(cfg, 12, **shard(inputs, r, world),
+                                                    generator=torch.Generator().manual_seed(r), gather=g))
+    for a, b in zip(run(half), run(up)):
+        assert a.indices.tolist() == b.indices.tolist()
+        torch.testing.assert_close(a.scores, b.scores, rtol=0, atol=0)
+
+
+SYNCING = ("item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__")
+
+
+class SyncCounter:
+    """Counts the Python-level ways a tensor's value reaches the host (each a device sync on CUDA):
+    Tensor.item/.tolist/.numpy and bool()/int()/float()/index conversions."""
+
+    def __init__(self, monkeypatch):
+        self.calls: list[str] = []
+        for name in SYNCING:
+            orig = getattr(torch.Tensor, name)
+
+            def counted(self_, *args, _name=name, _orig=orig, **kwargs):
+                self.calls.append(_name)
+                return _orig(self_, *args, **kwargs)
+            monkeypatch.setattr(torch.Tensor, name, counted)
+
+
+@pytest.mark.parametrize("gathered", [False, True])
+@pytest.mark.parametrize("rule", ["learnability", "easy_reference"])
+def test_rounds_make_no_host_syncs(monkeypatch, rule, gathered):
+    """The number of host reads of a selection does not grow with the number of rounds: 2 with float
+    scales (self scores finite before the rounds, final scores finite after them), 3 with 0-dim tensor
+    scales (read together once)."""
+    batch = make_batch(200, seed=15, ds=24, dr=40)
+    tensor_scales = {k: torch.tensor(v) for k, v in batch.items() if not torch.is_tensor(v)}
+    counts = {}
+    for scales in ("float", "tensor"):
+        for n_chunks in (2, 16):
+            inputs = {**batch, **(tensor_scales if scales == "tensor" else {})}
+            with monkeypatch.context() as mp:
+                counter = SyncCounter(mp)
+                select(SelectionConfig(rule=rule, n_chunks=n_chunks, tau=10.0), 40, **inputs,
+                       generator=torch.Generator().manual_seed(0), gather=CountingGather() if gathered else None)
+            counts[scales, n_chunks] = list(counter.calls)
+    assert counts["float", 2] == counts["float", 16] == ["__bool__", "__bool__"]
+    assert counts["tensor", 2] == counts["tensor", 16] == ["tolist", "__bool__", "__bool__"]
+    # power: the counter sees a per-round check of the kind the rounds used to make
+    with monkeypatch.context() as mp:
+        counter = SyncCounter(mp)
+        bool(torch.isfinite(torch.ones(3)).all())
+        int(torch.tensor(3))
+        torch.tensor([1.0]).item()
+    assert counter.calls == ["__bool__", "__int__", "item"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.set_sync_debug_mode)")
+@pytest.mark.parametrize("rule", ["learnability", "easy_reference"])
+def test_rounds_make_no_cuda_syncs(monkeypatch, rule):
+    """On CUDA, with the two finiteness reads outside the rounds stubbed out, a whole selection (Triton
+    kernel, sampling, bookkeeping) runs under sync debug mode "error" without a synchronisation."""
+    import pipeline.selection as sel
+    batch = {k: (v.cuda().to(torch.bfloat16) if torch.is_tensor(v) else v)
+             for k, v in make_batch(4096, seed=16, ds=256, dr=256).items()}
+    cfg = SelectionConfig(rule=rule, n_chunks=16, tau=10.0)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    select(cfg, 819, **batch, generator=gen)          # warm-up: the autotuner times its configs (syncs)
+    torch.cuda.synchronize()
+    monkeypatch.setattr(sel, "_require_finite", lambda name, x: None)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        res = select(cfg, 819, **batch, generator=gen)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(set(res.indices.tolist())) == 819 and res.backend == "triton"
