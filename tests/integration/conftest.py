@@ -100,23 +100,10 @@ def aced_env(**extra: str) -> dict[str, str]:
 
 
 def descendants(pid: int) -> list[int]:
-    """Every live descendant of `pid` (from /proc; psutil is not a dependency)."""
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(d.name))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
+    """Every live descendant of `pid` (pipeline.children reads them from /proc)."""
+    from pipeline.children import descendants as procs
+
+    return [p.pid for p in procs(pid)]
 
 
 @pytest.fixture(scope="module")
