@@ -448,10 +448,18 @@ def save_model(bundle: ModelBundle, out_dir: str | os.PathLike, *, overwrite: bo
     """Write open_clip's local-dir layout + aced_model.json into `out_dir`, atomically: everything
     goes to a temp folder beside it (files fsynced), which then replaces `out_dir` by rename.
     Readers see the old folder or the new one, never a mix. An existing folder is replaced only with
-    `overwrite` and only if it holds nothing but a model's own files (nothing else is ever deleted)."""
+    `overwrite` and only if it holds nothing but a model's own files (nothing else is ever deleted); a
+    folder that already holds this very model (same fingerprint) is left as it is."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
+    if not overwrite and (out / ACED_FILE).is_file() and set(p.name for p in out.iterdir()) <= set(MODEL_FILES):
+        try:
+            same = _read_json(out / ACED_FILE).get("fingerprint") == fingerprint(bundle)
+        except ValueError:
+            same = False
+        if same:  # the very same model is already there (e.g. a re-run of an export): nothing to replace
+            return out
     _check_model_target(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(out, mkdir=True)
