@@ -300,3 +300,63 @@ def test_a_model_config_with_non_positive_sizes_is_refused_at_creation(tmp_path,
     path.write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
         create_model(str(path))
+
+
+# --------------------------------------------------------------------------- 1. every file the project reads
+
+def _read_everything(root: Path, data: Path, run: Path, model: Path, tmp: Path) -> None:
+    """Every reader of the project over the workspace, each allowed to fail (with any error)."""
+    from pipeline.data import PairIndex
+    from pipeline.report import read_metrics
+    from storage.cache import read_cache_shard, verify_cache
+    from storage.inspect import inspect_path
+    from storage.shards import iter_samples, list_shards
+    from storage.sql import run_query
+
+    def attempt(fn):
+        try:
+            fn()
+        except Exception:  # noqa: BLE001 - a refusal is fine; only code execution is not
+            pass
+
+    attempt(lambda: [list(iter_samples(s)) for s in list_shards(data)])
+    attempt(lambda: PairIndex([data]))
+    attempt(lambda: [read_cache_shard(root / "cache" / "reference" / "synthetic", s) for s in list_shards(data)])
+    attempt(lambda: verify_cache(root / "cache"))
+    attempt(lambda: inspect_path(root, verify=True))
+    attempt(lambda: run_query(root, "select count(*) from pairs, cache, metrics, selections"))
+    attempt(lambda: load_model(model))
+    attempt(lambda: read_metrics(run))
+    attempt(lambda: export_model(run, tmp / "exported"))
+    attempt(lambda: train(_cfg(data), run, progress=False))
+
+
+def test_a_planted_pickle_in_any_file_of_a_workspace_never_runs(cached_workspace, synthetic_dataset, finished_run,
+                                                               tmp_path):
+    """Every kind of file a workspace holds (dataset tar/Parquet/_dataset.json, cache Parquet and manifest,
+    model weights and configs, checkpoint parts, run logs and config) replaced by a pickle that would
+    write a marker when unpickled: every reader refuses or ignores it, none runs it."""
+    import shutil
+
+    src = {"data": synthetic_dataset, "cache": cached_workspace / "cache" / "reference",
+           "model": cached_workspace / "models" / "reference", "run": finished_run}
+    kinds: dict[tuple[str, str], Path] = {}
+    for area, folder in src.items():
+        for p in sorted(folder.rglob("*")):
+            if p.is_file() and not p.name.startswith("."):
+                kinds.setdefault((area, "".join(p.suffixes) or p.name), p)
+    assert len(kinds) >= 10, kinds
+    marker = tmp_path / "pwned"
+    for (area, _), victim in kinds.items():
+        ws = tmp_path / "ws"
+        shutil.rmtree(ws, ignore_errors=True)
+        data = ws / "datasets" / "synthetic"
+        shutil.copytree(synthetic_dataset, data)
+        shutil.copytree(src["cache"], ws / "cache" / "reference")
+        shutil.copytree(src["model"], ws / "models" / "reference")
+        shutil.copytree(finished_run, ws / "runs" / "run")
+        copies = {"data": data, "cache": ws / "cache" / "reference", "model": ws / "models" / "reference",
+                  "run": ws / "runs" / "run"}
+        (copies[area] / victim.relative_to(src[area])).write_bytes(_evil(marker))
+        _read_everything(ws, data, ws / "runs" / "run", ws / "models" / "reference", tmp_path)
+        assert not marker.exists(), f"code ran from a pickle planted as {victim}"
