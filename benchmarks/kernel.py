@@ -21,17 +21,30 @@ same sampler reading rows/columns of that matrix. With the same generator both m
 indices (checked: "same_selection"). Timings: median and min/max over repeats, each repeat in the same
 warm process.
 
+Two more modes (issue 10: selection without host syncs, one loop for W = 1 and W > 1):
+
+- ``--compare-old REV``: ``select`` of this tree vs ``select`` of commit REV (its pipeline/selection.py and
+  kernels/cond_scores.py loaded from git into a temporary folder), side by side in one process on the same
+  inputs, alternating old/new each repeat; reports median [min-max] and whether the selections are
+  identical. Writes kernel_vs_old.{json,md}.
+- ``--big B``: one ``select`` at super-batch B in a fresh child process: wall time, peak RSS of the
+  process (VmHWM, inputs included) and its growth during the call. Writes kernel_big.{json,md}.
+
 Run:  .venv/bin/python benchmarks/kernel.py --threads 1   (writes benchmarks/results/kernel.{json,md})
       .venv/bin/python benchmarks/kernel.py --sizes 320 1024 --repeats 5 --out /tmp/bench
+      .venv/bin/python benchmarks/kernel.py --compare-old 5dbecb0 --sizes 16384 --repeats 5
+      .venv/bin/python benchmarks/kernel.py --big 163840
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -176,6 +189,118 @@ def run_child(impl: str, B: int, repeats: int, device: str, threads: int) -> dic
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+# ---------------------------------------------------------------------------------------------
+# this tree's select vs an earlier commit's, side by side in one process
+
+
+def load_old_select(rev: str):
+    """``select`` and ``SelectionConfig`` of commit ``rev``, with that commit's kernels/cond_scores.py."""
+    root = Path(__file__).resolve().parent.parent
+    tmp = Path(tempfile.mkdtemp(prefix="aced-old-select-"))
+    show = lambda path: subprocess.run(["git", "show", f"{rev}:{path}"], cwd=root, check=True,  # noqa: E731
+                                       capture_output=True, text=True).stdout
+    (tmp / "old_cond_scores.py").write_text(show("kernels/cond_scores.py"))
+    sel = show("pipeline/selection.py")
+    if "from kernels.cond_scores import" not in sel:
+        raise RuntimeError(f"{rev}:pipeline/selection.py does not import kernels.cond_scores as expected")
+    (tmp / "old_selection.py").write_text(sel.replace("from kernels.cond_scores import", "from old_cond_scores import"))
+    sys.path.insert(0, str(tmp))
+    return importlib.import_module("old_selection")
+
+
+def compare_old(rev: str, sizes: list[int], repeats: int, device: str) -> list[dict]:
+    old = load_old_select(rev)
+    rows = []
+    for B in sizes:
+        b = B // 5
+        inputs = make_inputs(B, device)
+        impls = {"old": lambda g: old.select(old.SelectionConfig(rule="learnability", n_chunks=N_CHUNKS, tau=TAU), b,
+                                             **inputs, generator=g),
+                 "new": lambda g: select(SelectionConfig(rule="learnability", n_chunks=N_CHUNKS, tau=TAU), b,
+                                         **inputs, generator=g)}
+        results = {name: fn(torch.Generator(device=device).manual_seed(1)) for name, fn in impls.items()}  # warm-up
+        same = (torch.equal(results["old"].indices, results["new"].indices)
+                and torch.equal(results["old"].scores, results["new"].scores))
+        times: dict[str, list[float]] = {name: [] for name in impls}
+        for r in range(repeats):
+            for name in (("old", "new") if r % 2 == 0 else ("new", "old")):   # alternate: drift hits both
+                _sync()
+                t0 = time.perf_counter()
+                impls[name](torch.Generator(device=device).manual_seed(100 + r))
+                _sync()
+                times[name].append(time.perf_counter() - t0)
+        row = {"B": B, "b": b, "d": D, "rev": rev, "repeats": repeats, "device": device,
+               "threads": torch.get_num_threads(), "same_selection_and_scores": same, "total_s": times,
+               "total": {k: summarise(v) for k, v in times.items()},
+               "loadavg_after": os.getloadavg()}
+        print(f"B={B:6d} old {row['total']['old']['median']:.3f}s new {row['total']['new']['median']:.3f}s "
+              f"same={same}", flush=True)
+        rows.append(row)
+    return rows
+
+
+def compare_markdown(rows: list[dict]) -> str:
+    head = [
+        f"# Joint selection: this tree vs commit {rows[0]['rev']}, side by side",
+        "",
+        f"Device: {rows[0]['device']}; torch threads: {rows[0]['threads']}. Learnability rule, b = B/5, d = {D}, "
+        f"n = {N_CHUNKS} chunks, tau = {TAU}. One process, same inputs, old/new alternating each repeat; "
+        "seconds per whole `select` call, median [min-max]. The machine was shared with other engineers' "
+        "jobs (load average after each size in the JSON).",
+        "",
+    ]
+    cols = [("B", "B"), ("b", "b"), ("repeats", "repeats"), ("old", f"{rows[0]['rev']} (s)"), ("new", "this tree (s)"),
+            ("ratio", "new / old (medians)"), ("same", "same indices and scores")]
+    cells = [{"B": r["B"], "b": r["b"], "repeats": r["repeats"], "old": fmt_range(r["total"]["old"], 3),
+              "new": fmt_range(r["total"]["new"], 3),
+              "ratio": f"{r['total']['new']['median'] / r['total']['old']['median']:.2f}",
+              "same": r["same_selection_and_scores"]} for r in rows]
+    return "\n".join(head) + "\n" + markdown_table(cols, cells) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# one selection at the paper's super-batch size: time and peak memory
+
+
+def big_worker(B: int, device: str, threads: int) -> dict:
+    if threads:
+        torch.set_num_threads(threads)
+    b = B // 5
+    inputs = make_inputs(B, device)
+    before = _proc_kib("VmRSS")
+    _sync()
+    t0 = time.perf_counter()
+    res = select(SelectionConfig(rule="learnability", n_chunks=N_CHUNKS, tau=TAU), b, **inputs,
+                 generator=torch.Generator(device=device).manual_seed(0))
+    _sync()
+    seconds = time.perf_counter() - t0
+    assert len(set(res.indices.tolist())) == b
+    out = {"B": B, "b": b, "d": D, "device": device, "threads": torch.get_num_threads(), "seconds": seconds,
+           "backend": res.backend, "inputs_bytes": sum(t.numel() * t.element_size() for t in inputs.values()
+                                                       if torch.is_tensor(t)),
+           "rss_before_kib": before, "peak_rss_kib": _proc_kib("VmHWM"), "loadavg_after": os.getloadavg()}
+    if device == "cuda":
+        out["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
+    return out
+
+
+def big_markdown(r: dict) -> str:
+    return "\n".join([
+        f"# Joint selection at B = {r['B']:,}: time and peak memory",
+        "",
+        f"Device: {r['device']} (backend {r['backend']}); torch threads: {r['threads']}. Learnability rule, "
+        f"b = {r['b']:,}, d = {D} (float32 inputs: {r['inputs_bytes'] / 2**30:.2f} GiB), n = {N_CHUNKS} chunks, "
+        f"tau = {TAU}. One `select` call in a fresh process; the machine was shared with other engineers' jobs "
+        f"(load average after: {', '.join(f'{x:.1f}' for x in r['loadavg_after'])}).",
+        "",
+        "| seconds | peak RSS of the process (GiB) | RSS before the call (GiB) | growth during the call (MiB) |",
+        "|---|---|---|---|",
+        f"| {r['seconds']:.1f} | {r['peak_rss_kib'] / 2**20:.2f} | {r['rss_before_kib'] / 2**20:.2f} | "
+        f"{(r['peak_rss_kib'] - r['rss_before_kib']) / 2**10:,.1f} |",
+        "",
+    ])
+
+
 def to_markdown(rows: list[dict], info: dict) -> str:
     head = [
         "# Joint selection: fused conditional scores vs naive full matrix",
@@ -209,11 +334,34 @@ def main(argv=None) -> None:
     ap.add_argument("--impls", nargs="+", default=["fused", "naive"], choices=list(IMPLS))
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--compare-old", metavar="REV", help="time this tree's select against commit REV's")
+    ap.add_argument("--big", type=int, metavar="B", help="one select at super-batch B: time and peak RSS")
     ap.add_argument("--worker", nargs=5, metavar=("IMPL", "B", "REPEATS", "DEVICE", "THREADS"), help=argparse.SUPPRESS)
+    ap.add_argument("--big-worker", nargs=3, metavar=("B", "DEVICE", "THREADS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         impl, B, repeats, device, threads = args.worker
         print(json.dumps(worker(impl, int(B), int(repeats), device, int(threads))))
+        return
+    if args.big_worker:
+        B, device, threads = args.big_worker
+        print(json.dumps(big_worker(int(B), device, int(threads))))
+        return
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.compare_old:
+        rows = compare_old(args.compare_old, args.sizes, args.repeats or 5, args.device)
+        _, mp = write_report("kernel_vs_old", {"rows": rows}, compare_markdown(rows), out=args.out)
+        print(mp.read_text())
+        return
+    if args.big:
+        proc = subprocess.run([sys.executable, __file__, "--big-worker", str(args.big), args.device, str(args.threads)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"big worker failed:\n{proc.stderr[-3000:]}")
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        _, mp = write_report("kernel_big", r, big_markdown(r), out=args.out)
+        print(mp.read_text())
         return
     rows = []
     for B in args.sizes:
