@@ -89,7 +89,7 @@ class Dist:
         return Rows(img, txt, offset=self.rank * m, total=self.world * m,
                     gather=self.gather_with_grad if grad else self.gather_rows)
 
-    def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
+    def wrap(self, module: torch.nn.Module, *, bucket_mb: float = 25.0) -> torch.nn.Module:
         """`module` for training: DistributedDataParallel with SUMMED gradients at W > 1 (module doc:
         the ranks' shares L_r add up to the batch loss), `module` itself at W = 1.
 
@@ -99,14 +99,16 @@ class Dist:
         hooks every parameter. static_graph: a parameter the objective never uses (the logit bias under a
         softmax loss) keeps grad None, as at W = 1, instead of stalling the reduction; the set of used
         parameters must therefore stay the same from step to step. Construction broadcasts rank 0's
-        parameters and buffers, so wrap after loading a checkpoint on every rank."""
+        parameters and buffers (so wrap after loading a checkpoint); buffers are not re-sent every forward
+        (forward_sync_buffers=False): the models here have no buffers that training changes.
+        `bucket_mb`: DDP's bucket size; a model smaller than one bucket has nothing to overlap."""
         if not self.active:
             return module
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [self.local_rank] if next(module.parameters()).device.type == "cuda" else None
-        ddp = DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False,
-                                      gradient_as_bucket_view=True, static_graph=True)
+        ddp = DistributedDataParallel(module, device_ids=device_ids, forward_sync_buffers=False,
+                                      bucket_cap_mb=bucket_mb, gradient_as_bucket_view=True, static_graph=True)
         ddp.register_comm_hook(None, _sum_hook)
         return ddp
 
@@ -189,9 +191,11 @@ class _GatherWithGrad(torch.autograd.Function):
         return out, None, None
 
 
-def _sum_hook(state: object, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """DDP communication hook: the SUM of a gradient bucket over the ranks (DDP's default divides by W;
-    here the ranks' losses are shares of one sum, module doc), launched asynchronously while backward runs."""
+def _sum_hook(state, bucket):
+    """DDP communication hook (dist.GradBucket -> Future[Tensor]): the SUM of a gradient bucket over the
+    ranks (DDP's default divides by W; here the ranks' losses are shares of one sum, module doc), launched
+    asynchronously while backward runs. No annotations: DDP compares them with the real classes, and this
+    module's postponed annotations are strings."""
     fut = dist.all_reduce(bucket.buffer(), async_op=True).get_future()
     return fut.then(lambda f: f.value()[0])
 
