@@ -478,4 +478,5 @@ if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--interpreter" and sys.argv[2] in ("small", "wide", "wide-slow"):
         _run_interpreter_cases(sys.argv[3], sys.argv[2])
     else:
-        sys.exit("usage: TRITON_INTERPRET=1 python test_kernel.py --interpreter small|wide|wide-slow OUT.pt (run by pytest)")
+        sys.exit("usage: TRITON_INTERPRET=1 python test_kernel.py --interpreter small|wide|wide-slow OUT.pt "
+                 "(run by pytest)")
