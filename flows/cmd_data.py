@@ -39,10 +39,31 @@ def add_commands(subparsers) -> None:
     _common(k)
     k.set_defaults(func=_cmd_import_coco)
 
-    w = kinds.add_parser("webdataset", help="existing webdataset / img2dataset tars (images copied untouched)")
+    w = kinds.add_parser("webdataset", help="existing webdataset / img2dataset tars (re-packed, images copied "
+                                            "untouched; --in-place: used where they are)",
+                         description="Re-packs the tars into the project's shard layout (image bytes untouched), or "
+                                     "with --in-place registers them where they are: only metadata Parquet and "
+                                     "_dataset.json are written, no image byte is copied.")
     w.add_argument("src", type=Path, help="folder of *.tar (+ optional <shard>.parquet sidecars) or one tar")
+    w.add_argument("--in-place", action="store_true",
+                   help="register the tars where they are (no copy); each reader checks their sha256")
+    _in_place_opts(w)
     _common(w)
     w.set_defaults(func=_cmd_import_webdataset)
+
+    d = kinds.add_parser("datacomp", help="a DataComp / img2dataset pool, registered in place (no image byte copied)",
+                         description="SRC is img2dataset's output folder (NNNNN.tar with key.jpg/.txt/.json, "
+                                     "NNNNN.parquet sidecars). The tars are read once (sha256, every sample "
+                                     "checked) and never copied or changed; <root>/datasets/NAME gets one metadata "
+                                     "Parquet per tar and _dataset.json pointing at the tars. Every sample needs "
+                                     "DataComp's 32-hex uid; failed downloads are counted and skipped.")
+    d.add_argument("src", type=Path, help="img2dataset output folder (or one tar)")
+    _in_place_opts(d)
+    d.add_argument("--name", required=True, help="dataset name under <root>/datasets (may contain '/')")
+    d.add_argument("--skip-bad", action="store_true",
+                   help="skip (and count, and log) bad samples instead of stopping at the first")
+    d.add_argument("--overwrite", action="store_true", help="replace an existing dataset of that name")
+    d.set_defaults(func=_cmd_import_datacomp)
 
     f = kinds.add_parser("classes", help="class folders <class>/<image> for zero-shot evaluation")
     f.add_argument("src", type=Path)
@@ -94,6 +115,15 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-bad", action="store_true",
                    help="skip (and count, and log) bad samples instead of stopping at the first")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset of that name")
+
+
+def _in_place_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--relative-paths", action="store_true",
+                   help="record each tar's path relative to the dataset folder (a workspace and a pool that move "
+                        "together), not absolute")
+    p.add_argument("--header-only", action="store_true",
+                   help="check image headers only, not every pixel (much faster on a large pool; a corrupt image "
+                        "body is then found, and handled by on_bad_sample, when training reads it)")
 
 
 def _opts(args) -> dict:
@@ -158,7 +188,23 @@ def _cmd_import_webdataset(args) -> int:
     from storage.importers import import_webdataset
 
     t0 = time.perf_counter()
-    return _run(lambda: _report({"": import_webdataset(args.src, args.root, args.name, **_opts(args))}, t0))
+    opts = _opts(args)
+    if args.in_place:
+        opts.pop("samples_per_shard")  # one shard per existing tar
+        opts.update(in_place=True, relative=args.relative_paths, decode=not args.header_only)
+    elif args.relative_paths or args.header_only:
+        print("error: --relative-paths and --header-only apply only with --in-place", file=sys.stderr)
+        return 2
+    return _run(lambda: _report({"": import_webdataset(args.src, args.root, args.name, **opts)}, t0))
+
+
+def _cmd_import_datacomp(args) -> int:
+    from storage.importers import register_webdataset
+
+    t0 = time.perf_counter()
+    return _run(lambda: _report({"": register_webdataset(
+        args.src, args.root, args.name, relative=args.relative_paths, decode=not args.header_only, require_uid=True,
+        on_error="skip" if args.skip_bad else "raise", overwrite=args.overwrite)}, t0))
 
 
 def _cmd_import_classes(args) -> int:

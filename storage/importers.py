@@ -5,6 +5,10 @@
   - `import_coco`: COCO-captions JSON (images[], annotations[]) + an image folder.
   - `import_webdataset`: existing webdataset / img2dataset tars (re-packed in the shard layout with
     the image bytes untouched; uids and metadata taken from the `.json` members or a Parquet sidecar).
+  - `register_webdataset` (`import_webdataset(in_place=True)`, `aced import datacomp`): the same
+    tars used where they are, an img2dataset / DataComp pool registered without copying an image byte:
+    only the metadata Parquet and `_dataset.json` are written, whose shard entries point at the tars
+    (`storage.shards.register_shards`); samples img2dataset marks as failed are counted and skipped.
   - `import_class_folders`: `<class>/<image>` folders for zero-shot classification (section 4.1):
     caption = class name, label = index of the class among the sorted folder names.
 
@@ -24,6 +28,7 @@ counted (`_dataset.json` "duplicate_captions_dropped") and logged.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -37,8 +42,8 @@ from typing import Iterable, Iterator
 
 import pyarrow.parquet as pq
 
-from storage.shards import (IMAGE_EXTS, DatasetInfo, ImageError, OnError, Sample, ShardError, decode_image,
-                            image_format, image_size, make_uid, write_shards)
+from storage.shards import (IMAGE_EXTS, DatasetInfo, ExternalShard, ImageError, OnError, Sample, ShardError,
+                            decode_image, image_format, image_size, make_uid, register_shards, write_shards)
 from storage.workspace import area_path
 
 log = logging.getLogger(__name__)
@@ -466,8 +471,10 @@ def _wds_groups(tar: Path, skips: _Skips) -> Iterator[tuple[str, dict[str, bytes
 
 
 def import_webdataset(src: str | os.PathLike, root: str | os.PathLike, name: str, *, samples_per_shard: int = 1000,
-                      on_error: OnError = "raise", overwrite: bool = False) -> DatasetInfo:
-    """Index, validate and re-pack existing webdataset / img2dataset tars as the dataset `<name>`.
+                      on_error: OnError = "raise", overwrite: bool = False, in_place: bool = False,
+                      **in_place_opts) -> DatasetInfo:
+    """Index, validate and re-pack existing webdataset / img2dataset tars as the dataset `<name>`
+    (with `in_place`: register them where they are instead, `register_webdataset`).
 
     src: a folder of `*.tar` (with optional img2dataset `<shard>.parquet` sidecars) or one tar.
     Per key: the image member (jpg/jpeg/png/webp, bytes copied untouched), the caption from `.txt`
@@ -475,6 +482,10 @@ def import_webdataset(src: str | os.PathLike, root: str | os.PathLike, name: str
     (else make_uid(name, key, caption, 0)); width/height from the image header; image_id, noisy,
     label and split from the json when present (so our own shards round-trip unchanged).
     """
+    if in_place:
+        return register_webdataset(src, root, name, on_error=on_error, overwrite=overwrite, **in_place_opts)
+    if in_place_opts:
+        raise ValueError(f"options {sorted(in_place_opts)} apply only to an in-place registration")
     src = Path(src)
     skips = _Skips(on_error)
     source = name.split("/")[0]
@@ -531,6 +542,198 @@ def import_webdataset(src: str | os.PathLike, root: str | os.PathLike, name: str
     return write_shards(samples(), dataset_dir(root, name), name=name, source=f"webdataset:{src.resolve()}",
                         samples_per_shard=samples_per_shard, on_error=on_error, overwrite=overwrite,
                         extra=lambda: skips.extra())
+
+
+class _HashingReader:
+    """A file wrapper that hashes every byte read through it: a tar read once, as a stream, gives its
+    samples and its sha256 (the registration of a pool costs one read per tar)."""
+
+    def __init__(self, f):
+        self._f, self.hash = f, hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        b = self._f.read(n)
+        self.hash.update(b)
+        return b
+
+    def finish(self) -> str:
+        while chunk := self.read(1 << 20):  # whatever tarfile left unread (end-of-archive padding)
+            pass
+        return self.hash.hexdigest()
+
+
+def _stream_groups(reader: _HashingReader, tar: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {ext: bytes}) of a tar read as a stream, grouped exactly as `storage.shards.iter_samples`
+    groups them (the key is the member path up to the first '.' of its file name), so the keys
+    recorded here are the keys every reader looks up."""
+    try:
+        tf = tarfile.open(fileobj=reader, mode="r|")
+    except (tarfile.TarError, OSError) as e:
+        raise ShardError(f"{tar}: unreadable tar ({type(e).__name__}: {e})") from None
+    key, group = None, {}
+    with tf:
+        try:
+            for info in tf:
+                if not info.isfile():
+                    continue
+                folder, _, base = info.name.rpartition("/")
+                if "." not in base:
+                    raise ShardError(f"{tar}: member {info.name!r} has no extension (every reader would refuse "
+                                     f"this tar)")
+                k, ext = base.split(".", 1)
+                k = f"{folder}/{k}" if folder else k
+                if k != key:
+                    if key is not None:
+                        yield key, group
+                    key, group = k, {}
+                group[ext.lower()] = tf.extractfile(info).read()
+        except (tarfile.TarError, OSError) as e:
+            raise ShardError(f"{tar}: unreadable or truncated tar after key {key!r} ({type(e).__name__}: {e}); "
+                             f"a pool is registered only whole: fix or remove the tar") from None
+    if key is not None:
+        yield key, group
+
+
+def _failed_in_sidecar(tar: Path, side: dict[str, dict], keys_in_tar: set[str], skips: _Skips,
+                       failed: _Skips) -> None:
+    """Count (and log, as one line per reason) the sidecar's samples that are not in the tar:
+    img2dataset lists every sample it tried in `<shard>.parquet`, and writes to the tar only those
+    whose status is "success"."""
+    by_why: dict[str, list[str]] = {}
+    for key, row in side.items():
+        if key in keys_in_tar:
+            continue
+        status = row.get("status")
+        why = f"img2dataset status {status!r}" if status != "success" else "listed as a success but not in the tar"
+        by_why.setdefault(why, []).append(key)
+    for why, keys in sorted(by_why.items()):
+        err = next((side[k].get("error_message") for k in keys if side[k].get("error_message")), None)
+        (failed if "status" in why else skips).bad(
+            f"{tar.with_suffix('.parquet')}: {len(keys)} sample(s) with {why}, not in {tar.name} "
+            f"(e.g. key={keys[0]!r}{f', error {err!r}' if err else ''})",
+            kind="failed download" if "status" in why else "missing from tar", n=len(keys))
+
+
+def _registered_rows(tar: Path, *, source: str, skips: _Skips, failed: _Skips, decode: bool,
+                     require_uid: bool) -> ExternalShard:
+    """Read one img2dataset / webdataset tar once: its sha256 and the metadata row of every usable
+    sample (tar order). A sample is left out, counted and logged when img2dataset's json says it
+    failed, when it has no image or no `.txt` caption, when its image does not decode (header, or
+    every pixel with `decode`), or, with `require_uid` (DataComp), when no 32-hex uid is found.
+    Failed downloads go to `failed` (always counted), everything else to `skips` (raise or count)."""
+    side = _sidecar(tar)
+    rows: list[dict] = []
+    keys: set[str] = set()
+    try:
+        f = open(tar, "rb")
+    except OSError as e:
+        raise ShardError(f"{tar}: cannot open ({e})") from None
+    with f:
+        reader = _HashingReader(f)
+        for key, m in _stream_groups(reader, tar):
+            where = f"{tar}: sample key={key!r}"
+            if key in keys:
+                skips.bad(f"{where}: key repeated in the tar (only its first sample is used)", kind="repeated key")
+                continue
+            keys.add(key)
+            meta: dict = {}
+            if "json" in m:
+                try:
+                    meta = json.loads(m["json"])
+                    if not isinstance(meta, dict):
+                        raise ValueError("not an object")
+                except ValueError as e:
+                    skips.bad(f"{where}: bad .json member ({e})", kind="bad json")
+                    continue
+            row = side.get(key, {})
+            status = meta.get("status", row.get("status"))
+            if status is not None and status != "success":
+                failed.bad(f"{where}: img2dataset status {status!r}", kind="failed download")
+                continue
+            exts = [e for e in IMAGE_EXTS if e in m]
+            if not exts:
+                skips.bad(f"{where}: no image member (has {sorted(m)})", kind="no image")
+                continue
+            data = m[exts[0]]
+            if image_format(data) is None:
+                skips.bad(f"{where}: image is not JPEG/PNG/WebP", kind="bad image")
+                continue
+            try:
+                w, h = image_size(data, decode=decode, where=where)
+            except ImageError as e:
+                skips.bad(str(e), kind="bad image")
+                continue
+            if "txt" not in m:
+                skips.bad(f"{where}: no .txt caption member", kind="empty caption")
+                continue
+            try:
+                caption = m["txt"].decode("utf-8")  # kept exactly: every reader compares it with the .txt
+            except UnicodeDecodeError as e:
+                skips.bad(f"{where}: .txt caption is not UTF-8 ({e})", kind="bad caption")
+                continue
+            if not caption.strip():
+                skips.bad(f"{where}: empty caption", kind="empty caption")
+                continue
+            image_id = str(meta.get("image_id") or key)
+            uid = meta.get("uid", row.get("uid"))
+            if not (isinstance(uid, str) and _UID_RE.match(uid)):
+                if require_uid or "uid" in meta:  # a json uid that is not ours would also fail every read
+                    skips.bad(f"{where}: no DataComp uid (32 lowercase hex chars) in the .json or sidecar: "
+                              f"found {uid!r}", kind="bad uid")
+                    continue
+                uid = make_uid(source, image_id, caption.strip(), 0)  # as the re-pack import makes it
+            label = meta.get("label")
+            rows.append({"uid": uid, "key": key, "image_id": image_id, "caption": caption, "width": w, "height": h,
+                         "source": str(meta.get("source") or source),
+                         "noisy": meta.get("noisy") if isinstance(meta.get("noisy"), bool) else None,
+                         "label": label if isinstance(label, int) and not isinstance(label, bool) else None,
+                         "split": meta.get("split") if isinstance(meta.get("split"), str) else None})
+        sha = reader.finish()
+    if side:
+        _failed_in_sidecar(tar, side, keys, skips, failed)
+    return ExternalShard(tar, sha, rows)
+
+
+def register_webdataset(src: str | os.PathLike, root: str | os.PathLike, name: str, *, relative: bool = False,
+                        decode: bool = True, require_uid: bool = False, on_error: OnError = "raise",
+                        overwrite: bool = False) -> DatasetInfo:
+    """Register existing img2dataset / DataComp / webdataset tars as the dataset `<name>` IN PLACE: the
+    tars are read once (sha256 + every sample checked) and never copied or changed; the dataset folder
+    gets one metadata Parquet per tar and `_dataset.json`, whose shard entries name the tars (absolute
+    paths, or with `relative` paths relative to the dataset folder). Every reader then reads the tars
+    where they are, after checking their sha256 (`storage.shards.iter_samples`).
+
+    src: a folder of `*.tar` (img2dataset output, `<shard>.parquet` sidecars used for uids and failure
+        counts) or one tar.
+    decode: decode every image's pixels (as the re-pack import does); False reads only the headers
+        (much faster on a large pool; a corrupt body is then found when training reads it).
+    require_uid: every sample must carry a 32-hex uid (DataComp); otherwise a missing one is made as
+        the re-pack import makes it (make_uid(name, image_id, caption, 0)).
+    Samples img2dataset marks as failed (status != "success", no image in the tar) and bad samples are
+    counted and logged (`_dataset.json` "skipped_at_import", "skip_reasons"): failed downloads always,
+    since a pool has them by design; any other bad sample raises ShardError unless on_error="skip".
+    """
+    src = Path(src)
+    skips = _Skips(on_error)
+    failed = _Skips("skip")  # downloads that failed are part of every pool: counted, never an error
+    source = name.split("/")[0]
+    tars = _tar_files(src)
+
+    def shards() -> Iterator[ExternalShard]:
+        for tar in tars:
+            yield _registered_rows(tar, source=source, skips=skips, failed=failed, decode=decode,
+                                   require_uid=require_uid)
+
+    def extra() -> dict:
+        reasons = {**skips.reasons, **failed.reasons}
+        return {"skipped_at_import": skips.count + failed.count, "skip_reasons": reasons,
+                "in_place": True, "tars": len(tars)}
+
+    info = register_shards(shards(), dataset_dir(root, name), name=name, source=f"in-place:{src.resolve()}",
+                           relative=relative, on_error=on_error, overwrite=overwrite, extra=extra)
+    log.info("registered %s in place: %d pairs in %d tars (%d failed downloads, %d other samples skipped)",
+             name, info.rows, len(tars), failed.count, skips.count)
+    return info
 
 
 # --------------------------------------------------------------------------- class folders

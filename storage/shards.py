@@ -48,6 +48,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from storage.atomic import atomic_path, atomic_write_json, is_temp_name, replace_dir, sha256_file, temp_sibling
+from storage.workspace import check_placement
 
 log = logging.getLogger(__name__)
 
@@ -141,16 +142,31 @@ class Sample:
 
 @dataclass(frozen=True)
 class ShardRef:
-    """One shard of a dataset: identity (dataset folder, name) plus its row count and tar checksum."""
+    """One shard of a dataset: identity (dataset folder, name) plus its row count and tar checksum.
+
+    `tar`: where the shard's tar lives when it is not `<dataset_dir>/<name>.tar` (a pool registered in
+    place, `register_shards`): the path exactly as `_dataset.json` records it, absolute or relative to
+    the dataset folder. Every reader goes through `tar_path`, so training, caching, evaluation and the
+    checks read an external tar exactly as they read their own."""
 
     dataset_dir: Path
     name: str
     rows: int
     sha256: str
+    tar: str | None = None
+
+    @property
+    def external(self) -> bool:
+        """True when the tar lives outside the dataset folder's own `<name>.tar` (registered in place)."""
+        return self.tar is not None
 
     @property
     def tar_path(self) -> Path:
-        return self.dataset_dir / f"{self.name}.tar"
+        if self.tar is None:
+            return self.dataset_dir / f"{self.name}.tar"
+        # No normpath: "<dataset>/../pool/x.tar" must go through the real parent of a symlinked folder,
+        # as the relative path was computed between resolved paths (an absolute `tar` stays as it is).
+        return self.dataset_dir / self.tar
 
     @property
     def meta_path(self) -> Path:
@@ -300,12 +316,20 @@ def _write_shard(folder: Path, name: str, samples: list[Sample], *, dataset: str
             # End of archive: two zero blocks, then padding to a whole record (as TarFile.close does).
             size = w.tell() + 2 * tarfile.BLOCKSIZE
             w.write(b"\0" * (2 * tarfile.BLOCKSIZE + (-size % tarfile.RECORDSIZE)))
-        sha = w.hash.hexdigest()
-    table = pa.Table.from_pylist([s.metadata() for s in samples], schema=METADATA_SCHEMA)
-    table = table.replace_schema_metadata({"aced.dataset": dataset, "aced.shard": name, "aced.tar_sha256": sha})
-    with atomic_path(folder / f"{name}.parquet") as tmp:
-        pq.write_table(table, tmp, compression="zstd")
-    return ShardRef(folder, name, len(samples), sha)
+        ref = ShardRef(folder, name, len(samples), w.hash.hexdigest())
+    _write_metadata(folder, ref, pa.Table.from_pylist([s.metadata() for s in samples], schema=METADATA_SCHEMA),
+                    dataset=dataset)
+    return ref
+
+
+def _write_metadata(folder: Path, ref: ShardRef, table: pa.Table, *, dataset: str) -> None:
+    """`<folder>/<name>.parquet` (atomically), labelled with its shard and that shard's tar checksum
+    (`check_metadata_owner`)."""
+    kv = {"aced.dataset": dataset, "aced.shard": ref.name, "aced.tar_sha256": ref.sha256}
+    if ref.external:
+        kv["aced.tar"] = ref.tar
+    with atomic_path(folder / f"{ref.name}.parquet") as tmp:
+        pq.write_table(table.replace_schema_metadata(kv), tmp, compression="zstd")
 
 
 def _check_target(out_dir: Path, overwrite: bool) -> None:
@@ -425,6 +449,56 @@ def remove_stale_work_dirs(out_dir: str | os.PathLike) -> list[Path]:
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
 
 
+@contextlib.contextmanager
+def _dataset_work(out_dir: Path, *, overwrite: bool, name: str) -> Iterator[Path]:
+    """The hidden, locked work folder of a new dataset `out_dir`; swapped into place when the block
+    ends without error (after `_DATASET_FILE` was written there), removed on any error. A full disk is
+    a DiskFullError naming `out_dir`. Stale work folders of `out_dir` are removed first."""
+    _check_target(out_dir, overwrite)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_work_dirs(out_dir)
+    work = temp_sibling(out_dir)
+    work_fd = None
+    try:
+        with _parent_lock(out_dir.parent):
+            work.mkdir()
+            work_fd = _lock_dir(work, wait=True)  # held until the end: marks the folder as live
+        yield work
+        # Swap into place. Without an old dataset this is one atomic rename; with one, the old
+        # folder is locked (so no cleaner takes it for a leftover) and renamed aside first; a crash
+        # in between leaves both folders, nothing half-written.
+        old_fd = _lock_dir(out_dir, wait=True) if out_dir.exists() else None
+        try:
+            replace_dir(work, out_dir)
+        finally:
+            if old_fd is not None:
+                os.close(old_fd)
+    except BaseException as e:
+        shutil.rmtree(work, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in _DISK_FULL:
+            raise DiskFullError(e.errno, f"{out_dir}: disk full while writing dataset {name!r} "
+                                         f"({e.strerror}); nothing was kept (the partial work folder was "
+                                         f"removed): free space under {out_dir.parent} and re-run") from e
+        raise
+    finally:
+        if work_fd is not None:
+            os.close(work_fd)
+
+
+def _write_dataset_file(work: Path, *, name: str, source: str, shards: list[ShardRef], skipped: int,
+                        extra: dict[str, Any] | Callable[[], dict[str, Any]] | None) -> None:
+    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    doc = {"name": name, "source": source, "format_version": FORMAT_VERSION,
+           "shards": [{"name": r.name, "rows": r.rows, "sha256": r.sha256, **({"tar": r.tar} if r.external else {})}
+                      for r in shards],
+           "rows": sum(r.rows for r in shards), "skipped": skipped, "created": created}
+    for k, v in ((extra() if callable(extra) else extra) or {}).items():
+        if k in doc:
+            raise ValueError(f"extra key {k!r} would overwrite a standard _dataset.json field")
+        doc[k] = v
+    atomic_write_json(work / DATASET_FILE, doc)
+
+
 def write_shards(samples: Iterable[Sample], out_dir: str | os.PathLike, *, name: str, source: str,
                  samples_per_shard: int = 1000, on_error: OnError = "raise", overwrite: bool = False,
                  extra: dict[str, Any] | Callable[[], dict[str, Any]] | None = None) -> DatasetInfo:
@@ -448,15 +522,7 @@ def write_shards(samples: Iterable[Sample], out_dir: str | os.PathLike, *, name:
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     out_dir = Path(out_dir)
-    _check_target(out_dir, overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_work_dirs(out_dir)
-    work = temp_sibling(out_dir)
-    work_fd = None
-    try:
-        with _parent_lock(out_dir.parent):
-            work.mkdir()
-            work_fd = _lock_dir(work, wait=True)  # held until the end: marks the folder as live
+    with _dataset_work(out_dir, overwrite=overwrite, name=name) as work:
         shards: list[ShardRef] = []
         seen_uid: dict[str, str] = {}
         seen_key: set[str] = set()
@@ -489,34 +555,116 @@ def write_shards(samples: Iterable[Sample], out_dir: str | os.PathLike, *, name:
             shards.append(_write_shard(work, shard_name(len(shards)), buf, dataset=name))
         if not shards:
             raise ShardError(f"{out_dir}: no samples to write" + (f" (all {skipped} skipped)" if skipped else ""))
-        created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        doc = {"name": name, "source": source, "format_version": FORMAT_VERSION,
-               "shards": [{"name": r.name, "rows": r.rows, "sha256": r.sha256} for r in shards],
-               "rows": sum(r.rows for r in shards), "skipped": skipped, "created": created}
-        for k, v in ((extra() if callable(extra) else extra) or {}).items():
-            if k in doc:
-                raise ValueError(f"extra key {k!r} would overwrite a standard _dataset.json field")
-            doc[k] = v
-        atomic_write_json(work / DATASET_FILE, doc)
-        # Swap into place. Without an old dataset this is one atomic rename; with one, the old
-        # folder is locked (so no cleaner takes it for a leftover) and renamed aside first; a crash
-        # in between leaves both folders, nothing half-written.
-        old_fd = _lock_dir(out_dir, wait=True) if out_dir.exists() else None
-        try:
-            replace_dir(work, out_dir)
-        finally:
-            if old_fd is not None:
-                os.close(old_fd)
-    except BaseException as e:
-        shutil.rmtree(work, ignore_errors=True)
-        if isinstance(e, OSError) and e.errno in _DISK_FULL:
-            raise DiskFullError(e.errno, f"{out_dir}: disk full while writing dataset {name!r} "
-                                         f"({e.strerror}); nothing was kept (the partial work folder was "
-                                         f"removed): free space under {out_dir.parent} and re-run") from e
-        raise
-    finally:
-        if work_fd is not None:
-            os.close(work_fd)
+        _write_dataset_file(work, name=name, source=source, shards=shards, skipped=skipped, extra=extra)
+    if skipped:
+        log.warning("%s: skipped %d bad samples", out_dir, skipped)
+    return load_dataset(out_dir)
+
+
+@dataclass
+class ExternalShard:
+    """A tar that stays where it is (an img2dataset / DataComp shard registered in place): its path,
+    the sha256 of its bytes and the metadata rows (METADATA_SCHEMA dicts, tar order) of the samples the
+    project will read from it. Tar members whose key has no row (samples left out at registration,
+    counted there) are passed over by every reader."""
+
+    tar: Path
+    sha256: str
+    rows: list[dict[str, Any]]
+
+
+def _uid_bytes(uids: list[str]) -> np.ndarray:
+    """32-hex uids as fixed-width 16-byte values (for duplicate checks by sorting, not by a set)."""
+    return np.frombuffer(bytes.fromhex("".join(uids)), dtype="S16") if uids else np.empty(0, dtype="S16")
+
+
+def register_shards(shards: Iterable[ExternalShard], out_dir: str | os.PathLike, *, name: str, source: str,
+                    relative: bool = False, on_error: OnError = "raise", overwrite: bool = False,
+                    extra: dict[str, Any] | Callable[[], dict[str, Any]] | None = None) -> DatasetInfo:
+    """Write the dataset folder `out_dir` for tars that stay where they are: one metadata Parquet per
+    tar (`NNNNNNNN.parquet`, labelled with the tar's sha256 as `_write_shard` labels its own) and
+    `_dataset.json`, whose shard entries carry `"tar"`: the tar's path, absolute, or with `relative`
+    relative to `out_dir` (a workspace and a pool that move together). No image byte is copied.
+
+    Rows are checked as `write_shards` checks samples, minus the image (the importer read it): a bad
+    uid or key, an empty caption, a duplicate key in one tar, a uid used twice in the whole dataset
+    (found by sorting 16-byte uids at the end, not with a set of strings). on_error="raise" stops at
+    the first; "skip" logs and counts each (`DatasetInfo.skipped`; for a uid seen twice, the later
+    rows). A tar with no row left is not listed (logged). Same work-folder protocol as `write_shards`.
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    out_dir = Path(out_dir)
+    with _dataset_work(out_dir, overwrite=overwrite, name=name) as work:
+        refs: list[ShardRef] = []
+        tables: list[pa.Table] = []
+        skipped = 0
+
+        def bad(msg: str) -> None:
+            nonlocal skipped
+            if on_error == "raise":
+                raise ShardError(msg)
+            skipped += 1
+            log.warning("skipping %s", msg)
+
+        for ext in shards:
+            keys: set[str] = set()
+            rows = []
+            for r in ext.rows:
+                why = None
+                if not isinstance(r.get("uid"), str) or not _UID_RE.match(r["uid"]):
+                    why = f"bad uid {r.get('uid')!r} (must be 32 lowercase hex chars)"
+                elif not isinstance(r.get("key"), str) or not r["key"]:
+                    why = f"bad key {r.get('key')!r}"
+                elif r["key"] in keys:
+                    why = f"duplicate key {r['key']!r}"
+                elif not isinstance(r.get("caption"), str) or not r["caption"].strip():
+                    why = "empty or missing caption"
+                if why is not None:
+                    bad(f"{ext.tar}: sample key={r.get('key')!r} uid={r.get('uid')!r}: {why}")
+                    continue
+                keys.add(r["key"])
+                rows.append(r)
+            if not rows:
+                log.warning("%s: no usable sample: shard not listed", ext.tar)
+                continue
+            tar = Path(os.path.abspath(ext.tar))
+            recorded = os.path.relpath(tar.resolve(), out_dir.parent.resolve() / out_dir.name) if relative else str(tar)
+            refs.append(ShardRef(out_dir, shard_name(len(refs)), len(rows), ext.sha256, recorded))
+            tables.append(pa.Table.from_pylist(rows, schema=METADATA_SCHEMA))
+        if not refs:
+            raise ShardError(f"{out_dir}: no samples to register" + (f" (all {skipped} skipped)" if skipped else ""))
+        # A uid twice in the dataset: sort 16-byte uids once (O(n log n), 24 bytes a row), no set of strings.
+        uids = np.concatenate([_uid_bytes(t["uid"].to_pylist()) for t in tables])
+        order = np.argsort(uids, kind="stable")  # stable: the first occurrence in dataset order comes first
+        dup = np.flatnonzero(uids[order][1:] == uids[order][:-1]) + 1
+        if dup.size:
+            offsets = np.cumsum([0] + [t.num_rows for t in tables])
+            drop: dict[int, list[int]] = {}
+            for pos in order[dup]:
+                s = int(np.searchsorted(offsets, pos, side="right") - 1)
+                r = int(pos - offsets[s])
+                bad(f"{refs[s].tar_path}: sample key={tables[s]['key'][r].as_py()!r}: duplicate uid "
+                    f"{tables[s]['uid'][r].as_py()} (already used earlier in the dataset)")
+                drop.setdefault(s, []).append(r)
+            for s, rs in drop.items():
+                keep = np.ones(tables[s].num_rows, dtype=bool)
+                keep[rs] = False
+                tables[s] = tables[s].filter(pa.array(keep))
+                refs[s] = ShardRef(out_dir, refs[s].name, tables[s].num_rows, refs[s].sha256, refs[s].tar)
+            empty = [s for s in range(len(refs)) if refs[s].rows == 0]
+            if empty:  # every row of a tar was a duplicate: drop it and renumber, as for a tar with no row
+                for s in empty:
+                    log.warning("%s: no usable sample: shard not listed", refs[s].tar_path)
+                keep_s = [s for s in range(len(refs)) if refs[s].rows]
+                tables = [tables[s] for s in keep_s]
+                refs = [ShardRef(out_dir, shard_name(i), refs[s].rows, refs[s].sha256, refs[s].tar)
+                        for i, s in enumerate(keep_s)]
+                if not refs:
+                    raise ShardError(f"{out_dir}: no samples to register (all {skipped} skipped)")
+        for ref, table in zip(refs, tables):
+            _write_metadata(work, ref, table, dataset=name)
+        _write_dataset_file(work, name=name, source=source, shards=refs, skipped=skipped, extra=extra)
     if skipped:
         log.warning("%s: skipped %d bad samples", out_dir, skipped)
     return load_dataset(out_dir)
@@ -548,6 +696,8 @@ def _dataset_doc_problem(doc: Any) -> str | None:
             return f"shards[{i}] ({s['name']}): rows is {s['rows']!r}, want an integer >= 0"
         if not isinstance(s["sha256"], str) or not _SHA256_RE.match(s["sha256"]):
             return f"shards[{i}] ({s['name']}): sha256 is {s['sha256']!r}, want 64 lowercase hex chars"
+        if "tar" in s and not (isinstance(s["tar"], str) and s["tar"] and "\x00" not in s["tar"]):
+            return f"shards[{i}] ({s['name']}): tar is {s['tar']!r}, want a path (absolute or relative to the dataset folder)"
     names = [s["name"] for s in doc["shards"]]
     if len(set(names)) != len(names):
         return f"shard names listed twice: {sorted({n for n in names if names.count(n) > 1})}"
@@ -555,20 +705,24 @@ def _dataset_doc_problem(doc: Any) -> str | None:
 
 
 def dataset_file_problems(info: DatasetInfo) -> list[str]:
-    """How the folder's files differ from its `_dataset.json`: a listed shard whose tar or metadata
-    Parquet is missing, or a `.tar`/`.parquet` file that no listed shard owns (a shard removed from
-    the listing, or a stray file). Temporary files of interrupted writes (hidden) are not counted."""
+    """How the folder's files differ from its `_dataset.json`: a listed shard whose tar (its own, or an
+    external one a shard entry points at) or metadata Parquet is missing, or a `.tar`/`.parquet` file
+    in the folder that no listed shard owns (a shard removed from the listing, or a stray file).
+    Temporary files of interrupted writes (hidden) are not counted."""
     path = info.path / DATASET_FILE
     try:
         present = {e.name for e in os.scandir(info.path) if e.is_file() and not e.name.startswith(".")}
     except OSError as e:
         return [f"{info.path}: cannot list the dataset folder ({e})"]
-    listed = {f"{s.name}{ext}" for s in info.shards for ext in (".tar", ".parquet")}
-    missing = sorted(listed - present)
-    extra = sorted(n for n in present - listed if n.endswith((".tar", ".parquet")))
+    listed = {f"{s.name}.parquet" for s in info.shards} | {f"{s.name}.tar" for s in info.shards if not s.external}
+    missing = [str(info.path / n) for n in sorted(listed - present)]
+    missing += [str(s.tar_path) for s in info.shards if s.external and not os.path.isfile(s.tar_path)]
+    external_here = {s.tar_path.name for s in info.shards
+                     if s.external and os.path.dirname(os.path.abspath(s.tar_path)) == os.path.abspath(info.path)}
+    extra = sorted(n for n in present - listed - external_here if n.endswith((".tar", ".parquet")))
     out = []
     if missing:
-        out.append(f"{path}: lists files that are missing: {', '.join(str(info.path / n) for n in missing)}")
+        out.append(f"{path}: lists files that are missing: {', '.join(missing)}")
     if extra:
         out.append(f"{path}: does not list files present in {info.path}: {', '.join(extra)} "
                    f"(a shard removed from the listing, or a stray file)")
@@ -591,7 +745,7 @@ def load_dataset(dataset_dir: str | os.PathLike, *, check_files: bool = True) ->
     why = _dataset_doc_problem(doc)
     if why is not None:
         raise ShardError(f"{path}: malformed: {why}")
-    shards = [ShardRef(dataset_dir, s["name"], s["rows"], s["sha256"]) for s in doc["shards"]]
+    shards = [ShardRef(dataset_dir, s["name"], s["rows"], s["sha256"], s.get("tar")) for s in doc["shards"]]
     info = DatasetInfo(name=doc["name"], source=doc["source"], path=dataset_dir, shards=shards,
                        created=doc["created"], skipped=doc.get("skipped", 0),
                        extra={k: v for k, v in doc.items() if k not in
@@ -630,7 +784,8 @@ def check_tar_sha256(shard: ShardRef) -> None:
     actual = tar_sha256(shard)
     if actual != shard.sha256:
         raise ShardError(f"{shard.tar_path}: sha256 is {actual}, but {shard.dataset_dir / DATASET_FILE} records "
-                         f"{shard.sha256} for shard {shard.name} (changed or corrupted after import)")
+                         f"{shard.sha256} for shard {shard.name} (changed or corrupted after "
+                         f"{'registration' if shard.external else 'import'})")
 
 
 def find_datasets(datasets_root: str | os.PathLike) -> dict[str, Path]:
@@ -681,15 +836,18 @@ def check_metadata_owner(shard: ShardRef, kv: dict[bytes, bytes] | None) -> None
 
 
 def _tar_groups(tf: tarfile.TarFile, path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {ext: bytes}) for consecutive members sharing a key (the webdataset grouping)."""
+    """(key, {ext: bytes}) for consecutive members sharing a key (the webdataset grouping: the key is
+    the member's path up to the first '.' of its file name, folder part included, as webdataset's
+    `__key__`; the project's own tars have no folders)."""
     key, group = None, {}
     for info in tf:
         if not info.isfile():
             continue
-        base = info.name.rsplit("/", 1)[-1]
+        folder, _, base = info.name.rpartition("/")
         if "." not in base:
             raise ShardError(f"{path}: member {info.name!r} has no extension")
         k, ext = base.split(".", 1)
+        k = f"{folder}/{k}" if folder else k
         if k != key:
             if key is not None:
                 yield key, group
@@ -715,6 +873,10 @@ def iter_samples(shard: ShardRef, *, on_error: OnError = "raise", decode: bool =
     ShardError naming the tar and the sample key/uid; with on_error="skip" the sample is logged and
     counted instead (in `stats["skipped"]` when a dict is passed). A truncated tar also counts every
     sample after the cut as skipped.
+
+    An external tar (a pool registered in place, `ShardRef.external`) may hold samples the metadata
+    leaves out (failed or bad at registration, counted there): they are passed over. Its `.json`
+    members need not carry a uid (one made at registration then lives only in the metadata).
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -755,6 +917,8 @@ def iter_samples(shard: ShardRef, *, on_error: OnError = "raise", decode: bool =
                 log.warning("%s (rest of the shard skipped)", e)
                 break  # a truncated tar cannot be read past the cut
             i = pending.pop(key, None)
+            if i is None and shard.external:
+                continue  # left out at registration (failed, bad or a repeated key: counted there)
             if i is None or i < next_row:
                 msg = f"{path}: sample key={key!r}: member in tar but not in metadata (or out of order)"
                 if on_error == "raise":
@@ -768,7 +932,7 @@ def iter_samples(shard: ShardRef, *, on_error: OnError = "raise", decode: bool =
                     bad(rows[j], "missing from the tar")
             next_row = i + 1
             row = rows[i]
-            sample = _sample_from(row, members, bad, decode)
+            sample = _sample_from(row, members, bad, decode, external=shard.external)
             if sample is not None:
                 yield sample
     for j in range(next_row, len(rows)):
@@ -776,7 +940,7 @@ def iter_samples(shard: ShardRef, *, on_error: OnError = "raise", decode: bool =
             bad(rows[j], "missing from the tar (truncated tar?)")
 
 
-def _sample_from(row: dict, members: dict[str, bytes], bad, decode: bool) -> Sample | None:
+def _sample_from(row: dict, members: dict[str, bytes], bad, decode: bool, *, external: bool = False) -> Sample | None:
     exts = [e for e in IMAGE_EXTS if e in members]
     if not exts:
         bad(row, f"no image member (found {sorted(members)})")
@@ -799,11 +963,12 @@ def _sample_from(row: dict, members: dict[str, bytes], bad, decode: bool) -> Sam
         return None
     if "json" in members:
         try:
-            uid = json.loads(members["json"]).get("uid")
+            meta = json.loads(members["json"])
+            uid = meta.get("uid") if isinstance(meta, dict) else None
         except ValueError:
             bad(row, ".json member is not valid JSON")
             return None
-        if uid != row["uid"]:
+        if uid != row["uid"] and not (external and uid is None):
             bad(row, f".json uid {uid!r} differs from the metadata Parquet")
             return None
     return Sample(key=row["key"], uid=row["uid"], image_bytes=image, caption=row["caption"],
