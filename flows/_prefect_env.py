@@ -30,6 +30,8 @@ import urllib.request
 from pathlib import Path
 from typing import Iterator
 
+from storage.workspace import Workspace
+
 SERVER_FILE = "server.json"
 MIN_FREE_ENV = "ACED_STATE_MIN_FREE_MB"
 DEFAULT_MIN_FREE_MB = 64.0
@@ -47,7 +49,7 @@ class StateDiskFull(OSError):
 
 def prefect_home(root: str | os.PathLike) -> Path:
     """`<root>/state/prefect` (created)."""
-    home = Path(root).resolve() / "state" / "prefect"
+    home = Workspace(Path(root).resolve()).state / "prefect"
     try:
         home.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -106,7 +108,7 @@ def state_errors(root: str | os.PathLike) -> Iterator[None]:
     except StateDiskFull:
         raise
     except Exception as e:
-        db = Path(root).resolve() / "state" / "prefect" / "prefect.db"
+        db = Workspace(Path(root).resolve()).state / "prefect" / "prefect.db"
         if is_disk_full(e):
             raise StateDiskFull(db) from e
         try:

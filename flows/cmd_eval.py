@@ -39,21 +39,13 @@ def add_commands(subparsers) -> None:
     s.set_defaults(func=_cmd_stable_eval)
 
 
-def _resolve(arg: str, root: Path, sub: str, what: str) -> Path:
-    """A path that exists as given, else <root>/<sub>/<arg>; an error naming both when neither does."""
-    p = Path(arg)
-    if p.exists():
-        return p
-    q = Path(root) / sub / arg
-    if q.exists():
-        return q
-    raise SystemExit(f"aced eval: {what} {arg!r} not found (tried {p} and {q})")
-
-
 def _cmd_eval(args: argparse.Namespace) -> int:
     from pipeline.evaluate import evaluate, format_markdown, write_results
     from pipeline.models import load_model, resolve_device
     from storage.shards import ShardError, load_dataset
+    from storage.workspace import Workspace
+
+    ws = Workspace(args.root)
 
     if not args.zeroshot and not args.retrieval:
         raise SystemExit("aced eval: give at least one --zeroshot or --retrieval dataset")
@@ -62,7 +54,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     evals: dict[str, tuple[str, Path]] = {}
     for kind, names in (("zeroshot", args.zeroshot), ("retrieval", args.retrieval)):
         for name in names:
-            path = _resolve(name, args.root, "datasets", "dataset")
+            path = ws.resolve_dataset(name)
             try:
                 label = load_dataset(path).name
             except ShardError as e:
@@ -74,7 +66,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             evals[label] = (kind, path)
 
     device = resolve_device(args.device)
-    model_dir = _resolve(args.model, args.root, "models", "model")
+    model_dir = ws.resolve_model(args.model)
     bundle = load_model(model_dir)
     bundle.model.to(device)
     log.info("eval: model %s from %s on %s", bundle.name, model_dir, device)

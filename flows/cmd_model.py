@@ -51,10 +51,10 @@ def _info(args: argparse.Namespace) -> int:
 
 def _create(args: argparse.Namespace) -> int:
     from pipeline.models import create_model, fingerprint, save_model
-    from storage.workspace import area_path
+    from storage.workspace import Workspace
 
     bundle = create_model(args.name, pretrained=args.pretrained, seed=args.seed)
-    out = args.out if args.out is not None else area_path(args.root, "models", bundle.name, "model name")
+    out = args.out if args.out is not None else Workspace(args.root).model(bundle.name)
     save_model(bundle, out, overwrite=args.overwrite)
     print(f"wrote {out} ({bundle.name}, fingerprint {fingerprint(bundle)[:16]})")
     return 0

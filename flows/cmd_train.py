@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from storage.workspace import Workspace
+
 
 def _parse_value(field: dataclasses.Field, text: str) -> Any:
     kind = str(field.type)
@@ -59,21 +61,16 @@ def config_from_args(args: argparse.Namespace):
             names = [f for f in fields if f != "selection"] + [f"selection.{f}" for f in selection if f != "rule"]
             raise SystemExit(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(names)}")
     if (overrides.get("reference") or overrides.get("teacher")) and "cache_root" not in overrides:
-        overrides["cache_root"] = str(root / "cache")
+        overrides["cache_root"] = str(Workspace(root).cache)
     return recipe(args.recipe, **overrides)
 
 
 def _dataset_dir(root: Path, name: str) -> Path:
     """A dataset folder by path, or by name below <root>/datasets."""
-    path = Path(name)
-    if (path / "_dataset.json").exists():
-        return path
-    from storage.workspace import area_path
-
-    candidate = area_path(root, "datasets", name, "dataset name")
-    if (candidate / "_dataset.json").exists():
-        return candidate
-    raise SystemExit(f"dataset {name!r}: neither {path} nor {candidate} holds a _dataset.json")
+    try:
+        return Workspace(root).resolve_dataset(name)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(str(e)) from None
 
 
 def _train_distributed(cfg, run_dir: Path, nproc: int) -> dict[str, float]:
@@ -99,9 +96,7 @@ def _train_distributed(cfg, run_dir: Path, nproc: int) -> dict[str, float]:
 
 
 def _run_dir(args: argparse.Namespace) -> Path:
-    from storage.workspace import area_path
-
-    return area_path(args.root, "runs", args.run, "run name")
+    return Workspace(args.root).run(args.run)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -167,10 +162,8 @@ def _run(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from pipeline.trainer import export_model
 
-    from storage.workspace import area_path
-
     run_dir = _run_dir(args)
-    out = args.out or area_path(args.root, "models", args.name or args.run, "model name")
+    out = args.out or Workspace(args.root).model(args.name or args.run)
     export_model(run_dir, out, overwrite=args.overwrite)
     print(f"exported {run_dir} -> {out}")
     return 0

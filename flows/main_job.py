@@ -22,6 +22,7 @@ from pipeline.recipes import recipe
 from pipeline.report import markdown_table, plot_runs
 from pipeline.workspace import eval_specs, prepare_real, prepare_synthetic
 from storage.atomic import atomic_write_bytes
+from storage.workspace import Workspace
 
 
 @dataclass(frozen=True)
@@ -97,10 +98,10 @@ def main_job(root: str, size: str = "default", seed: int = 0, data: str | None =
              engine: str = "ray") -> dict:
     """Run the whole pipeline in workspace `root`; returns {run name: headline metrics}."""
     job = SIZES[size]
-    rootp = Path(root)
+    ws = Workspace(root)
     sets = prepare_data(root, job, seed, data)
     evals = eval_specs(sets)
-    cache_root = str(rootp / "cache")
+    cache_root = str(ws.cache)
 
     # Stage 0: the paper trains its own reference/teacher on cleaner data; so does the main job.
     models = {}
@@ -111,9 +112,9 @@ def main_job(root: str, size: str = "default", seed: int = 0, data: str | None =
         cfg = recipe("reference", model=model, steps=steps, batch_size=job.reference_batch_size, seed=seed + offset,
                      train_data=tuple(sets["clean"]), checkpoint_every=max(1, steps // 4),
                      num_workers=job.num_workers)
-        run_dir = rootp / "runs" / role
+        run_dir = ws.run(role)
         train_flow(dataclasses.asdict(cfg), str(run_dir), evals)
-        models[role] = export_task(str(run_dir), str(rootp / "models" / role))
+        models[role] = export_task(str(run_dir), str(ws.model(role)))
 
     # Stage 1: both models embed the students' data in one pass.
     cache_flow(root, datasets=[str(Path(d)) for d in sets["student"]], models=[models["reference"], models["teacher"]],
@@ -127,10 +128,10 @@ def main_job(root: str, size: str = "default", seed: int = 0, data: str | None =
                      cache_root=cache_root, reference="reference", teacher=("teacher",),
                      checkpoint_every=max(1, job.student_steps // 4),
                      n_chunks=min(16, job.batch_size // 4), num_workers=job.num_workers)
-        run_dir = rootp / "runs" / f"student-{method}"
+        run_dir = ws.run(f"student-{method}")
         train_flow(dataclasses.asdict(cfg), str(run_dir), evals)
         runs[method] = run_dir
-    return summarize(rootp, runs, {"reference": rootp / "runs" / "reference", "teacher": rootp / "runs" / "teacher"})
+    return summarize(ws.root, runs, {"reference": ws.run("reference"), "teacher": ws.run("teacher")})
 
 
 def summarize(root: Path, students: dict[str, Path], others: dict[str, Path]) -> dict:

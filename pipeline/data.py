@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from storage.cache import ModelMeta, read_cache_shard
+from storage.workspace import dataset_identity
 from storage.shards import (ImageError, ShardError, ShardRef, decode_image, iter_samples,
                             list_shards, load_dataset, read_metadata)
 
@@ -43,10 +44,12 @@ class CacheSpec:
 
 
 def dataset_name(dataset_dir: Path) -> str:
-    """The dataset's own name (from `_dataset.json`), which is also its folder below each cache model.
-    A missing or broken `_dataset.json`, or one that does not match the folder's files, is a ShardError
-    naming the file (storage.shards.load_dataset)."""
-    return load_dataset(dataset_dir).name
+    """The dataset's identity, which is also its folder below each cache model: its path below
+    `datasets/`, checked against `_dataset.json` (storage.workspace.dataset_identity: a copied or moved
+    folder is refused exactly as the cache stage refuses it). A missing or broken `_dataset.json`, or
+    one that does not match the folder's files, is a ShardError naming the file."""
+    load_dataset(dataset_dir)
+    return dataset_identity(dataset_dir)
 
 
 def cached_model_meta(cache_root: Path, model_id: str, dataset_dirs: Sequence[str | Path]) -> ModelMeta:

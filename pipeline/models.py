@@ -241,7 +241,7 @@ def trim_tokens(tokens: torch.Tensor, multiple: int = TEXT_MULTIPLE) -> torch.Te
     """The columns of `tokens` [N, context] up to the batch's longest caption (its end-of-text token
     included), rounded up to a multiple of `multiple`; a view, no copy. Call it where tokens are made
     (the CPU tokenizer output): on a device tensor it would cost a host sync."""
-    if tokens.ndim != 2 or tokens.shape[1] == 0:
+    if tokens.ndim != 2 or tokens.shape[1] == 0 or tokens.device.type == "meta":  # meta: shapes only
         return tokens
     used = torch.nonzero(tokens.ne(0).any(dim=0))  # open_clip pads with token 0
     length = int(used[-1]) + 1 if len(used) else 1
@@ -544,7 +544,8 @@ def count_flops(bundle: ModelBundle) -> dict[str, float]:
     was_training = model.training
     model.eval()
     image = torch.zeros(1, 3, bundle.image_size, bundle.image_size)
-    tokens = bundle.tokenizer(["a photo of a thing"])
+    # one text at the full context length (the paper's per-pair cost; the trainer's cut texts cost less)
+    tokens = _pad_context(bundle.tokenizer(["a photo of a thing"]), bundle.context_length)
     # nn.MultiheadAttention's inference fast path is one fused op that FlopCounterMode cannot see
     # into (it would drop every attention projection); the regular path computes the same thing.
     fastpath = torch.backends.mha.get_fastpath_enabled()

@@ -50,7 +50,8 @@ import numpy as np
 import pyarrow as pa
 
 from storage.cache import CacheError, CacheWriter, ModelMeta, cache_dir, read_cache_shard
-from storage.shards import ShardRef, decode_image, find_datasets, iter_samples, list_shards
+from storage.shards import ShardRef, decode_image, iter_samples, list_shards
+from storage.workspace import Workspace, dataset_identity
 
 # torch, PIL and the models are imported where they are used: the Ray read tasks import this
 # module too, and a worker process that only reads shards should not pay seconds for torch.
@@ -120,7 +121,7 @@ class CachePlan:
 
     @property
     def cache_dir(self) -> Path:
-        return self.root / "cache"
+        return Workspace(self.root).cache
 
     @property
     def pairs(self) -> int:
@@ -162,13 +163,7 @@ def resolve_models(root: Path, models: Sequence[str | os.PathLike]) -> list[Path
     """Model folders from ids (`<root>/models/<id>`) or paths; a clear error for anything else."""
     if not models:
         raise ValueError("no models given: name at least one model id (under <root>/models) or model folder")
-    out = []
-    for m in models:
-        p = Path(m)
-        cand = p if p.is_dir() else Path(root) / "models" / str(m)
-        if not cand.is_dir():
-            raise FileNotFoundError(f"model {str(m)!r}: neither {p} nor {cand} is a folder")
-        out.append(cand.resolve())
+    out = [Workspace(root).resolve_model(m).resolve() for m in models]
     names = [p.name for p in out]
     if len(set(names)) != len(names):
         raise ValueError(f"two model folders share a name (the model id): {[str(p) for p in out]}")
@@ -178,29 +173,34 @@ def resolve_models(root: Path, models: Sequence[str | os.PathLike]) -> list[Path
 def resolve_datasets(root: Path, datasets: Sequence[str] | None) -> dict[str, Path]:
     """{name: folder} for the given datasets under `<root>/datasets`, or for all of them when None.
 
-    Each entry is a dataset name ("flickr8k/train") or its folder; a folder outside
-    `<root>/datasets` is refused, since the cache layout names datasets by that relative path.
+    Each entry is a dataset name ("flickr8k/train") or its folder; a folder outside `<root>/datasets`
+    is refused, since the cache layout names datasets by their path below it, and so is a folder whose
+    `_dataset.json` names another dataset (copied or moved: storage.workspace.dataset_identity, the
+    same check the trainer makes).
     """
-    base = (Path(root) / "datasets").resolve()
-    found = find_datasets(base)
+    ws = Workspace(root)
+    base = ws.datasets.resolve()
+    found = ws.find_datasets()
     if datasets is None:
         if not found:
             raise FileNotFoundError(f"no datasets under {base}")
-        return found
-    out = {}
-    for d in datasets:
-        name = str(d)
-        p = Path(d)
-        if name not in found and p.is_dir():
-            try:
-                name = p.resolve().relative_to(base).as_posix()
-            except ValueError:
-                raise ValueError(f"dataset folder {p} is not under {base}: the cache names datasets by "
-                                 f"their path below <root>/datasets") from None
-        if name not in found:
-            raise FileNotFoundError(f"dataset {str(d)!r} not found under {base} (have: {sorted(found)})")
-        out[name] = found[name]
-    return out
+        wanted = list(found)
+    else:
+        wanted = []
+        for d in datasets:
+            name, p = str(d), Path(d)
+            if name not in found and p.is_dir():
+                try:
+                    name = p.resolve().relative_to(base).as_posix()
+                except ValueError:
+                    raise ValueError(f"dataset folder {p} is not under {base}: the cache names datasets by "
+                                     f"their path below <root>/datasets") from None
+            if name not in found:
+                raise FileNotFoundError(f"dataset {str(d)!r} not found under {base} (have: {sorted(found)})")
+            wanted.append(name)
+    for name in wanted:
+        dataset_identity(found[name])
+    return {name: found[name] for name in wanted}
 
 
 def model_meta(model_dir: Path) -> ModelMeta:
@@ -265,7 +265,7 @@ def cache_lock(root: str | os.PathLike) -> Iterator[None]:
     `<root>/state/cache.lock` is released by the kernel when its holder dies, so a killed run
     never blocks the next one.
     """
-    path = Path(root) / "state" / "cache.lock"
+    path = Workspace(root).state / "cache.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from storage.shards import write_shards
+from storage.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -20,14 +21,14 @@ def prepare_synthetic(root: Path, *, train_pairs: int, clean_pairs: int, test_pa
     """Disjoint index ranges of one seeded synthetic world: no held-out pair is seen in training."""
     from pipeline.synthetic import class_templates, classnames, generate_classification, generate_pairs
 
-    datasets = Path(root) / "datasets"
+    ws = Workspace(root)
     parts = {
         f"{prefix}/train": (train_pairs, 0, noise_frac),
         f"{prefix}/clean": (clean_pairs, train_pairs, 0.0),
         f"{prefix}/test": (test_pairs, train_pairs + clean_pairs, 0.0),
     }
     for name, (n, start, noise) in parts.items():
-        out = datasets / name
+        out = ws.dataset(name)
         if (out / "_dataset.json").exists():
             log.info("%s exists: kept", out)
             continue
@@ -36,14 +37,14 @@ def prepare_synthetic(root: Path, *, train_pairs: int, clean_pairs: int, test_pa
                      source="synthetic", samples_per_shard=1000)
         log.info("wrote %s: %d pairs (noise %.0f%%) in %.1f s", out, n, 100 * noise, time.perf_counter() - t0)
     # Two zero-shot sets: shapes (the harder skill) and colours (learnt within minutes).
-    zeroshot = {"shape": datasets / f"{prefix}/classes", "colour": datasets / f"{prefix}/colours"}
+    zeroshot = {"shape": ws.dataset(f"{prefix}/classes"), "colour": ws.dataset(f"{prefix}/colours")}
     for by, out in zeroshot.items():
         if not (out / "_dataset.json").exists():
             write_shards(generate_classification(per_class, seed=seed + 1, by=by), out, name=f"{prefix}/{out.name}",
                          source="synthetic", samples_per_shard=1000,
                          extra={"classnames": list(classnames(by)), "templates": list(class_templates(by))})
-    return {"student": [str(datasets / f"{prefix}/train")], "clean": [str(datasets / f"{prefix}/clean")],
-            "retrieval": [str(datasets / f"{prefix}/test")], "zeroshot": [str(d) for d in zeroshot.values()]}
+    return {"student": [str(ws.dataset(f"{prefix}/train"))], "clean": [str(ws.dataset(f"{prefix}/clean"))],
+            "retrieval": [str(ws.dataset(f"{prefix}/test"))], "zeroshot": [str(d) for d in zeroshot.values()]}
 
 
 def prepare_real(root: Path, data: Path) -> dict[str, list[str]]:
@@ -53,7 +54,8 @@ def prepare_real(root: Path, data: Path) -> dict[str, list[str]]:
 
     data = Path(data).resolve()
     name = data.name
-    target = Path(root) / "datasets" / name
+    ws = Workspace(root)
+    target = ws.dataset(name)
     if not (target / "train" / "_dataset.json").exists():
         import_captions(data, root, name)
     if not (target / "test" / "_dataset.json").exists():
@@ -62,9 +64,9 @@ def prepare_real(root: Path, data: Path) -> dict[str, list[str]]:
            "retrieval": [str(target / "test")], "zeroshot": []}
     cifar = data.parent / "cifar10" / "test"
     if cifar.is_dir():
-        if not (Path(root) / "datasets" / "cifar10" / "_dataset.json").exists():
+        if not (ws.dataset("cifar10") / "_dataset.json").exists():
             import_class_folders(cifar, root, "cifar10")
-        out["zeroshot"] = [str(Path(root) / "datasets" / "cifar10")]
+        out["zeroshot"] = [str(ws.dataset("cifar10"))]
     return out
 
 

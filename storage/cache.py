@@ -45,7 +45,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from storage.atomic import atomic_path, atomic_write_json, is_temp_name, sha256_file
-from storage.shards import ShardError, ShardRef, check_tar_sha256, find_datasets, list_shards, read_metadata
+from storage.shards import ShardError, ShardRef, check_tar_sha256, list_shards, read_metadata
+from storage.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +99,8 @@ class CacheShard:
 
 
 def cache_dir(root: str | os.PathLike, model_id: str, dataset: str) -> Path:
-    """`<root>/cache/<model_id>/<dataset>` for a workspace root."""
-    return Path(root) / "cache" / model_id / dataset
+    """`<root>/cache/<model_id>/<dataset>` for a workspace root (storage.workspace.Workspace.cache_folder)."""
+    return Workspace(root).cache_folder(model_id, dataset)
 
 
 def _file_meta(meta: ModelMeta, dtype: str, dataset: str, shard: ShardRef) -> dict[str, str]:
@@ -426,7 +427,7 @@ class VerifyReport:
 
 def find_cache_folders(root: str | os.PathLike, model_id: str | None = None) -> dict[tuple[str, str], Path]:
     """Every cache folder with a manifest: {(model_id, dataset): folder}."""
-    base = Path(root) / "cache"
+    base = Workspace(root).cache
     out: dict[tuple[str, str], Path] = {}
     if not base.is_dir():
         return out
@@ -449,16 +450,16 @@ def verify_cache(root: str | os.PathLike, model_id: str | None = None) -> Verify
     cache entry, manifest entries with no pair shard, cache files not in the manifest; per model:
     one fingerprint across datasets.
     """
-    root = Path(root)
+    ws = Workspace(root)
     rep = VerifyReport()
-    if model_id is not None and not (root / "cache" / model_id).is_dir():
-        rep.problems.append(f"{root / 'cache' / model_id}: no cache for model {model_id}")
+    if model_id is not None and not (ws.cache / model_id).is_dir():
+        rep.problems.append(f"{ws.cache / model_id}: no cache for model {model_id}")
         return rep
-    folders = find_cache_folders(root, model_id)
+    folders = find_cache_folders(ws.root, model_id)
     if not folders:
-        rep.problems.append(f"{root / 'cache'}: no cache folders with a {MANIFEST_FILE}")
+        rep.problems.append(f"{ws.cache}: no cache folders with a {MANIFEST_FILE}")
         return rep
-    datasets = find_datasets(root / "datasets")
+    datasets = ws.find_datasets()
     fingerprints: dict[str, dict[str, str]] = {}
     for (mid, ds), folder in folders.items():
         rep.checked.append(f"{mid}/{ds}")
@@ -472,7 +473,7 @@ def verify_cache(root: str | os.PathLike, model_id: str | None = None) -> Verify
             rep.problems.append(f"{mpath}: model_id {doc['model_id']!r} does not match the folder {mid!r}")
         fingerprints.setdefault(mid, {})[ds] = doc["fingerprint"]
         if ds not in datasets:
-            rep.problems.append(f"{folder}: no pair dataset {ds!r} under {root / 'datasets'}")
+            rep.problems.append(f"{folder}: no pair dataset {ds!r} under {ws.datasets}")
             continue
         try:
             shards = {s.name: s for s in list_shards(datasets[ds])}
@@ -497,6 +498,6 @@ def verify_cache(root: str | os.PathLike, model_id: str | None = None) -> Verify
                 rep.rows += len(c.uids) if c is not None else 0
     for mid, per_ds in fingerprints.items():
         if len(set(per_ds.values())) > 1:
-            rep.problems.append(f"{root / 'cache' / mid}: datasets were cached with different fingerprints {per_ds} "
+            rep.problems.append(f"{ws.cache / mid}: datasets were cached with different fingerprints {per_ds} "
                                 f"(the model changed between them)")
     return rep

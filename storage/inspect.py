@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from storage.atomic import is_temp_name
 from storage.cache import MANIFEST_FILE, CacheError, find_cache_folders, read_manifest
+from storage.workspace import Workspace
 from storage.shards import (DATASET_FILE, ShardError, check_tar_sha256, dataset_file_problems, find_datasets,
                             iter_samples, list_shards, load_dataset, read_metadata)
 
@@ -151,7 +152,7 @@ def summarize_cache(folder: str | os.PathLike) -> dict[str, Any]:
         root = Path(*parts[: -(k + 2)])
         out["dataset"] = dataset
         try:
-            pair = {s.name: s for s in list_shards(root / "datasets" / dataset)}
+            pair = {s.name: s for s in list_shards(Workspace(root).dataset(dataset))}
         except ShardError as e:
             out["problems"].append(str(e))
             pair = None
@@ -203,7 +204,7 @@ def summarize_cache(folder: str | os.PathLike) -> dict[str, Any]:
 
 def summarize_runs(root: str | os.PathLike) -> list[dict[str, Any]]:
     """Per run folder: metric and selection row counts and the last step logged."""
-    runs = Path(root) / "runs"
+    runs = Workspace(root).runs
     out = []
     for run in sorted(p for p in runs.iterdir() if p.is_dir() and not p.name.startswith(".")) if runs.is_dir() else []:
         r: dict[str, Any] = {"run": run.name}
@@ -226,16 +227,16 @@ def summarize_runs(root: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def summarize_workspace(root: str | os.PathLike, *, verify: bool = False) -> dict[str, Any]:
-    root = Path(root)
-    datasets = [summarize_dataset(p, verify=verify) for p in find_datasets(root / "datasets").values()]
+    ws = Workspace(root)
+    datasets = [summarize_dataset(p, verify=verify) for p in ws.find_datasets().values()]
     caches = [summarize_cache(p) for p in find_cache_folders(root).values()]
     runs = summarize_runs(root)
     problems = [p for d in datasets + caches for p in d["problems"]] + [p for r in runs for p in r.get("problems", [])]
     # every other leftover (checkpoints, model exports, run logs, hidden dataset work folders); not
     # state/, which belongs to Prefect
-    leftovers = [p for top in ("datasets", "cache", "models", "runs") for p in find_leftovers(root / top)]
+    leftovers = [p for top in (ws.datasets, ws.cache, ws.models, ws.runs) for p in find_leftovers(top)]
     problems += _new_leftover_problems(leftovers, problems)
-    return {"kind": "workspace", "path": str(root), "datasets": datasets, "caches": caches, "runs": runs,
+    return {"kind": "workspace", "path": str(ws.root), "datasets": datasets, "caches": caches, "runs": runs,
             "problems": problems, "notes": [n for d in datasets + caches for n in d["notes"]]}
 
 

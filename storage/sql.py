@@ -45,7 +45,8 @@ import pyarrow.parquet as pq
 
 from storage.atomic import atomic_path
 from storage.cache import CacheError, cache_file_label_problems, find_cache_folders, read_manifest
-from storage.shards import ShardError, check_metadata_owner, dataset_file_problems, find_datasets, load_dataset
+from storage.shards import ShardError, check_metadata_owner, dataset_file_problems, load_dataset
+from storage.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +156,7 @@ def _file_list(paths: list[Path]) -> str:
 
 
 def _run_files(root: Path, kind: str) -> list[Path]:
-    runs = root / "runs"
+    runs = Workspace(root).runs
     if not runs.is_dir():
         return []
     return sorted(p.resolve() for p in runs.glob(f"*/{kind}/*.parquet") if not p.name.startswith("."))
@@ -225,7 +226,7 @@ def open_views(root: str | os.PathLike, *, allow_missing: bool = False, limits: 
     # pairs + datasets: the shard label is the file name's, which `_pair_files` proved equal to the
     # label the file carries in its own metadata (files whose content says otherwise are not read)
     parts, ds_rows = [], []
-    for ds, folder in find_datasets(root / "datasets").items():
+    for ds, folder in Workspace(root).find_datasets().items():
         row, files = _pair_files(ds, folder, problems)
         if row is not None:
             ds_rows.append(row)

@@ -1,10 +1,20 @@
-"""Names inside a workspace, and the exclusive lock that makes one process the owner of a folder.
+"""The workspace layout, names inside it, dataset identity, and the lock that makes one process the
+owner of a folder.
 
-A workspace `<root>` holds `datasets/`, `cache/`, `models/` and `runs/`. Every name a user gives
-(dataset, run, model id) becomes a path below one of them, so every name goes through `check_name`:
-relative, '/'-separated parts, none empty, '.', '..' or hidden (a leading dot: our temporary
-folders start with one). `aced train ../../x` or `--name /abs/path` is refused here, once, for all
-commands.
+A workspace `<root>` holds `datasets/<name>/`, `cache/<model_id>/<dataset name>/`, `models/<model_id>/`,
+`runs/<run>/` and `state/` (Prefect's database, child-process records). `Workspace` is the only code
+that spells that layout out; everything else asks it for paths.
+
+Every name a user gives (dataset, run, model id) becomes a path below one of the areas, so every name
+goes through `check_name`: relative, '/'-separated parts, none empty, '.', '..' or hidden (a leading
+dot: our temporary folders start with one). `aced train ../../x` or `--name /abs/path` is refused
+here, once, for all commands.
+
+A dataset's identity is its path below `datasets/` (e.g. "flickr8k/train"): the name caches are filed
+under. `_dataset.json` records it when the dataset is written; `dataset_identity` checks the two agree
+whenever a dataset is read for training or caching, so a folder copied or moved under another name is
+refused by both stages with the same message instead of being filed under one name and looked up
+under another.
 
 `FolderLock` is an advisory `flock` on `<folder>/.lock`: the kernel releases it when its holder dies
 (SIGKILL included), so a stale lock of a dead process is taken over without any clean-up, and a
@@ -18,9 +28,10 @@ import os
 import socket
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-AREAS = ("datasets", "cache", "models", "runs")
+AREAS = ("datasets", "cache", "models", "runs", "state")
 LOCK_NAME = ".lock"
 
 
@@ -41,6 +52,112 @@ def area_path(root: str | os.PathLike, area: str, name: str, what: str | None = 
     if area not in AREAS:
         raise ValueError(f"unknown workspace area {area!r}; one of {AREAS}")
     return Path(root) / area / check_name(name, what or area.rstrip("s") + " name")
+
+
+class DatasetIdentityError(ValueError):
+    """A dataset folder whose place in the workspace and recorded name disagree (copied or moved)."""
+
+
+def placed_name(folder: str | os.PathLike) -> str | None:
+    """The path of `folder` below the nearest `datasets/` folder above it, or None if there is none."""
+    resolved = Path(folder).resolve()
+    for parent in resolved.parents:
+        if parent.name == "datasets":
+            return resolved.relative_to(parent).as_posix()
+    return None
+
+
+def check_placement(folder: str | os.PathLike, recorded: str) -> str:
+    """`recorded` (the name in `_dataset.json`) if it agrees with where `folder` lives; the dataset's
+    identity either way. Called when a dataset is written (storage.shards.write_shards) and read."""
+    placed = placed_name(folder)
+    if placed is not None and placed != recorded:
+        raise DatasetIdentityError(
+            f"{folder}: its _dataset.json names dataset {recorded!r} but it lives at datasets/{placed} "
+            f"(copied or moved?): caches are filed by that name, so it is refused; move it back, or "
+            f"re-import it under the new name")
+    return recorded
+
+
+def dataset_identity(folder: str | os.PathLike) -> str:
+    """The dataset's name: its path below the `datasets/` folder it lives in, which must equal the name
+    in its `_dataset.json`; a folder outside any `datasets/` folder is known by its recorded name."""
+    from storage.shards import load_dataset
+
+    return check_placement(folder, load_dataset(folder, check_files=False).name)
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """The layout of one workspace root (see the module docstring)."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def datasets(self) -> Path:
+        return self.root / "datasets"
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "cache"
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def runs(self) -> Path:
+        return self.root / "runs"
+
+    @property
+    def state(self) -> Path:
+        return self.root / "state"
+
+    def dataset(self, name: str) -> Path:
+        return area_path(self.root, "datasets", name, "dataset name")
+
+    def model(self, model_id: str) -> Path:
+        return area_path(self.root, "models", model_id, "model name")
+
+    def run(self, name: str) -> Path:
+        return area_path(self.root, "runs", name, "run name")
+
+    def cache_folder(self, model_id: str, dataset: str) -> Path:
+        """`cache/<model_id>/<dataset name>`: one model's embeddings of one dataset."""
+        return area_path(self.root, "cache", f"{check_name(model_id, 'model id')}/{check_name(dataset, 'dataset name')}")
+
+    def resolve_dataset(self, arg: str | os.PathLike) -> Path:
+        """A dataset by folder path (it holds a `_dataset.json`) or by name below `datasets/`."""
+        path = Path(arg)
+        if (path / "_dataset.json").is_file():
+            return path
+        if not str(arg).startswith("/"):
+            candidate = self.dataset(str(arg))
+            if (candidate / "_dataset.json").is_file():
+                return candidate
+            raise FileNotFoundError(f"dataset {str(arg)!r}: neither {path} nor {candidate} holds a _dataset.json")
+        raise FileNotFoundError(f"dataset {str(arg)!r}: {path} holds no _dataset.json")
+
+    def resolve_model(self, arg: str | os.PathLike) -> Path:
+        """A model folder by path or by id below `models/`."""
+        path = Path(arg)
+        if path.is_dir():
+            return path
+        if not str(arg).startswith("/"):
+            candidate = self.model(str(arg))
+            if candidate.is_dir():
+                return candidate
+            raise FileNotFoundError(f"model {str(arg)!r}: neither {path} nor {candidate} is a folder")
+        raise FileNotFoundError(f"model {str(arg)!r}: {path} is not a folder")
+
+    def find_datasets(self) -> dict[str, Path]:
+        """Every dataset below `datasets/` ({name: folder})."""
+        from storage.shards import find_datasets
+
+        return find_datasets(self.datasets)
 
 
 class LockedError(RuntimeError):
