@@ -128,3 +128,44 @@ def write_report(name: str, report: dict[str, Any], markdown: str, *, out: Path 
     md = text[0] + "\n\n" + header + (text[1].lstrip("\n") if len(text) > 1 else "")
     atomic_write_bytes(mp, md.encode())
     return jp, mp
+
+
+# ---------------------------------------------------------------------------------------------
+# the training step's inputs without a run folder (micro-benchmarks and scripts/gpu_check.sh)
+
+
+def hand_run(cfg, bundle, device=None, reference=None):
+    """A `pipeline.trainer.Run` built by hand (no run folder, no logs, one process): what the step
+    functions (score_superbatch, select_subbatch, train_step) need. The model is moved to `device`."""
+    import torch
+
+    from pipeline.trainer import Run, build_optimizer
+
+    device = torch.device(device or "cpu")
+    bundle.model.to(device)
+    opt, sched = build_optimizer(cfg, bundle.model)
+    return Run(cfg=cfg, device=device, bundle=bundle, opt=opt, sched=sched, reference=reference)
+
+
+def synthetic_superbatch(bundle, n: int, *, seed: int = 0, ref_dim: int | None = None, step: int = 0):
+    """A `pipeline.data.SuperBatch` of n made-up candidates for `bundle`: random uint8 pixels at the
+    model's size, captions of 6-20 words (tokenised by the bundle, so text runs at the batch's length as
+    in training), and, with `ref_dim`, random L2-normalised reference rows (float16, as caches store them).
+    Timing does not depend on the values; selection costs the same whatever the scores are."""
+    import numpy as np
+    import torch
+
+    from pipeline.data import SuperBatch
+
+    g = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    words = ["red", "blue", "green", "circle", "star", "ring", "above", "below", "small", "large", "three", "a"]
+    captions = [" ".join(rng.choice(words, size=int(rng.integers(6, 21)))) for _ in range(n)]
+    size = bundle.image_size
+    reference = None
+    if ref_dim:
+        rows = [torch.nn.functional.normalize(torch.randn(n, ref_dim, generator=g), dim=1).half() for _ in range(2)]
+        reference = (rows[0], rows[1])
+    return SuperBatch(step=step, images=torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8),
+                      tokens=bundle.tokenizer(captions), uids=np.asarray([f"{i:032x}" for i in range(n)], dtype=object),
+                      noisy=torch.zeros(n, dtype=torch.bool), reference=reference, teachers=[])

@@ -56,7 +56,7 @@ import time
 import traceback
 from pathlib import Path
 
-from _common import fmt_range, machine_name, markdown_table, summarise, write_report
+from _common import fmt_range, hand_run, machine_name, markdown_table, summarise, write_report
 
 COMPONENTS = ("data_wait_s", "score_s", "select_s", "train_s")
 LABELS = {"data_wait_s": "data wait", "score_s": "scoring forward", "select_s": "selection",
@@ -219,16 +219,6 @@ def summarise_runs(runs: dict[str, list[dict]]) -> dict[str, dict]:
 # 2. anatomy: the parts of the scoring forward, by resolution and precision
 
 
-def hand_run(cfg, bundle, reference=None):
-    """A `Run` built by hand (no run folder, no logs): what the step functions need."""
-    import torch
-
-    from pipeline.trainer import Run, build_optimizer
-
-    opt, sched = build_optimizer(cfg, bundle.model)
-    return Run(cfg=cfg, device=torch.device("cpu"), bundle=bundle, opt=opt, sched=sched, reference=reference)
-
-
 def whatif(args: argparse.Namespace, root: Path, train_data: list[str]) -> list[dict]:
     import torch
 
@@ -330,7 +320,7 @@ def agreement(args: argparse.Namespace, root: Path, train_data: list[str]) -> li
     for step in range(args.agree_steps):
         sb = data[step]
         for sname, bundle in students.items():
-            run = hand_run(cfg, bundle, reference)
+            run = hand_run(cfg, bundle, reference=reference)
             for r in [bundle.image_size, *args.score_resolutions]:
                 emb = {dt: score_superbatch(bundle, sb, resolution=r, chunk=b, dtype=dt)
                        for dt in (torch.float32, torch.bfloat16)}

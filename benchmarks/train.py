@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import fmt_range, machine_name, markdown_table, rate, summarise, write_report
+from _common import fmt_range, hand_run, machine_name, markdown_table, rate, summarise, synthetic_superbatch, write_report
 
 MODELS = ("aced-vit-t", "aced-vit-s")
 
@@ -115,49 +115,45 @@ def anatomy(args: argparse.Namespace, train_data: list[str]) -> tuple[dict, dict
 
     from pipeline.models import count_params, create_model
     from pipeline.recipes import recipe
-    from pipeline.trainer import build_optimizer, contrastive_loss, embed, train_step
+    from pipeline.trainer import contrastive_loss, embed, train_step
 
     batches, states = {}, {}
     for model in args.models:
         cfg = recipe("student", method="iid", model=model, batch_size=args.batch_size, train_data=tuple(train_data))
         bundle = create_model(model, seed=0)
-        m = bundle.model
-        opt, sched = build_optimizer(cfg, m)
+        run = hand_run(cfg, bundle)
+        m, opt = run.model, run.opt
         # the same parameter groups, updated by the other AdamW implementation (fused single kernel vs
         # torch's per-parameter loop, its CPU default), for comparison with the trainer's choice
         trainer_fused = bool(opt.defaults.get("fused"))
         other = torch.optim.AdamW([{"params": g["params"], "weight_decay": g["weight_decay"]} for g in opt.param_groups],
                                   lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=not trainer_fused)
-        g = torch.Generator().manual_seed(0)
-        images = torch.randn(args.batch_size, 3, bundle.image_size, bundle.image_size, generator=g)
-        words = ["red circle", "blue star above a green ring", "three white crosses", "a small yellow heart"]
-        tokens = bundle.tokenizer([words[i % len(words)] + f" number {i}" for i in range(args.batch_size)])
-        batches[model] = {"images": images, "tokens": tokens}
+        batches[model] = synthetic_superbatch(bundle, args.batch_size, seed=0)
         params = count_params(bundle)
-        states[model] = dict(cfg=cfg, model=m, opt=opt, sched=sched, other=other, params=params,
-                             trainer_fused=trainer_fused,
+        states[model] = dict(run=run, other=other, params=params, trainer_fused=trainer_fused,
                              embedding=int(m.token_embedding.weight.numel()) if hasattr(m, "token_embedding") else None)
 
     times: dict[str, dict[str, list[float]]] = {m: {} for m in args.models}
     for rep in range(args.anatomy_repeats + 1):
         for model in args.models:
             st, batch = states[model], batches[model]
-            m, cfg = st["model"], st["cfg"]
+            run = st["run"]
+            m, cfg = run.model, run.cfg
             m.train()
-            st["opt"].zero_grad(set_to_none=True)
+            run.opt.zero_grad(set_to_none=True)
             t = [time.perf_counter()]
-            img, txt = embed(m, batch["images"], batch["tokens"])
+            img, txt = embed(m, run.bundle.normalize(batch.images), batch.tokens)
             loss = contrastive_loss(cfg, m, img.float(), txt.float())
             t.append(time.perf_counter())
             loss.backward()
             t.append(time.perf_counter())
             torch.nn.utils.clip_grad_norm_([p for p in m.parameters() if p.requires_grad], cfg.grad_clip)
             t.append(time.perf_counter())
-            st["opt"].step()
+            run.opt.step()
             t.append(time.perf_counter())
             st["other"].step()  # a second update from the same gradients: only its time matters
             t.append(time.perf_counter())
-            train_step(cfg, m, None, st["opt"], st["sched"], torch.device("cpu"), batch, None, [])
+            train_step(run, batch, None)
             t.append(time.perf_counter())
             if rep:
                 other_name = ("AdamW step (fused=False, for comparison)" if st["trainer_fused"]
@@ -177,7 +173,7 @@ def anatomy(args: argparse.Namespace, train_data: list[str]) -> tuple[dict, dict
             for n in (1, 2):
                 torch.set_num_threads(n)
                 t0 = time.perf_counter()
-                train_step(st["cfg"], st["model"], None, st["opt"], st["sched"], torch.device("cpu"), batch, None, [])
+                train_step(st["run"], batch, None)
                 if rep:
                     threads[n].append(time.perf_counter() - t0)
     finally:
