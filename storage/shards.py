@@ -454,6 +454,7 @@ def _dataset_work(out_dir: Path, *, overwrite: bool, name: str) -> Iterator[Path
     """The hidden, locked work folder of a new dataset `out_dir`; swapped into place when the block
     ends without error (after `_DATASET_FILE` was written there), removed on any error. A full disk is
     a DiskFullError naming `out_dir`. Stale work folders of `out_dir` are removed first."""
+    check_placement(out_dir, name)  # a dataset's name is its path below datasets/ (storage.workspace)
     _check_target(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_work_dirs(out_dir)
@@ -697,7 +698,8 @@ def _dataset_doc_problem(doc: Any) -> str | None:
         if not isinstance(s["sha256"], str) or not _SHA256_RE.match(s["sha256"]):
             return f"shards[{i}] ({s['name']}): sha256 is {s['sha256']!r}, want 64 lowercase hex chars"
         if "tar" in s and not (isinstance(s["tar"], str) and s["tar"] and "\x00" not in s["tar"]):
-            return f"shards[{i}] ({s['name']}): tar is {s['tar']!r}, want a path (absolute or relative to the dataset folder)"
+            return (f"shards[{i}] ({s['name']}): tar is {s['tar']!r}, want a path (absolute or relative to the "
+                    f"dataset folder)")
     names = [s["name"] for s in doc["shards"]]
     if len(set(names)) != len(names):
         return f"shard names listed twice: {sorted({n for n in names if names.count(n) > 1})}"
