@@ -37,9 +37,11 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -347,8 +349,12 @@ class MultiModelEmbedder:
         return out
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        """Ray Data entry: chunk rows in, one row per chunk out with raw float32 embedding bytes."""
-        cols: dict[str, list] = {"item": [], "start": [], "uids": []}
+        """Ray Data entry: chunk rows in, one row per chunk out with raw float32 embedding bytes,
+        and where it was computed (the Ray node id and this actor's pid: `EmbedResult.nodes`)."""
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()
+        cols: dict[str, list] = {"item": [], "start": [], "uids": [], "node": [], "pid": []}
         for mid in self.model_ids:
             cols[f"{mid}/img"], cols[f"{mid}/txt"] = [], []
         for row in batch.to_pylist():
@@ -358,6 +364,8 @@ class MultiModelEmbedder:
             cols["item"].append(row["item"])
             cols["start"].append(row["start"])
             cols["uids"].append(row["uids"])
+            cols["node"].append(node)
+            cols["pid"].append(os.getpid())
             for mid in self.model_ids:
                 img, txt = res.get(mid, (None, None))
                 cols[f"{mid}/img"].append(None if img is None else np.ascontiguousarray(img).tobytes())
@@ -366,7 +374,8 @@ class MultiModelEmbedder:
 
 
 def _chunk_out_schema(model_ids: Sequence[str]) -> pa.Schema:
-    fields = [pa.field("item", pa.int32()), pa.field("start", pa.int32()), pa.field("uids", pa.list_(pa.string()))]
+    fields = [pa.field("item", pa.int32()), pa.field("start", pa.int32()), pa.field("uids", pa.list_(pa.string())),
+              pa.field("node", pa.string()), pa.field("pid", pa.int64())]
     for mid in model_ids:
         fields += [pa.field(f"{mid}/img", pa.binary()), pa.field(f"{mid}/txt", pa.binary())]
     return pa.schema(fields)
@@ -423,6 +432,8 @@ class ShardWritten:
     pairs_done: int
     """Rows committed so far in this run."""
     elapsed_s: float
+    nodes: tuple[str, ...] = ()
+    """Ray node ids whose actors embedded this shard's chunks (empty for the plain engine)."""
 
     @property
     def pairs_per_s(self) -> float:
@@ -443,12 +454,16 @@ class EmbedResult:
     seconds: float = 0.0
     written: list[str] = field(default_factory=list)
     """'model_id:dataset/shard' per file written."""
+    nodes: dict[str, int] = field(default_factory=dict)
+    """Ray engine: pairs embedded per Ray node id (where the work ran; empty for the plain engine)."""
+    actors: dict[str, int] = field(default_factory=dict)
+    """Ray engine: pairs embedded per actor, keyed '<node id[:12]>/<pid>'."""
 
     def to_dict(self) -> dict:
         return {"engine": self.engine, "shards": self.shards, "pairs": self.pairs,
                 "embeddings": self.embeddings, "seconds": round(self.seconds, 3),
                 "pairs_per_s": round(self.pairs / self.seconds, 2) if self.seconds > 0 else None,
-                "written": list(self.written)}
+                "written": list(self.written), "nodes": dict(self.nodes), "actors": dict(self.actors)}
 
 
 class _ShardCommitter:
@@ -457,14 +472,22 @@ class _ShardCommitter:
     def __init__(self, plan: CachePlan, result: EmbedResult, on_shard: Callable[[ShardWritten], None] | None):
         self.plan, self.result, self.on_shard = plan, result, on_shard
         self.parts: dict[int, dict[int, tuple[list[str], dict[str, tuple[np.ndarray, np.ndarray]]]]] = {}
+        self.nodes: dict[int, set[str]] = {}
         self.writers: dict[tuple[str, str], CacheWriter] = {}
         self.t0 = time.perf_counter()
 
-    def add(self, item_idx: int, start: int, uids: list[str], embs: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    def add(self, item_idx: int, start: int, uids: list[str], embs: dict[str, tuple[np.ndarray, np.ndarray]],
+            *, node: str | None = None, pid: int | None = None) -> None:
+        """One chunk's embeddings; `node`/`pid`: the Ray node and actor process that computed it."""
         parts = self.parts.setdefault(item_idx, {})
         if start in parts:
             raise RuntimeError(f"chunk {start} of plan item {item_idx} arrived twice")
         parts[start] = (uids, embs)
+        if node is not None:
+            self.nodes.setdefault(item_idx, set()).add(node)
+            self.result.nodes[node] = self.result.nodes.get(node, 0) + len(uids)
+            actor = f"{node[:12]}/{pid}"
+            self.result.actors[actor] = self.result.actors.get(actor, 0) + len(uids)
         item = self.plan.items[item_idx]
         if sum(len(u) for u, _ in parts.values()) == item.shard.rows:
             self._commit(item_idx)
@@ -487,9 +510,10 @@ class _ShardCommitter:
         self.result.embeddings += item.shard.rows * len(item.model_ids)
         rec = ShardWritten(item.dataset, item.shard.name, item.model_ids, item.shard.rows,
                            self.result.shards, len(self.plan.items), self.result.pairs,
-                           time.perf_counter() - self.t0)
-        log.info("cached %s/%s for %s (%d rows; %d/%d)", rec.dataset, rec.shard, ",".join(rec.model_ids),
-                 rec.rows, rec.done, rec.total)
+                           time.perf_counter() - self.t0, tuple(sorted(self.nodes.pop(item_idx, ()))))
+        log.info("cached %s/%s for %s (%d rows; %d/%d)%s", rec.dataset, rec.shard, ",".join(rec.model_ids),
+                 rec.rows, rec.done, rec.total,
+                 f"; embedded on node(s) {', '.join(n[:12] for n in rec.nodes)}" if rec.nodes else "")
         if self.on_shard is not None:
             self.on_shard(rec)
 
@@ -548,7 +572,9 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None,
     """Connect to Ray for the duration of the block; shut down only what this call started.
 
     - Ray already initialised in this process (tests, notebooks): reuse it.
-    - `address` or `$RAY_ADDRESS`: join that cluster (the same code runs on a cluster).
+    - `address` or `$RAY_ADDRESS`: join that cluster (the same code runs on a cluster); a
+      `host:port` that does not answer is a ConnectionError within seconds (`ray.init` alone
+      retries for minutes). The cluster is left running: only this driver disconnects.
     - else a local instance: `num_cpus`, `object_store_memory`, no dashboard; token auth off and a
       short `RAY_TMPDIR` (Unix socket paths are limited to 107 bytes) unless already set; a
       temporary folder made here is removed after a clean shutdown (kept, and named in the log,
@@ -567,7 +593,11 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None,
     made_tmp = None
     try:
         if address:
+            _check_ray_address(address)
             ray.init(address=address, log_to_driver=True)
+            nodes = [n for n in ray.nodes() if n.get("Alive")]
+            log.info("joined the Ray cluster at %s: %d node(s), %s", address, len(nodes),
+                     {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")})
         else:
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
             if "RAY_TMPDIR" not in os.environ:
@@ -589,6 +619,22 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None,
             shutil.rmtree(made_tmp, ignore_errors=True)
 
 
+def _check_ray_address(address: str, timeout_s: float = 10.0) -> None:
+    """Fail fast, naming the address, when nothing listens at a `host:port` Ray address (the head's
+    GCS port). Other forms (`auto`, `ray://...`) are left to `ray.init`."""
+    if "://" in address or address in ("auto", "local"):
+        return
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"Ray address {address!r}: expected host:port (the head node's GCS port, "
+                         "as printed by `ray start --head`), 'auto' or ray://host:port")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise ConnectionError(f"no Ray cluster answers at {address} ({e.strerror or e}): start one with "
+                              "`ray start --head` or correct the address") from None
+
+
 def _read_task(batch: dict, *, plan: CachePlan, chunk_size: int) -> pa.Table:
     """Ray Data read stage: plan item indices in, chunk rows (one per `chunk_size` samples) out."""
     rows = {n: [] for n in _CHUNK_SCHEMA.names}
@@ -607,7 +653,7 @@ def _read_task(batch: dict, *, plan: CachePlan, chunk_size: int) -> pa.Table:
 
 def embed_shards_ray(plan: CachePlan, *, chunk_size: int = 64, actors: int | None = None,
                      actor_cpus: float | None = None, torch_threads: int | None = None,
-                     chunks_per_call: int = 1,
+                     chunks_per_call: int = 1, actor_start_timeout_s: float = 600.0,
                      on_shard: Callable[[ShardWritten], None] | None = None) -> EmbedResult:
     """Embed every pending item of `plan` with ONE Ray Data pipeline; call inside `ray_session()`.
 
@@ -618,6 +664,12 @@ def embed_shards_ray(plan: CachePlan, *, chunk_size: int = 64, actors: int | Non
     Defaults: one actor per GPU, else one actor; CPU actors reserve less than the cluster's CPUs
     (an actor pool holding every CPU starves the read tasks and Ray Data hangs: STACK.md) and run
     torch on `torch_threads` = CPUs per actor, rounded down (>= 1).
+
+    Data flows only once the whole pool is up (at most `actor_start_timeout_s`, then a RuntimeError
+    naming the request): on a cluster, every actor then gets work from the start (without the wait,
+    the first actor to load its models takes chunks before the others exist), and a pool the
+    cluster cannot place fails instead of waiting forever. Where each chunk ran is returned in
+    `EmbedResult.nodes` / `.actors` and logged per shard.
     """
     import ray
 
@@ -647,9 +699,10 @@ def embed_shards_ray(plan: CachePlan, *, chunk_size: int = 64, actors: int | Non
         torch_threads = max(1, int(cpus // actors))
 
     ctx = ray.data.DataContext.get_current()
-    saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars)
+    saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.wait_for_min_actors_s)
     ctx.execution_options.preserve_order = True  # shards complete (and commit) in plan order
     ctx.enable_progress_bars = False  # progress is logged per committed shard instead
+    ctx.wait_for_min_actors_s = max(1, int(actor_start_timeout_s))  # the whole pool before any data
     try:
         ds = ray.data.from_items([{"item": i} for i in range(len(plan.items))],
                                  override_num_blocks=len(plan.items))
@@ -662,10 +715,18 @@ def embed_shards_ray(plan: CachePlan, *, chunk_size: int = 64, actors: int | Non
                             batch_size=chunks_per_call, batch_format="pyarrow",
                             compute=ray.data.ActorPoolStrategy(size=actors),
                             num_cpus=actor_cpus, num_gpus=num_gpus)
-        log.info("ray pipeline: %d shards, %d pairs, %d actors x (%.2g CPU, %d GPU), torch threads %s",
-                 len(plan.items), plan.pairs, actors, actor_cpus, num_gpus, torch_threads)
+        log.info("ray pipeline: %d shards, %d pairs, %d actors x (%.2g CPU, %d GPU), torch threads %s; "
+                 "cluster: %d node(s), %g CPU, %d GPU", len(plan.items), plan.pairs, actors, actor_cpus, num_gpus,
+                 torch_threads, sum(1 for n in ray.nodes() if n.get("Alive")), cpus, gpus)
         committer = _ShardCommitter(plan, result, on_shard)
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        try:
+            batches = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
+            first = next(batches, None)
+        except ray.exceptions.GetTimeoutError as e:
+            raise RuntimeError(f"the actor pool ({actors} x {actor_cpus:g} CPU, {num_gpus} GPU) did not start "
+                               f"within {actor_start_timeout_s:g} s: can the cluster ({cpus:g} CPU, {gpus} GPU) "
+                               f"place it? ({e})") from None
+        for batch in ([] if first is None else itertools.chain([first], batches)):
             for row in batch.to_pylist():
                 item = plan.items[row["item"]]
                 n = len(row["uids"])
@@ -674,9 +735,11 @@ def embed_shards_ray(plan: CachePlan, *, chunk_size: int = 64, actors: int | Non
                     d = plan.spec(mid).meta.dim
                     embs[mid] = tuple(np.frombuffer(row[f"{mid}/{k}"], dtype=np.float32).reshape(n, d)
                                       for k in ("img", "txt"))
-                committer.add(row["item"], row["start"], row["uids"], embs)
+                committer.add(row["item"], row["start"], row["uids"], embs, node=row["node"], pid=row["pid"])
         committer.check_finished()
     finally:
-        ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
+        ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.wait_for_min_actors_s = saved
+    if result.nodes:
+        log.info("work per node (pairs): %s", {n[:12]: k for n, k in result.nodes.items()})
     result.seconds = time.perf_counter() - t0
     return result
