@@ -76,7 +76,7 @@ class Dist:
         local rows (a reduce-scatter), so rank r's rows receive d(sum_s L_s)/d(rows_r)."""
         if not self.active:
             return x
-        return _GatherWithGrad.apply(x.contiguous(), self.rank, self.world)
+        return _GatherWithGrad.apply(x.contiguous(), self.world)
 
     def rows(self, img: torch.Tensor, txt: torch.Tensor, *, grad: bool = True) -> Rows:
         """This rank's m rows of the b = W * m pair batch, for the ``*_rows`` losses of pipeline.losses.
@@ -178,7 +178,8 @@ class _GatherWithGrad(torch.autograd.Function):
     in this torch, gloo both run it)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, world: int) -> torch.Tensor:
+        ctx.world = world
         out = x.new_empty((world * x.shape[0], *x.shape[1:]))
         dist.all_gather_single(out, x)
         return out
@@ -186,9 +187,9 @@ class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         grad = grad.contiguous()
-        out = grad.new_empty((grad.shape[0] // dist.get_world_size(), *grad.shape[1:]))
+        out = grad.new_empty((grad.shape[0] // ctx.world, *grad.shape[1:]))
         dist.reduce_scatter_single(out, grad)
-        return out, None, None
+        return out, None
 
 
 def _sum_hook(state, bucket):

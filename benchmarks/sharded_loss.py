@@ -1,0 +1,176 @@
+"""Benchmark: per-rank memory and time of the loss when each rank computes its own rows (issue 10 item 3).
+
+For W in --worlds gloo ranks on this machine's CPU, each with m = --per-rank pairs of width --dim, every
+loss (sigmoid, softmax, softmax KD, sigmoid KD) is run forward + backward on each rank two ways:
+  rows        pipeline.losses ``*_rows`` on `Dist.rows` (this rank's [m, b] blocks; the current path)
+  everything  all-gather both towers with gradient, then the plain loss over all b = W m pairs on every
+              rank (the path it replaced: b x b per rank)
+Per case: the peak of the CPU memory allocated inside the loss (torch.profiler memory events: allocations
+minus frees, in time order), the largest single tensor, and the median wall time over --repeats (all ranks
+interleave both paths, so a load change hits both). Memory is exact; times on a shared CPU are only
+indicative (W ranks share the cores with whatever else runs; the load average is recorded).
+
+Run:  .venv/bin/python benchmarks/sharded_loss.py         (writes benchmarks/results/sharded_loss.{json,md})
+      .venv/bin/python benchmarks/sharded_loss.py --per-rank 128 --repeats 2 --name /tmp/x/sharded_loss
+"""
+from __future__ import annotations
+
+import _common  # noqa: F401  (puts the repo on sys.path; must come first)
+
+import argparse
+import io
+import os
+import socket
+import statistics
+import time
+from pathlib import Path
+
+from _common import markdown_table, summarise, write_report
+
+KINDS = ("sigmoid", "softmax", "softmax_kd", "sigmoid_kd")
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--per-rank", type=int, default=512, help="m, pairs per rank")
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--name", default="sharded_loss", help="report name, or a path for a scratch report")
+    return p.parse_args()
+
+
+def _loss(path: str, kind: str, group, img, txt, tea_img, tea_txt):
+    from pipeline import losses as L
+
+    if path == "rows":
+        stu, tea = group.rows(img, txt), group.rows(tea_img, tea_txt, grad=False)
+        return {"sigmoid": lambda: L.sigmoid_contrastive_rows(stu, 10.0, -10.0),
+                "softmax": lambda: L.softmax_contrastive_rows(stu, 10.0),
+                "softmax_kd": lambda: L.softmax_kd_rows(stu, 10.0, tea, 20.0),
+                "sigmoid_kd": lambda: L.sigmoid_kd_rows(stu, 10.0, -10.0, tea, 20.0, -5.0)}[kind]()
+    img, txt = group.gather_with_grad(img), group.gather_with_grad(txt)
+    tea_img, tea_txt = group.gather_rows(tea_img), group.gather_rows(tea_txt)
+    return {"sigmoid": lambda: L.sigmoid_contrastive(img, txt, 10.0, -10.0),
+            "softmax": lambda: L.softmax_contrastive(img, txt, 10.0),
+            "softmax_kd": lambda: L.softmax_kd(img, txt, 10.0, tea_img, tea_txt, 20.0),
+            "sigmoid_kd": lambda: L.sigmoid_kd(img, txt, 10.0, -10.0, tea_img, tea_txt, 20.0, -5.0)}[kind]()
+
+
+def _peak_and_largest(fn) -> tuple[int, int]:
+    """(peak bytes allocated inside fn, largest single allocation) from the profiler's memory events:
+    an op event carries what it allocated itself, a "[memory]" event a free (negative) or a stray alloc."""
+    import torch
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    cur = peak = largest = 0
+    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+        delta = e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
+        cur += delta
+        peak, largest = max(peak, cur), max(largest, delta)
+    return peak, largest
+
+
+def _rank(group, m: int, d: int, repeats: int) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(group.rank)
+    unit = lambda: F.normalize(torch.randn(m, d, generator=g), dim=1)  # noqa: E731
+    img, txt, tea_img, tea_txt = unit(), unit(), unit(), unit()
+
+    def once(path, kind):
+        a, b = img.clone().requires_grad_(), txt.clone().requires_grad_()
+        _loss(path, kind, group, a, b, tea_img, tea_txt).backward()
+
+    out = {}
+    for kind in KINDS:
+        for path in ("rows", "everything"):
+            once(path, kind)  # warm-up
+            out[path, kind] = {"memory": _peak_and_largest(lambda: once(path, kind)), "times": []}
+        for _ in range(repeats):
+            for path in ("rows", "everything"):
+                group.barrier()
+                t0 = time.perf_counter()
+                once(path, kind)
+                out[path, kind]["times"].append(time.perf_counter() - t0)
+    return out
+
+
+def _entry(rank: int, world: int, port: int, m: int, d: int, repeats: int, q) -> None:
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    import torch
+
+    from pipeline import distributed as D
+
+    torch.set_num_threads(1)
+    group = D.setup(torch.device("cpu"), timeout_s=600) if world > 1 else D.SINGLE
+    try:
+        buf = io.BytesIO()
+        torch.save(_rank(group, m, d, repeats), buf)
+        q.put((rank, buf.getvalue()))
+    finally:
+        D.teardown()
+
+
+def run_world(world: int, args) -> list[dict]:
+    import torch
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_entry, args=(r, world, port, args.per_rank, args.dim, args.repeats, q))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    res = dict(q.get(timeout=1800) for _ in procs)
+    for p in procs:
+        p.join(60)
+        if p.exitcode != 0:
+            raise SystemExit(f"rank failed with exit code {p.exitcode}")
+    return [torch.load(io.BytesIO(res[r])) for r in range(world)]
+
+
+def main() -> None:
+    args = parse()
+    rows = []
+    for world in args.worlds:
+        load = os.getloadavg()[0]
+        per_rank = run_world(world, args)
+        b = world * args.per_rank
+        for kind in KINDS:
+            for path in ("rows", "everything"):
+                peak = max(r[path, kind]["memory"][0] for r in per_rank)
+                largest = max(r[path, kind]["memory"][1] for r in per_rank)
+                times = [statistics.median(r[path, kind]["times"]) for r in per_rank]
+                t = summarise([x for r in per_rank for x in r[path, kind]["times"]])
+                rows.append({"W": world, "b": b, "loss": kind, "path": path, "peak_mib": peak / 2**20,
+                             "largest_mib": largest / 2**20, "peak_over_mb_fp32": peak / (args.per_rank * b * 4),
+                             "time_ms": {k: (v * 1e3 if k in ("median", "min", "max") else v) for k, v in t.items()},
+                             "rank_medians_ms": [x * 1e3 for x in times], "load_before": load})
+    cols = [("W", "W"), ("b", "b"), ("loss", "loss"), ("path", "path"), ("peak", "peak MiB / rank"),
+            ("largest", "largest tensor MiB"), ("ratio", "peak / (m b fp32)"), ("time", "time ms median [min-max]"),
+            ("load", "load avg")]
+    cells = [{"W": r["W"], "b": r["b"], "loss": r["loss"], "path": r["path"], "peak": f"{r['peak_mib']:.2f}",
+              "largest": f"{r['largest_mib']:.2f}", "ratio": f"{r['peak_over_mb_fp32']:.2f}",
+              "time": f"{r['time_ms']['median']:.1f} [{r['time_ms']['min']:.1f}-{r['time_ms']['max']:.1f}]",
+              "load": f"{r['load_before']:.1f}"} for r in rows]
+    md = (f"# Per-rank loss memory: own rows vs gather everything (m = {args.per_rank} per rank, d = {args.dim}, "
+          f"fp32, gloo ranks x 1 thread)\n\n" + markdown_table(cols, cells) +
+          "\n\nPeak and largest tensor: allocations inside loss forward + backward (torch.profiler), the max over "
+          "ranks. Times: every rank's repeats pooled; indicative only on a shared CPU.\n")
+    name = args.name
+    out = Path(name).parent if "/" in name else None
+    kwargs = {"out": out} if out else {}
+    paths = write_report(Path(name).name, {"args": vars(args), "rows": rows}, md, **kwargs)
+    print(md)
+    print("wrote", *paths)
+
+
+if __name__ == "__main__":
+    main()
