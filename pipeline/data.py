@@ -130,33 +130,50 @@ class SuperBatch:
                                    teachers=[(pin(i), pin(t)) for i, t in self.teachers])
 
 
+def uid_keys(uids: Sequence[str]) -> np.ndarray:
+    """32-hex uids as 16-byte big-endian keys (numpy 'S16'): 16 bytes per pair instead of a ~100-byte
+    Python string, and byte order = numeric order, so sorting finds duplicates without a set."""
+    try:
+        return np.frombuffer(bytes.fromhex("".join(uids)), dtype="S16") if len(uids) else np.zeros(0, "S16")
+    except ValueError:
+        bad = next((u for u in uids if len(u) != 32 or any(c not in "0123456789abcdefABCDEF" for c in u)), None)
+        raise ValueError(f"uid {bad!r} is not 32 hex digits (DataComp's 128-bit uid)") from None
+
+
+def duplicate_uids(keys: np.ndarray) -> np.ndarray:
+    """The keys that occur more than once, by sorting (O(n log n) time, one copy of the keys)."""
+    ordered = np.sort(keys, kind="stable")
+    return np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
+
+
 class PairIndex:
-    """Every sample of the training datasets: shards, row counts, uids and noise flags (metadata only)."""
+    """Where every training pair is: per shard its ref, dataset and row count, from `_dataset.json` alone.
+
+    Start-up reads no per-pair metadata (O(shards) memory and time: seconds at 10^8 pairs); a shard's uids
+    and noise flags are read when the loader opens it. Pairs are unique within a dataset (its writer
+    refuses duplicate uids); across several datasets the uids are checked once here, by sorting 16-byte
+    keys (`duplicate_uids`), with every shard's uid column read once."""
 
     def __init__(self, dataset_dirs: Sequence[str | Path]):
         self.shards: list[ShardRef] = []
         self.datasets: list[str] = []
-        uids: list[np.ndarray] = []
-        noisy: list[np.ndarray] = []
         for d in dataset_dirs:
             d = Path(d)
             name = dataset_name(d)
             refs = list_shards(d)
             if not refs:
                 raise FileNotFoundError(f"{d}: dataset has no shards")
-            for ref in refs:
-                meta = read_metadata(ref)
-                self.shards.append(ref)
-                self.datasets.append(name)
-                uids.append(np.asarray(meta.column("uid").to_pylist(), dtype=object))
-                flags = meta.column("noisy").to_pylist()
-                noisy.append(np.asarray([bool(x) for x in flags], dtype=bool))
-        self.rows = np.array([len(u) for u in uids], dtype=np.int64)
+            self.shards += refs
+            self.datasets += [name] * len(refs)
+        self.rows = np.array([r.rows for r in self.shards], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.rows)])
-        self.uids = np.concatenate(uids)
-        self.noisy = np.concatenate(noisy)
-        if len(set(self.uids.tolist())) != len(self.uids):
-            raise ValueError("duplicate uids across the training datasets: the same pairs are listed twice")
+        if len(set(self.datasets)) > 1:
+            keys = np.concatenate([uid_keys(read_metadata(r).column("uid").to_pylist()) for r in self.shards])
+            dup = duplicate_uids(keys)
+            if len(dup):
+                example = dup[0].ljust(16, bytes(1)).hex()  # 'S16' drops trailing zero bytes
+                raise ValueError(f"{len(dup)} uid(s) occur in more than one training dataset (e.g. {example}): "
+                                 "the same pairs are listed twice")
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -167,17 +184,56 @@ class PairIndex:
         return shard, int(gid - self.offsets[shard])
 
 
+class EpochOrder:
+    """Global sample ids of one epoch, read a slice at a time: shards permuted, then the samples of each
+    window of `window` shards shuffled together. Memory is O(shards + window rows), not O(pairs).
+
+    The order is the one a single generator gives when it permutes the shards and then shuffles window
+    after window (runs resume into exactly the batches they would have read); reaching window k replays
+    the shuffles of the windows before it on scratch arrays (a shuffle's draws depend only on its length),
+    once per epoch and reader, as the reader moves forward."""
+
+    def __init__(self, rows: np.ndarray, *, seed: int, epoch: int, window: int):
+        self.rng = np.random.default_rng([seed, epoch, 0x5EED])
+        self.offsets = np.concatenate([[0], np.cumsum(rows)])
+        perm = self.rng.permutation(len(rows))
+        self.windows = [perm[i:i + window] for i in range(0, len(perm), window)]
+        sizes = np.array([int(np.sum(rows[w])) for w in self.windows], dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(sizes)])
+        self._next = 0  # the window whose shuffle the generator draws next
+        self._cache: dict[int, np.ndarray] = {}
+
+    def _window(self, k: int) -> np.ndarray:
+        if k in self._cache:
+            return self._cache[k]
+        if k < self._next:
+            raise ValueError("EpochOrder reads forward only (a new one replays the epoch)")
+        while self._next <= k:
+            w = self._next
+            ids = np.concatenate([np.arange(self.offsets[s], self.offsets[s + 1]) for s in self.windows[w]])
+            self.rng.shuffle(ids)
+            if w == k:
+                self._cache = {w: ids, **{j: v for j, v in self._cache.items() if j == w - 1}}
+            self._next += 1
+        return self._cache[k]
+
+    def slice(self, start: int, stop: int) -> np.ndarray:
+        """Ids at epoch positions [start, stop)."""
+        out = []
+        k = int(np.searchsorted(self.starts, start, side="right") - 1)
+        while start < stop:
+            ids = self._window(k)
+            lo, hi = start - self.starts[k], min(stop, self.starts[k + 1]) - self.starts[k]
+            out.append(ids[lo:hi])
+            start = int(self.starts[k] + hi)
+            k += 1
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+
 def epoch_order(rows: np.ndarray, *, seed: int, epoch: int, window: int) -> np.ndarray:
-    """Global sample ids of one epoch: shards permuted, samples shuffled within windows of shards."""
-    rng = np.random.default_rng([seed, epoch, 0x5EED])
-    offsets = np.concatenate([[0], np.cumsum(rows)])
-    perm = rng.permutation(len(rows))
-    parts = []
-    for start in range(0, len(perm), window):
-        ids = np.concatenate([np.arange(offsets[s], offsets[s + 1]) for s in perm[start:start + window]])
-        rng.shuffle(ids)
-        parts.append(ids)
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    """Every id of one epoch in order (EpochOrder.slice over the whole epoch; tests and small data)."""
+    order = EpochOrder(rows, seed=seed, epoch=epoch, window=window)
+    return order.slice(0, int(order.starts[-1]))
 
 
 class SuperBatches(torch.utils.data.Dataset):
@@ -207,8 +263,8 @@ class SuperBatches(torch.utils.data.Dataset):
         self.per_epoch = len(index) // size  # drop the last partial super-batch of each epoch
         self._max_open = max_open_shards or window + 2
         self._open: OrderedDict[int, dict[str, Any]] = OrderedDict()
-        self._order_epoch = -1
-        self._order: np.ndarray | None = None
+        self._order: EpochOrder | None = None
+        self._order_epoch, self._order_pos = -1, 0
         self.skipped = 0
 
     def __len__(self) -> int:  # unbounded in steps; DataLoader only asks the sampler
@@ -220,13 +276,14 @@ class SuperBatches(torch.utils.data.Dataset):
 
     def _ids(self, step: int) -> np.ndarray:
         epoch, k = self.position(step)
-        if epoch != self._order_epoch:
-            self._order = epoch_order(self.index.rows, seed=self.seed, epoch=epoch, window=self.window)
-            self._order_epoch = epoch
         rank, world = self.shard
         share = self.size // world
         start = k * self.size + rank * share
-        return self._order[start:start + share]
+        if epoch != self._order_epoch or start < self._order_pos:  # a new epoch, or a reader sent backwards
+            self._order = EpochOrder(self.index.rows, seed=self.seed, epoch=epoch, window=self.window)
+            self._order_epoch = epoch
+        self._order_pos = start
+        return self._order.slice(start, start + share)
 
     def _shard(self, s: int) -> dict[str, Any]:
         """Raw bytes, captions and cached rows of one shard (kept in a small LRU)."""
@@ -235,7 +292,9 @@ class SuperBatches(torch.utils.data.Dataset):
             return self._open[s]
         ref = self.index.shards[s]
         dataset = self.index.datasets[s]
-        expected = self.index.uids[self.index.offsets[s]:self.index.offsets[s + 1]]
+        meta = read_metadata(ref)
+        expected = np.asarray(meta.column("uid").to_pylist(), dtype=object)
+        noisy = np.asarray([bool(x) for x in meta.column("noisy").to_pylist()], dtype=bool)
         rows: list[tuple[bytes, str] | None] = [None] * len(expected)
         position = {u: i for i, u in enumerate(expected)}
         # iter_samples checks the tar's sha256 first (a flipped bit in a JPEG may still decode).
@@ -251,7 +310,7 @@ class SuperBatches(torch.utils.data.Dataset):
             if list(c.uids) != list(expected):  # storage checks this too; the trainer must never zip blindly
                 raise ValueError(f"cache {spec.folder(dataset)} shard {ref.name}: uids differ from the pair shard")
             cached.append((c.image_emb, c.text_emb))
-        entry = {"rows": rows, "cached": cached, "ref": ref}
+        entry = {"rows": rows, "cached": cached, "ref": ref, "uids": expected, "noisy": noisy}
         self._open[s] = entry
         if len(self._open) > self._max_open:
             self._open.popitem(last=False)
@@ -278,14 +337,14 @@ class SuperBatches(torch.utils.data.Dataset):
             row = entry["rows"][r]
             if row is None:
                 continue
-            uid = self.index.uids[gid]
+            uid = entry["uids"][r]
             image = self._decode(row[0], entry["ref"], uid)
             if image is None:
                 continue
             images.append(image)
             captions.append(row[1])
             uids.append(uid)
-            noisy.append(bool(self.index.noisy[gid]))
+            noisy.append(bool(entry["noisy"][r]))
             for (ci, ct), (img_emb, txt_emb) in zip(cached, entry["cached"]):
                 ci.append(img_emb[r])
                 ct.append(txt_emb[r])

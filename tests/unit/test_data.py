@@ -62,3 +62,48 @@ def test_shard_validation(dataset):
         _batches(index, size=16, shard=(2, 2))
     with pytest.raises(ValueError, match="fewer than one super-batch"):
         _batches(index, size=128)
+
+
+def _old_epoch_order(rows, *, seed, epoch, window):
+    """The materialised order of earlier versions (kept here: runs resume into the same batches)."""
+    rng = np.random.default_rng([seed, epoch, 0x5EED])
+    offsets = np.concatenate([[0], np.cumsum(rows)])
+    perm = rng.permutation(len(rows))
+    parts = []
+    for start in range(0, len(perm), window):
+        ids = np.concatenate([np.arange(offsets[s], offsets[s + 1]) for s in perm[start:start + window]])
+        rng.shuffle(ids)
+        parts.append(ids)
+    return np.concatenate(parts)
+
+
+@pytest.mark.parametrize("window", [1, 3, 8])
+def test_epoch_order_read_in_slices_is_the_materialised_order(window):
+    from pipeline.data import EpochOrder
+
+    rows = np.array([7, 20, 1, 13, 20, 20, 5, 9, 11, 2, 20])
+    want = _old_epoch_order(rows, seed=4, epoch=2, window=window)
+    order = EpochOrder(rows, seed=4, epoch=2, window=window)
+    got = np.concatenate([order.slice(a, min(a + 17, len(want))) for a in range(0, len(want), 17)])
+    assert got.tolist() == want.tolist()
+    late = EpochOrder(rows, seed=4, epoch=2, window=window)  # a resumed reader starts mid-epoch
+    assert late.slice(100, 120).tolist() == want[100:120].tolist()
+    if window == 1:  # windows 0..k-2 are gone: reading back needs a new reader (SuperBatches makes one)
+        with pytest.raises(ValueError, match="forward only"):
+            late.slice(0, 5)
+
+
+def test_index_memory_is_per_shard_and_uids_are_checked_across_datasets(dataset, tmp_path):
+    from pipeline.data import duplicate_uids, uid_keys
+
+    index = PairIndex([dataset])
+    assert len(index) == 90 and not hasattr(index, "uids")  # no per-pair arrays at start-up
+    keys = uid_keys(["0" * 31 + "1", "f" * 32, "0" * 31 + "1", "0" * 32])
+    assert keys.dtype == np.dtype("S16") and duplicate_uids(keys).tolist() == [bytes.fromhex("0" * 31 + "1")]
+    with pytest.raises(ValueError, match="not 32 hex digits"):
+        uid_keys(["xyz"])
+    twin = tmp_path / "datasets" / "twin"
+    write_shards(generate_pairs(30, seed=0, noise_frac=0.3), twin, name="twin", source="synthetic",
+                 samples_per_shard=20)  # the first 30 pairs of `dataset` again
+    with pytest.raises(ValueError, match="30 uid\\(s\\) occur in more than one training dataset"):
+        PairIndex([dataset, twin])
