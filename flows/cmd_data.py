@@ -124,6 +124,7 @@ def _in_place_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--header-only", action="store_true",
                    help="check image headers only, not every pixel (much faster on a large pool; a corrupt image "
                         "body is then found, and handled by on_bad_sample, when training reads it)")
+    p.add_argument("--workers", type=int, default=1, help="read this many tars in parallel (processes)")
 
 
 def _opts(args) -> dict:
@@ -191,9 +192,9 @@ def _cmd_import_webdataset(args) -> int:
     opts = _opts(args)
     if args.in_place:
         opts.pop("samples_per_shard")  # one shard per existing tar
-        opts.update(in_place=True, relative=args.relative_paths, decode=not args.header_only)
-    elif args.relative_paths or args.header_only:
-        print("error: --relative-paths and --header-only apply only with --in-place", file=sys.stderr)
+        opts.update(in_place=True, relative=args.relative_paths, decode=not args.header_only, workers=args.workers)
+    elif args.relative_paths or args.header_only or args.workers != 1:
+        print("error: --relative-paths, --header-only and --workers apply only with --in-place", file=sys.stderr)
         return 2
     return _run(lambda: _report({"": import_webdataset(args.src, args.root, args.name, **opts)}, t0))
 
@@ -204,7 +205,7 @@ def _cmd_import_datacomp(args) -> int:
     t0 = time.perf_counter()
     return _run(lambda: _report({"": register_webdataset(
         args.src, args.root, args.name, relative=args.relative_paths, decode=not args.header_only, require_uid=True,
-        on_error="skip" if args.skip_bad else "raise", overwrite=args.overwrite)}, t0))
+        on_error="skip" if args.skip_bad else "raise", overwrite=args.overwrite, workers=args.workers)}, t0))
 
 
 def _cmd_import_classes(args) -> int:

@@ -76,7 +76,7 @@ def registered(pool, tmp_path_factory):
         save_model(create_model("aced-vit-t", seed=seed), root / "models" / model_id)
     before = _disk(root)
     tars_before = _tars(pool.folder)
-    r = _aced(root, "import", "datacomp", str(pool.folder), "--name", "pool")
+    r = _aced(root, "import", "datacomp", str(pool.folder), "--name", "pool", "--workers", "2")
     return {"root": root, "before": before, "after": _disk(root), "tars_before": tars_before, "out": r.stdout}
 
 
@@ -165,7 +165,7 @@ def _flip_jpeg_byte(tar: Path) -> None:
         f.write(bytes([b[0] ^ 0x01]))
 
 
-def test_a_modified_external_tar_is_refused_by_training_and_inspect(pool, tmp_path):
+def test_a_modified_external_tar_is_refused_by_training_and_inspect(pool, registered, tmp_path):
     from pipeline.recipes import recipe
     from pipeline.trainer import train
     from storage.importers import register_webdataset
@@ -173,7 +173,12 @@ def test_a_modified_external_tar_is_refused_by_training_and_inspect(pool, tmp_pa
 
     src = _copy_pool(pool, tmp_path / "pool")
     root = tmp_path / "ws"
-    info = register_webdataset(src, root, "pool", require_uid=True)
+    info = register_webdataset(src, root, "pool", require_uid=True)  # one process (the fixture's CLI run: 2)
+    from storage.shards import read_metadata
+
+    by_two = load_dataset(registered["root"] / "datasets" / "pool")
+    assert [read_metadata(s) for s in info.shards] == [read_metadata(s) for s in by_two.shards]
+    assert [(s.name, s.rows, s.sha256) for s in info.shards] == [(s.name, s.rows, s.sha256) for s in by_two.shards]
     assert _aced(root, "inspect", str(info.path), "--verify").returncode == 0
     _flip_jpeg_byte(src / "00001.tar")
 
@@ -234,23 +239,26 @@ def test_duplicate_uids_across_tars_and_missing_uids(pool, tmp_path):
     # makes uids as the re-pack import does.
     import tarfile
 
+    import io
+
     bare = tmp_path / "bare"
     bare.mkdir()
-    with tarfile.open(pool.folder / "00000.tar") as tf, tarfile.open(bare / "00000.tar", "w") as out:
-        for m in tf:
-            data = tf.extractfile(m).read()
-            if m.name.endswith(".json"):
-                meta = json.loads(data)
-                meta.pop("uid")
-                data = json.dumps(meta).encode()
-                m.size = len(data)
-            import io
-
-            out.addfile(m, io.BytesIO(data))
-    r = _aced(tmp_path / "ws", "import", "datacomp", str(bare), "--name", "bare", check=False)
-    assert r.returncode == 1 and "no DataComp uid" in r.stderr
+    for name in ("00000.tar", "00001.tar"):
+        with tarfile.open(pool.folder / name) as tf, tarfile.open(bare / name, "w") as out:
+            for m in tf:
+                data = tf.extractfile(m).read()
+                if m.name.endswith(".json"):
+                    meta = json.loads(data)
+                    meta.pop("uid")
+                    data = json.dumps(meta).encode()
+                    m.size = len(data)
+                out.addfile(m, io.BytesIO(data))
+    # Raised in a worker process, reported by the parent as one line.
+    r = _aced(tmp_path / "ws", "import", "datacomp", str(bare), "--name", "bare", "--workers", "2", check=False)
+    assert r.returncode == 1 and "00000.tar: sample key=" in r.stderr and "no DataComp uid" in r.stderr
+    assert not (tmp_path / "ws" / "datasets" / "bare").exists()
     _aced(tmp_path / "ws", "import", "webdataset", "--in-place", str(bare), "--name", "bare")
     from storage.shards import iter_samples, list_shards
 
     uids = [s.uid for ref in list_shards(tmp_path / "ws" / "datasets" / "bare") for s in iter_samples(ref)]
-    assert len(uids) == 21 and not set(uids) & set(pool.uids)
+    assert len(uids) == 42 and not set(uids) & set(pool.uids)
