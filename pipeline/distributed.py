@@ -121,22 +121,6 @@ class Dist:
         dist.all_reduce(flat)
         return {k: flat[i].to(v.dtype) for i, (k, v) in enumerate(metrics.items())}
 
-    def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
-        """Mean of each gradient over the ranks, as one flat all-reduce (one message, not one per tensor)."""
-        if not self.active:
-            return
-        grads = [p.grad for p in params if p.grad is not None]
-        if not grads:
-            return
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        flat /= self.world
-        offset = 0
-        for g in grads:
-            n = g.numel()
-            g.copy_(flat[offset:offset + n].view_as(g))
-            offset += n
-
     def sum_floats(self, values: list[float], device: torch.device) -> list[float]:
         """Element-wise sum over the ranks (float64)."""
         if not self.active:
@@ -152,15 +136,6 @@ class Dist:
         out = [None] * self.world if self.is_main else None
         dist.gather_object(obj, out, dst=0)
         return out
-
-    def broadcast_module(self, module: torch.nn.Module) -> None:
-        """Rank 0's parameters and buffers everywhere (ranks start from the same weights by seed anyway;
-        this makes it a guarantee)."""
-        if not self.active:
-            return
-        with torch.no_grad():
-            for t in list(module.parameters()) + list(module.buffers()):
-                dist.broadcast(t.data, src=0)
 
     def device(self, requested: torch.device) -> torch.device:
         """One GPU per rank (LOCAL_RANK) on CUDA; the CPU is shared."""

@@ -79,6 +79,8 @@ class Run:
     """First step to run (the resumed checkpoint's step)."""
     metrics_log: ParquetLog | None = None
     selections_log: ParquetLog | None = None
+    net: torch.nn.Module | None = None
+    """The student for the training forward: DDP at W > 1 (Dist.wrap), the model itself at W = 1."""
 
     @property
     def model(self) -> torch.nn.Module:
@@ -266,24 +268,24 @@ def log_selections(run: Run, sb: SuperBatch, result: SelectionResult) -> None:
         run.selections_log.append_table(table)
 
 
-def contrastive_loss(cfg: TrainConfig, model: torch.nn.Module, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
+def contrastive_loss(cfg: TrainConfig, model: torch.nn.Module, rows: losses.Rows) -> torch.Tensor:
     scale = model.logit_scale.exp()
     if cfg.contrastive == "sigmoid":
-        return losses.sigmoid_contrastive(img, txt, scale, model.logit_bias)
-    return losses.softmax_contrastive(img, txt, scale)
+        return losses.sigmoid_contrastive_rows(rows, scale, model.logit_bias)
+    return losses.softmax_contrastive_rows(rows, scale)
 
 
-def kd_loss(cfg: TrainConfig, model: torch.nn.Module, img: torch.Tensor, txt: torch.Tensor,
-            teachers: list[tuple[torch.Tensor, torch.Tensor, Any]], proj: torch.nn.Module | None) -> torch.Tensor:
+def kd_loss(cfg: TrainConfig, model: torch.nn.Module, rows: losses.Rows,
+            teachers: list[tuple[losses.Rows, Any]], proj: torch.nn.Module | None) -> torch.Tensor:
     """Distillation term on the KD batch, averaged over teachers (eq. 18, losses.ensemble_kd)."""
     scale = model.logit_scale.exp()
 
-    def one_teacher(t_img: torch.Tensor, t_txt: torch.Tensor, meta: Any) -> torch.Tensor:
+    def one_teacher(tea: losses.Rows, meta: Any) -> torch.Tensor:
         if cfg.kd_loss == "softmax":
-            return losses.softmax_kd(img, txt, scale, t_img, t_txt, meta.logit_scale)
+            return losses.softmax_kd_rows(rows, scale, tea, meta.logit_scale)
         if cfg.kd_loss == "sigmoid":
-            return losses.sigmoid_kd(img, txt, scale, model.logit_bias, t_img, t_txt, meta.logit_scale, meta.logit_bias)
-        return losses.feature_matching_kd(img, txt, t_img, t_txt, proj)
+            return losses.sigmoid_kd_rows(rows, scale, model.logit_bias, tea, meta.logit_scale, meta.logit_bias)
+        return losses.feature_matching_kd_rows(rows, tea, proj)
 
     return losses.ensemble_kd(one_teacher, (), teachers)
 
@@ -292,30 +294,31 @@ def train_step(run: Run, ce: SuperBatch, kd: SuperBatch | None) -> dict[str, flo
     """One update: L = L_contrastive[B_CE] + lambda * L_dist[B_KD] (SPEC "Full objective"). `ce` and `kd`
     live on the training device (uint8 pixels: normalised here).
 
-    Data-parallel (W > 1): each rank embeds its rows, the embeddings are all-gathered with their gradient
-    and every rank computes the loss over the whole b-pair batch; gradients are then averaged over ranks,
-    which makes the update the single-process update on the gathered batch."""
+    Data-parallel (W > 1): each rank embeds its m = b/W rows and computes its rows of every loss against
+    the gathered columns ([m, b] blocks, never b x b: pipeline.losses.Rows); the batch loss is the sum of the
+    ranks' shares, so DDP (Dist.wrap) sums the gradients while backward runs, which makes the update the
+    single-process update on the gathered batch (pipeline/distributed.py derives it)."""
     cfg, model, group, device = run.cfg, run.model, run.group, run.device
     model.train()
     run.opt.zero_grad(set_to_none=True)
+    net = run.net if run.net is not None else model
     with autocast(device):
-        img, txt = embed(model, run.bundle.normalize(ce.images), ce.tokens)
-        img, txt = group.gather_with_grad(img), group.gather_with_grad(txt)
+        img, txt = net(run.bundle.normalize(ce.images), ce.tokens)[:2]
+        rows = group.rows(img.float(), txt.float())
         terms = {}
         if kd is not None:
             if kd is ce:
-                k_img, k_txt = img, txt
+                k_rows = rows
             else:
-                k_img, k_txt = embed(model, run.bundle.normalize(kd.images), kd.tokens)
-                k_img, k_txt = group.gather_with_grad(k_img), group.gather_with_grad(k_txt)
-            teachers = [(group.gather_rows(ti), group.gather_rows(tt), spec.meta)
-                        for (ti, tt), spec in zip(kd.teachers, run.teachers)]
-            terms["kd"] = (cfg.kd_lambda, kd_loss(cfg, model, k_img.float(), k_txt.float(), teachers, run.proj))
-        total, metrics = losses.unified_objective(contrastive_loss(cfg, model, img.float(), txt.float()), terms)
-    total.backward()
+                k_img, k_txt = net(run.bundle.normalize(kd.images), kd.tokens)[:2]
+                k_rows = group.rows(k_img.float(), k_txt.float())
+            teachers = [(group.rows(ti, tt, grad=False), spec.meta) for (ti, tt), spec in zip(kd.teachers, run.teachers)]
+            terms["kd"] = (cfg.kd_lambda, kd_loss(cfg, model, k_rows, teachers, run.proj))
+        total, metrics = losses.unified_objective(contrastive_loss(cfg, model, rows), terms)
+    total.backward()  # at W > 1 DDP sums the ranks' gradients bucket by bucket during backward
+    metrics = group.sum_metrics(metrics)  # the ranks' loss shares -> the batch's losses
     # model.parameters() includes the feature-matching projection (a registered submodule), once
     params = [p for p in model.parameters() if p.requires_grad]
-    group.average_gradients(params)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
     lr = run.opt.param_groups[0]["lr"]
     run.opt.step()
@@ -407,8 +410,7 @@ def open_run(cfg: TrainConfig, run_dir: Path, device: torch.device, group: Dist)
     if latest is not None:
         run.start = int(load_checkpoint(latest, model=model, optimizer=opt, scheduler=sched)["step"])
         log.info("resuming %s from %s (step %d)", run_dir, latest.name, run.start)
-    else:
-        group.broadcast_module(model)
+    run.net = group.wrap(model)  # broadcasts rank 0's weights
     if group.is_main:
         # Rows logged after the checkpoint we resume from belong to steps that will run again.
         run.metrics_log.truncate_after(run.start - 1)
