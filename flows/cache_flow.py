@@ -41,8 +41,9 @@ def embed_task(plan: CachePlan, engine: str, chunk_size: int, actors: int | None
     logger = get_run_logger()
 
     def progress(rec: ShardWritten) -> None:
-        logger.info("cached %s/%s for %s: %d/%d shards, %.1f pairs/s", rec.dataset, rec.shard,
-                    ",".join(rec.model_ids), rec.done, rec.total, rec.pairs_per_s)
+        logger.info("cached %s/%s for %s: %d/%d shards, %.1f pairs/s%s", rec.dataset, rec.shard,
+                    ",".join(rec.model_ids), rec.done, rec.total, rec.pairs_per_s,
+                    f" (node {', '.join(n[:12] for n in rec.nodes)})" if rec.nodes else "")
 
     with cache_lock(plan.root):
         plan = plan.refresh()  # a retry (or a run racing a finished one) skips what is committed by now
@@ -59,6 +60,8 @@ def embed_task(plan: CachePlan, engine: str, chunk_size: int, actors: int | None
     out = res.to_dict()
     logger.info("%s engine: %d shards, %d pairs in %.1f s (%s pairs/s)", engine, out["shards"], out["pairs"],
                 out["seconds"], out["pairs_per_s"])
+    if out["nodes"]:
+        logger.info("pairs per Ray node: %s", {n[:12]: k for n, k in out["nodes"].items()})
     return out
 
 
@@ -80,8 +83,10 @@ def cache_flow(root: str, datasets: list[str] | None = None, models: list[str] |
     """Embed every shard of `datasets` (default: all under `<root>/datasets`) with every model in
     `models` (ids under `<root>/models` or folders) that its cache lacks, then verify the caches.
 
-    engine: "ray" (one Ray Data pipeline; `ray_address`/$RAY_ADDRESS joins a cluster, else a local
-    Ray with `num_cpus` and `object_store_mb`) or "plain" (this process). Returns a summary dict.
+    engine: "ray" (one Ray Data pipeline; `ray_address`/$RAY_ADDRESS joins a running cluster, which
+    is left running, else a local Ray with `num_cpus` and `object_store_mb`) or "plain" (this
+    process). Returns a summary dict; its result has the pairs embedded per Ray node (`nodes`) and
+    per actor (`actors`).
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")

@@ -72,7 +72,10 @@ def _cache_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--actors", type=int, default=None, help="model actors (default: one per GPU, else 1)")
     p.add_argument("--actor-cpus", type=float, default=None, help="CPUs reserved per actor (fractions allowed)")
     p.add_argument("--torch-threads", type=int, default=None, help="torch threads per actor/process")
-    p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: $RAY_ADDRESS, else local)")
+    p.add_argument("--ray-address", default=None, metavar="HOST:PORT",
+                   help="join this running Ray cluster (the head's address from `ray start --head`; left running "
+                        "afterwards; default: $RAY_ADDRESS, else a local Ray started and stopped by this command). "
+                        "Every node must see the workspace and the model folders at the same paths")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray instance (default: all)")
     p.add_argument("--object-store-mb", type=int, default=None, help="object store of a local Ray instance")
 
@@ -82,6 +85,11 @@ def _cache_params(args: argparse.Namespace) -> dict:
         raise SystemExit(f"aced {args.command}: give --models (model ids under {args.root}/models or model folders)")
     if args.chunk_size < 1:
         raise SystemExit(f"aced {args.command}: --chunk-size must be >= 1")
+    if args.ray_address and args.engine != "ray":
+        raise SystemExit(f"aced {args.command}: --ray-address needs --engine ray")
+    if args.ray_address and (args.num_cpus is not None or args.object_store_mb is not None):
+        raise SystemExit(f"aced {args.command}: --num-cpus/--object-store-mb size a local Ray; "
+                         "a cluster joined with --ray-address keeps its own")
     return {"root": str(Path(args.root).resolve()), "datasets": args.datasets, "models": args.models,
             "engine": args.engine, "chunk_size": args.chunk_size, "dtype": args.dtype, "actors": args.actors,
             "actor_cpus": args.actor_cpus, "torch_threads": args.torch_threads, "ray_address": args.ray_address,
