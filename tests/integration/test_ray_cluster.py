@@ -266,25 +266,30 @@ def test_cluster_dies_with_the_process_that_started_it_on_sigkill(tmp_path):
                               stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
-        line = holder.stdout.readline()  # "ready <address> <marker>" once every node is up
-        assert line.startswith("ready "), f"holder failed (rc {holder.poll()})"
-        marker = line.split()[2]
+        seen = []
+        for line in holder.stdout:  # "ready <address> <marker> <temp dir>" once every node is up
+            seen.append(line)
+            if line.startswith("ready "):
+                break
+        assert seen and seen[-1].startswith("ready "), f"holder failed (rc {holder.poll()}): {''.join(seen)[-2000:]}"
+        _, _, marker, tmp = seen[-1].split()
         assert len(marked_processes(marker)) >= 6
     finally:
-        holder.kill()  # SIGKILL: no Python cleanup runs in the holder
+        holder.kill()  # SIGKILL: no Python cleanup runs in the holder (its `ray start`s get SIGTERM)
         holder.wait(30)
         holder.stdout.close()
     deadline = time.monotonic() + 60
     while (left := marked_processes(marker)) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert left == [], f"orphaned Ray processes after the SIGKILL: {left}"
+    shutil.rmtree(tmp)  # the holder could not clean up after itself
 
 
 if __name__ == "__main__":
     if sys.argv[1:] != ["--hold"]:
         raise SystemExit("usage: python -m tests.integration.test_ray_cluster --hold")
     with ray_cluster(nodes=2) as c:
-        print("ready", c.address, c.marker, flush=True)
+        print("ready", c.address, c.marker, c.env["RAY_TMPDIR"], flush=True)
         try:
             signal.pause()
         except KeyboardInterrupt:
