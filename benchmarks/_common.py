@@ -20,8 +20,11 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # `python benchmarks/x.py` puts benchmarks/ first, not the repo
-    sys.path.insert(0, str(REPO))
+# `python benchmarks/x.py` puts benchmarks/ first, whose storage.py would shadow the `storage` package: the
+# repo goes in front of it even when PYTHONPATH already lists it further back (torchrun children do).
+if str(REPO) in sys.path:
+    sys.path.remove(str(REPO))
+sys.path.insert(0, str(REPO))
 
 from storage.atomic import atomic_write_bytes, atomic_write_json  # noqa: E402
 
