@@ -130,14 +130,38 @@ class SuperBatch:
                                    teachers=[(pin(i), pin(t)) for i, t in self.teachers])
 
 
-def uid_keys(uids: Sequence[str]) -> np.ndarray:
-    """32-hex uids as 16-byte big-endian keys (numpy 'S16'): 16 bytes per pair instead of a ~100-byte
-    Python string, and byte order = numeric order, so sorting finds duplicates without a set."""
-    try:
-        return np.frombuffer(bytes.fromhex("".join(uids)), dtype="S16") if len(uids) else np.zeros(0, "S16")
-    except ValueError:
-        bad = next((u for u in uids if len(u) != 32 or any(c not in "0123456789abcdefABCDEF" for c in u)), None)
-        raise ValueError(f"uid {bad!r} is not 32 hex digits (DataComp's 128-bit uid)") from None
+_NIBBLE = np.full(256, 255, dtype=np.uint8)
+_NIBBLE[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16, dtype=np.uint8)
+_NIBBLE[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16, dtype=np.uint8)
+
+
+def uid_keys(uids) -> np.ndarray:
+    """32-hex uids (a sequence of str, or an Arrow string array / column) as 16-byte big-endian keys
+    (numpy 'S16'): 16 bytes per pair instead of a ~100-byte Python string, and byte order = numeric
+    order, so sorting finds duplicates without a set. Arrow input is converted without a Python object
+    per uid (the hex digits are decoded from the column's value buffer)."""
+    import pyarrow as pa
+
+    if isinstance(uids, (pa.Array, pa.ChunkedArray)):
+        arr = uids.combine_chunks() if isinstance(uids, pa.ChunkedArray) else uids
+        arr = arr.cast(pa.string())
+        offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32)[arr.offset:arr.offset + len(arr) + 1]
+        if arr.null_count or not np.all(np.diff(offsets) == 32):
+            return uid_keys(arr.to_pylist())  # a bad uid: the slow path names it
+        digits = np.frombuffer(arr.buffers()[2], dtype=np.uint8)[offsets[0]:offsets[-1]].reshape(-1, 32)
+    else:
+        if not len(uids):
+            return np.zeros(0, "S16")
+        if any(len(u) != 32 for u in uids):
+            bad = next(u for u in uids if len(u) != 32)
+            raise ValueError(f"uid {bad!r} is not 32 hex digits (DataComp's 128-bit uid)")
+        digits = np.frombuffer("".join(uids).encode("ascii", "replace"), dtype=np.uint8).reshape(-1, 32)
+    nib = _NIBBLE[digits]
+    if (nib == 255).any():
+        row = int(np.nonzero((nib == 255).any(axis=1))[0][0])
+        raise ValueError(f"uid {bytes(digits[row]).decode('ascii', 'replace')!r} is not 32 hex digits "
+                         "(DataComp's 128-bit uid)")
+    return np.ascontiguousarray((nib[:, 0::2] << 4) | nib[:, 1::2]).view("S16").ravel()
 
 
 def duplicate_uids(keys: np.ndarray) -> np.ndarray:
@@ -168,7 +192,7 @@ class PairIndex:
         self.rows = np.array([r.rows for r in self.shards], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.rows)])
         if len(set(self.datasets)) > 1:
-            keys = np.concatenate([uid_keys(read_metadata(r).column("uid").to_pylist()) for r in self.shards])
+            keys = np.concatenate([uid_keys(read_metadata(r).column("uid")) for r in self.shards])
             dup = duplicate_uids(keys)
             if len(dup):
                 example = dup[0].ljust(16, bytes(1)).hex()  # 'S16' drops trailing zero bytes
