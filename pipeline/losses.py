@@ -24,10 +24,16 @@ Conventions shared by every function here:
 Data-parallel ranks (ARCHITECTURE.md "Scale-out"; the layout of big_vision's SigLIP loss): each loss has
 a ``*_rows`` form that takes a `Rows` (this rank's m = b / W rows of the batch, the whole batch's b rows
 gathered on demand) and returns this rank's share L_r of the batch loss, so that L = sum_r L_r. A rank
-forms only its [m, b] block of the logits (its images against every text, and for the softmax losses'
-text->image direction its texts against every image), never the b x b matrix: loss memory O(b^2 / W).
-Matching pairs are found by index arithmetic (row i of the block is pair offset + i), not by a dense
-identity matrix. With W = 1 (a `Rows` without a gather) each ``*_rows`` function is its plain function.
+owns only its [m, b] rows of the logits (its images against every text, and for the softmax losses'
+text->image direction its texts against every image), and never materialises even those: they are
+visited in column blocks of at most `block` columns (default m, one rank's worth), forward and again in
+backward (recomputed, as flash attention does), so the largest tensor the loss creates is [m, block] and
+per-rank loss memory stays flat as W grows at fixed m (a plain [m, b] block would grow as b^2 / W;
+mlfoundations/open_clip issue 942). Sigmoid losses are sums over the blocks; softmax losses carry each
+row's log-sum-exp across the blocks (online, also the teacher's for KD). Matching pairs are found by
+index arithmetic (row i is pair offset + i), not by a dense identity matrix. With W = 1 (a `Rows` without
+a gather) each ``*_rows`` function is its plain function, bit for bit, unless a `block` is asked for
+(only worth it when b x b itself is too large).
 """
 from __future__ import annotations
 
@@ -109,18 +115,23 @@ def _logits(img: torch.Tensor, txt: torch.Tensor, scale: Scalar, bias: Scalar | 
             dtype: torch.dtype) -> torch.Tensor:
     """l[b, b] = scale * img @ txt.T (+ bias), in `dtype`."""
     img, txt = img.to(dtype), txt.to(dtype)
-    out = _scalar(scale, dtype, img.device, "scale") * (img @ txt.T)
-    if bias is not None:
-        out = out + _scalar(bias, dtype, img.device, "bias")
-    return out
+    bias = None if bias is None else _scalar(bias, dtype, img.device, "bias")
+    return _affine(img @ txt.T, _scalar(scale, dtype, img.device, "scale"), bias)
+
+
+def _affine(dots: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """scale * dots (+ bias): the one place logits are formed from dot products (plain and blocked)."""
+    out = scale * dots
+    return out if bias is None else out + bias
 
 
 def _signed(logits: torch.Tensor, offset: int = 0) -> torch.Tensor:
-    """y * l for a block l[m, b] of the logits whose row i is pair offset + i: y = +1 at (i, offset + i)
-    (the matching pair), -1 elsewhere. Index arithmetic instead of a dense identity matrix; multiplying
-    by +-1 is exact, so values and gradients are bit-identical to (2 * eye - 1) * l."""
+    """y * l for a block l[m, k] of the logits whose row i is pair offset + i: y = +1 at (i, offset + i)
+    (the matching pair), -1 elsewhere. `offset` may be negative or beyond the block (a column block that
+    starts after the pair, or holds none of them). Index arithmetic instead of a dense identity matrix;
+    multiplying by +-1 is exact, so values and gradients are bit-identical to (2 * eye - 1) * l."""
     out = -logits
-    out.diagonal(offset).neg_()  # entries (i, offset + i), i < m
+    out.diagonal(offset).neg_()  # entries (i, offset + i) inside the block
     return out
 
 
@@ -417,90 +428,251 @@ def _same_rows(name: str, stu: Rows, tea: Rows) -> None:
                          f"{stu.offset}+{stu.img.shape[0]} of {stu.total} (teacher rows must be the same pairs)")
 
 
-def _targets(x: Rows) -> torch.Tensor:
-    """Column of each row's matching pair in an [m, b] block: offset + i (index arithmetic)."""
-    return torch.arange(x.offset, x.offset + x.img.shape[0], device=x.img.device)
+# ---------------------------------------------------------------- column blocks (flat per-rank memory)
+# A rank's rows l[m, b] = a * rows @ cols.T (+ c) of the logits are visited `block` columns at a time by a
+# custom autograd.Function: forward keeps only per-row statistics (nothing for the sigmoid sums, the row
+# log-sum-exps for the softmax ones), backward recomputes each block and turns it into its gradient
+# dL/dl[m, block] on the spot. torch.utils.checkpoint per block would also keep no block alive, but its
+# slice of `cols` would give every block a zero-filled [b, d] gradient to add up: here one [b, d]
+# gradient is written a block of rows at a time.
+
+
+@dataclass(frozen=True)
+class _Teacher:
+    """The teacher's side of a blocked KD loss (cached embeddings: detached, no gradient).
+
+    rows[m, d_t] and cols[b, d_t] in the compute dtype; logits t = scale * rows @ cols.T (+ bias) with 0-dim
+    scale and bias (None for the softmax losses)."""
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    scale: torch.Tensor
+    bias: torch.Tensor | None
+
+    def logits(self, j0: int, j1: int) -> torch.Tensor:
+        """Columns j0 .. j1 - 1 of t: [m, j1 - j0]."""
+        return _affine(self.rows @ self.cols[j0:j1].T, self.scale, self.bias)
+
+
+def _column_blocks(b: int, block: int) -> list[tuple[int, int]]:
+    """[(j0, j1)]: b columns in consecutive blocks of `block` (the last one shorter when block does not divide b)."""
+    return [(j, min(j + block, b)) for j in range(0, b, block)]
+
+
+def _blocked_backward(ctx, grad: torch.Tensor, dlogits: Callable[[torch.Tensor, int, int], torch.Tensor]):
+    """Gradients (rows, cols, scale, bias) of a loss over the logits l = scale * rows @ cols.T (+ bias), given
+    dlogits(l_block, j0, j1) = dL/dl for columns j0 .. j1 - 1 ([m, j1 - j0]); `grad` = dOut/dL (0-dim).
+
+    With G = dL/dl:  dL/drows = scale * G @ cols,  dL/dcols = scale * G.T @ rows,  dL/dbias = sum G,
+    dL/dscale = sum_ij G_ij rows_i . cols_j = sum (G @ cols) * rows, so no [m, b] tensor is needed for it."""
+    rows, cols, scale, bias = ctx.saved_tensors[:4]
+    with torch.autocast(device_type=rows.device.type, enabled=False):  # as in forward (module doc)
+        g_rows, g_cols, g_bias = torch.zeros_like(rows), torch.empty_like(cols), rows.new_zeros(())
+        for j0, j1 in _column_blocks(cols.shape[0], ctx.block):
+            g = dlogits(_affine(rows @ cols[j0:j1].T, scale, bias), j0, j1)
+            g_rows.addmm_(g, cols[j0:j1])
+            g_cols[j0:j1] = g.T @ rows
+            if bias is not None:
+                g_bias += g.sum()
+        g_scale = (g_rows * rows).sum() * grad
+        g_rows *= scale * grad
+        g_cols *= scale * grad
+    need = ctx.needs_input_grad
+    return (g_rows if need[0] else None, g_cols if need[1] else None, g_scale if need[2] else None,
+            g_bias * grad if bias is not None and need[3] else None)
+
+
+class _SigmoidBlocks(torch.autograd.Function):
+    """sum_{i < m, j < b} of the sigmoid loss terms of l = scale * rows @ cols.T + bias, by column blocks.
+
+    Hard targets (teacher None; `sigmoid_contrastive`): softplus(-y_ij l_ij), y_ij = +1 iff j = offset + i.
+    Soft targets (a `_Teacher` with logits t; `sigmoid_kd`): -(sigmoid(t) logsigmoid(l) + sigmoid(-t) logsigmoid(-l)).
+    Inputs rows[m, d], cols[b, d], 0-dim scale and bias, all in the compute dtype -> 0-dim sum (not normalised).
+    dL/dl: hard -y sigmoid(-y l); soft sigmoid(-t) sigmoid(l) - sigmoid(t) sigmoid(-l) (= sigmoid(l) -
+    sigmoid(t), written as autograd differentiates the plain loss, with no cancellation for large logits).
+    """
+
+    @staticmethod
+    def forward(ctx, rows, cols, scale, bias, offset: int, block: int, teacher: _Teacher | None):
+        total = rows.new_zeros(())
+        for j0, j1 in _column_blocks(cols.shape[0], block):
+            l = _affine(rows @ cols[j0:j1].T, scale, bias)
+            if teacher is None:
+                total += -F.logsigmoid(_signed(l, offset - j0)).sum()
+            else:
+                t = teacher.logits(j0, j1)
+                total += -(torch.sigmoid(t) * F.logsigmoid(l) + torch.sigmoid(-t) * F.logsigmoid(-l)).sum()
+        ctx.save_for_backward(rows, cols, scale, bias)
+        ctx.offset, ctx.block, ctx.teacher = offset, block, teacher
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        def dlogits(l, j0, j1):
+            if ctx.teacher is None:
+                g = torch.sigmoid(l)                                    # y = -1: d softplus(l) / dl
+                pos = l.diagonal(ctx.offset - j0)
+                g.diagonal(ctx.offset - j0).copy_(-torch.sigmoid(-pos))  # y = +1: d softplus(-l) / dl
+                return g
+            t = ctx.teacher.logits(j0, j1)
+            return torch.sigmoid(-t) * torch.sigmoid(l) - torch.sigmoid(t) * torch.sigmoid(-l)
+        return (*_blocked_backward(ctx, grad, dlogits), None, None, None)
+
+
+class _SoftmaxBlocks(torch.autograd.Function):
+    """sum_{i < m} of the row cross-entropies H(p_i, softmax(l_i,:)) of l = scale * rows @ cols.T, by column blocks.
+
+    Hard targets (teacher None; `softmax_contrastive`): p_i one-hot at column offset + i, H = lse_i - l_i,offset+i.
+    Soft targets (a `_Teacher`, logits t; `softmax_kd`): p_i = softmax(t_i,:), H = lse_i - sum_j p_ij l_ij.
+    lse_i = log sum_j exp(l_ij) accumulates over the blocks with logaddexp; sum_j p_ij l_ij accumulates online
+    against the teacher's running log-sum-exp (rescaled when it grows), so each block is seen once in forward.
+    Backward recomputes each block: dL/dl = exp(l - lse) - p. Inputs rows[m, d], cols[b, d], 0-dim scale
+    in the compute dtype -> 0-dim sum (not normalised). No bias: it cancels in a softmax.
+    """
+
+    @staticmethod
+    def forward(ctx, rows, cols, scale, offset: int, block: int, teacher: _Teacher | None):
+        m = rows.shape[0]
+        lse = rows.new_full((m,), -math.inf)          # student row log-sum-exp so far
+        lse_t = rows.new_full((m,), -math.inf)        # teacher's (soft targets)
+        target = rows.new_zeros(m)                    # sum_j p_ij l_ij so far, against lse_t
+        for j0, j1 in _column_blocks(cols.shape[0], block):
+            l = _affine(rows @ cols[j0:j1].T, scale, None)
+            lse = torch.logaddexp(lse, l.logsumexp(dim=1))
+            if teacher is None:
+                pos = l.diagonal(offset - j0)   # l[r, offset + r - j0]: the pairs in this block
+                r0 = max(0, j0 - offset)        # their first row
+                target[r0:r0 + pos.shape[0]] += pos
+            else:
+                t = teacher.logits(j0, j1)
+                new = torch.logaddexp(lse_t, t.logsumexp(dim=1))
+                target = target * torch.exp(lse_t - new) + (torch.exp(t - new[:, None]) * l).sum(dim=1)
+                lse_t = new
+        ctx.save_for_backward(rows, cols, scale, None, lse, lse_t)
+        ctx.offset, ctx.block, ctx.teacher = offset, block, teacher
+        return (lse - target).sum()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        lse, lse_t = ctx.saved_tensors[4:]
+
+        def dlogits(l, j0, j1):
+            g = torch.exp(l - lse[:, None])                  # softmax(l) in this block
+            if ctx.teacher is None:
+                g.diagonal(ctx.offset - j0).sub_(1.0)
+            else:
+                g -= torch.exp(ctx.teacher.logits(j0, j1) - lse_t[:, None])
+            return g
+        g_rows, g_cols, g_scale, _ = _blocked_backward(ctx, grad, dlogits)
+        return g_rows, g_cols, g_scale, None, None, None
+
+
+def _block_size(x: Rows, block: int | None) -> int:
+    """Columns per block: `block`, or this rank's row count m (one rank's worth: an [m, m] block)."""
+    if block is None:
+        return x.img.shape[0]
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"block must be a positive int (columns per block), got {block!r}")
+    return block
+
+
+def _teacher(tea_rows: torch.Tensor, tea_cols: torch.Tensor, scale: Scalar, bias: Scalar | None,
+             dtype: torch.dtype) -> _Teacher:
+    """The teacher's side of a blocked KD loss; scale and bias as floats, like the plain KD losses."""
+    dev = tea_rows.device
+    return _Teacher(tea_rows.detach().to(dtype), tea_cols.detach().to(dtype), _scalar(float(scale), dtype, dev, "scale"),
+                    None if bias is None else _scalar(float(bias), dtype, dev, "bias"))
 
 
 @_full_precision
-def sigmoid_contrastive_rows(x: Rows, scale: Scalar, bias: Scalar) -> torch.Tensor:
+def sigmoid_contrastive_rows(x: Rows, scale: Scalar, bias: Scalar, *, block: int | None = None) -> torch.Tensor:
     """This rank's share of `sigmoid_contrastive`: its rows of the b x b sum, over the global b.
 
     L_r = (1/b) * sum_{i in rows} sum_j softplus(-y_ij * (a * u_i . v_j + c)),  y_ij = +1 iff i == j,
     so that sum_r L_r = L. Shapes: x.img[m, d] against x.txt_all[b, d] (only the texts are gathered) ->
-    0-dim tensor; the largest tensor is the [m, b] block. At W = 1: `sigmoid_contrastive` itself.
+    0-dim tensor. The [m, b] rows are visited `block` columns at a time (default m), forward and backward:
+    the largest tensor is [m, block]. At W = 1 with block None: `sigmoid_contrastive` itself.
     """
-    if x.whole:
+    if x.whole and block is None:
         return sigmoid_contrastive(x.img, x.txt, scale, bias)
-    txt_all = x.txt_all
+    k, txt_all = _block_size(x, block), x.txt_all
     dtype = _compute_dtype(x.img, txt_all)
-    logits = _logits(x.img, txt_all, scale, bias, dtype)   # [m, b]
-    return -F.logsigmoid(_signed(logits, x.offset)).sum() / x.total
+    dev = x.img.device
+    total = _SigmoidBlocks.apply(x.img.to(dtype), txt_all.to(dtype), _scalar(scale, dtype, dev, "scale"),
+                                 _scalar(bias, dtype, dev, "bias"), x.offset, k, None)
+    return total / x.total
 
 
 @_full_precision
-def softmax_contrastive_rows(x: Rows, scale: Scalar) -> torch.Tensor:
+def softmax_contrastive_rows(x: Rows, scale: Scalar, *, block: int | None = None) -> torch.Tensor:
     """This rank's share of `softmax_contrastive`: both cross-entropies of its own pairs.
 
     L_r = (1/2b) * sum_{i in rows} [ -log softmax_j(l_i,:)_i  -  log softmax_k(l_:,i)_i ],  l_ij = a * u_i . v_j
-    The image->text term of row i needs image i against every text (x.img[m, d] @ x.txt_all[b, d].T); the
-    text->image term of column i needs text i against every image (x.txt[m, d] @ x.img_all[b, d].T, the
-    columns of l as rows). Two [m, b] blocks -> 0-dim tensor. At W = 1: `softmax_contrastive` itself.
+    The image->text term of row i needs image i against every text (x.img[m, d] against x.txt_all[b, d]); the
+    text->image term of column i needs text i against every image (x.txt[m, d] against x.img_all[b, d], the
+    columns of l as rows). Each direction is visited `block` columns at a time (default m) with a running
+    log-sum-exp per row: the largest tensor is [m, block] -> 0-dim tensor. At W = 1 with block None:
+    `softmax_contrastive` itself.
     """
-    if x.whole:
+    if x.whole and block is None:
         return softmax_contrastive(x.img, x.txt, scale)
-    img_all, txt_all = x.img_all, x.txt_all
+    k, img_all, txt_all = _block_size(x, block), x.img_all, x.txt_all
     dtype = _compute_dtype(x.img, txt_all)
-    target = _targets(x)
-    i2t = F.cross_entropy(_logits(x.img, txt_all, scale, None, dtype), target, reduction="sum")
-    t2i = F.cross_entropy(_logits(x.txt, img_all, scale, None, dtype), target, reduction="sum")
+    a = _scalar(scale, dtype, x.img.device, "scale")
+    i2t = _SoftmaxBlocks.apply(x.img.to(dtype), txt_all.to(dtype), a, x.offset, k, None)
+    t2i = _SoftmaxBlocks.apply(x.txt.to(dtype), img_all.to(dtype), a, x.offset, k, None)
     return (i2t + t2i) / (2 * x.total)
 
 
 @_full_precision
-def softmax_kd_rows(stu: Rows, stu_scale: Scalar, tea: Rows, tea_scale: Scalar) -> torch.Tensor:
+def softmax_kd_rows(stu: Rows, stu_scale: Scalar, tea: Rows, tea_scale: Scalar, *,
+                    block: int | None = None) -> torch.Tensor:
     """This rank's share of `softmax_kd`: the image->text rows and text->image columns of its own pairs.
 
     T_ij = a_t * u^t_i . v^t_j,  S_ij = a_s * u_i . v_j
     L_r = -(1/2b) * sum_{i in rows} [ softmax(T_i,:) . log softmax(S_i,:) + softmax(T_:,i) . log softmax(S_:,i) ]
-    Rows: stu.img[m, d_s] @ stu.txt_all.T and tea.img[m, d_t] @ tea.txt_all.T; columns (as rows):
-    stu.txt @ stu.img_all.T and tea.txt @ tea.img_all.T. Four [m, b] blocks -> 0-dim tensor.
-    `tea` is the same pairs as `stu` (its gather carries no gradient). At W = 1: `softmax_kd` itself.
+    Rows: stu.img[m, d_s] against stu.txt_all[b, d_s] with tea.img[m, d_t] against tea.txt_all; columns (as
+    rows): stu.txt against stu.img_all with tea.txt against tea.img_all. Each visited `block` columns at a
+    time (default m) with running log-sum-exps of student and teacher: the largest tensor is [m, block] ->
+    0-dim tensor. `tea` is the same pairs as `stu` (its gather carries no gradient). At W = 1 with block
+    None: `softmax_kd` itself.
     """
     _same_rows("softmax_kd_rows", stu, tea)
-    if stu.whole:
+    if stu.whole and block is None:
         return softmax_kd(stu.img, stu.txt, stu_scale, tea.img, tea.txt, tea_scale)
+    k = _block_size(stu, block)
     dtype = _compute_dtype(stu.img, stu.txt, tea.img, tea.txt)
-    s_rows = _logits(stu.img, stu.txt_all, stu_scale, None, dtype)
-    s_cols = _logits(stu.txt, stu.img_all, stu_scale, None, dtype)
-    with torch.no_grad():
-        t_scale = float(tea_scale)
-        p_rows = torch.softmax(_logits(tea.img.detach(), tea.txt_all.detach(), t_scale, None, dtype), dim=1)
-        p_cols = torch.softmax(_logits(tea.txt.detach(), tea.img_all.detach(), t_scale, None, dtype), dim=1)
-    rows = (p_rows * torch.log_softmax(s_rows, dim=1)).sum()
-    cols = (p_cols * torch.log_softmax(s_cols, dim=1)).sum()
-    return -(rows + cols) / (2 * stu.total)
+    a = _scalar(stu_scale, dtype, stu.img.device, "scale")
+    rows = _SoftmaxBlocks.apply(stu.img.to(dtype), stu.txt_all.to(dtype), a, stu.offset, k,
+                                _teacher(tea.img, tea.txt_all, tea_scale, None, dtype))
+    cols = _SoftmaxBlocks.apply(stu.txt.to(dtype), stu.img_all.to(dtype), a, stu.offset, k,
+                                _teacher(tea.txt, tea.img_all, tea_scale, None, dtype))
+    return (rows + cols) / (2 * stu.total)
 
 
 @_full_precision
 def sigmoid_kd_rows(stu: Rows, stu_scale: Scalar, stu_bias: Scalar,
-                    tea: Rows, tea_scale: Scalar, tea_bias: Scalar) -> torch.Tensor:
+                    tea: Rows, tea_scale: Scalar, tea_bias: Scalar, *, block: int | None = None) -> torch.Tensor:
     """This rank's share of `sigmoid_kd`: its rows of the b x b soft-target cross-entropy, over the global b.
 
     T_ij = a_t * u^t_i . v^t_j + c_t,  S_ij = a_s * u_i . v_j + c_s
     L_r = -(1/b) * sum_{i in rows} sum_j [ sigmoid(T_ij) log sigmoid(S_ij) + sigmoid(-T_ij) log sigmoid(-S_ij) ]
-    Shapes: stu.img[m, d_s] @ stu.txt_all[b, d_s].T, tea.img[m, d_t] @ tea.txt_all[b, d_t].T (only texts
-    are gathered) -> 0-dim tensor. At W = 1: `sigmoid_kd` itself.
+    Shapes: stu.img[m, d_s] against stu.txt_all[b, d_s], tea.img[m, d_t] against tea.txt_all[b, d_t] (only
+    texts are gathered), visited `block` columns at a time (default m): the largest tensor is [m, block] ->
+    0-dim tensor. At W = 1 with block None: `sigmoid_kd` itself.
     """
     _same_rows("sigmoid_kd_rows", stu, tea)
-    if stu.whole:
+    if stu.whole and block is None:
         return sigmoid_kd(stu.img, stu.txt, stu_scale, stu_bias, tea.img, tea.txt, tea_scale, tea_bias)
+    k = _block_size(stu, block)
     dtype = _compute_dtype(stu.img, stu.txt, tea.img, tea.txt)
-    s = _logits(stu.img, stu.txt_all, stu_scale, stu_bias, dtype)
-    with torch.no_grad():
-        t = _logits(tea.img.detach(), tea.txt_all.detach(), float(tea_scale), float(tea_bias), dtype)
-        p, q = torch.sigmoid(t), torch.sigmoid(-t)
-    return -(p * F.logsigmoid(s) + q * F.logsigmoid(-s)).sum() / stu.total
+    dev = stu.img.device
+    total = _SigmoidBlocks.apply(stu.img.to(dtype), stu.txt_all.to(dtype), _scalar(stu_scale, dtype, dev, "scale"),
+                                 _scalar(stu_bias, dtype, dev, "bias"), stu.offset, k,
+                                 _teacher(tea.img, tea.txt_all, tea_scale, tea_bias, dtype))
+    return total / stu.total
 
 
 @_full_precision

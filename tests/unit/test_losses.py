@@ -465,3 +465,104 @@ def test_gathers_happen_on_demand_and_once():
     L.sigmoid_kd_rows(rows, 10.0, -10.0, L.Rows(u[:4], u[4:], offset=0, total=8, gather=gather), 5.0, 0.0)
     L.softmax_contrastive_rows(rows, 10.0)
     assert len(calls) == 1 + 1 + 1  # teacher texts; the student's images; student texts reused
+
+
+# ---------------------------------------------------------------- column blocks (flat per-rank loss memory)
+# The *_rows losses visit a rank's [m, b] logits `block` columns at a time (custom autograd Functions that
+# recompute each block in backward). Each rank's share must equal the same share read off the full b x b
+# matrices (a naive reference built here, independent of pipeline.losses' row code), in value and in
+# gradient, for every block size: dividing b or not, one column, more than b, and m = 1.
+
+
+def _naive_share(kind, rank, world, u, v, ut, vt, a, c):
+    """Rank `rank`'s share of the loss from the full b x b matrices (float64, plain autograd)."""
+    b = u.shape[0]
+    m = b // world
+    mine = slice(rank * m, (rank + 1) * m)
+    F = torch.nn.functional
+    s = a * (u @ v.T)
+    if kind == "sigmoid":
+        y = 2.0 * torch.eye(b, dtype=u.dtype) - 1.0
+        return -F.logsigmoid(y * (s + c))[mine].sum() / b
+    target = torch.arange(b)
+    if kind == "softmax":
+        ce = F.cross_entropy(s, target, reduction="none") + F.cross_entropy(s.T, target, reduction="none")
+        return ce[mine].sum() / (2 * b)
+    t = 9.0 * (ut @ vt.T)
+    if kind == "softmax_kd":
+        rows = (torch.softmax(t, 1) * torch.log_softmax(s, 1)).sum(1)
+        cols = (torch.softmax(t, 0) * torch.log_softmax(s, 0)).sum(0)
+        return -(rows + cols)[mine].sum() / (2 * b)
+    t, s = t - 3.0, s + c   # sigmoid_kd
+    return -(torch.sigmoid(t) * F.logsigmoid(s) + torch.sigmoid(-t) * F.logsigmoid(-s))[mine].sum() / b
+
+
+BLOCK_CASES = {
+    "sigmoid": lambda s, t, a, c, k: L.sigmoid_contrastive_rows(s, a, c, block=k),
+    "softmax": lambda s, t, a, c, k: L.softmax_contrastive_rows(s, a, block=k),
+    "softmax_kd": lambda s, t, a, c, k: L.softmax_kd_rows(s, a, t, 9.0, block=k),
+    "sigmoid_kd": lambda s, t, a, c, k: L.sigmoid_kd_rows(s, a, c, t, 9.0, -3.0, block=k),
+}
+
+
+# (block, world, scale) over b = 15: block m (None), dividing neither m = 5 nor b (4), one column, more than
+# b; blocked at W = 1 (an option there); m = 1; scale 300: logits far beyond exp's float32 range.
+BLOCK_SHAPES = [(None, 3, 6.0), (4, 3, 6.0), (4, 3, 300.0), (1, 3, 6.0), (20, 3, 6.0), (7, 1, 6.0), (7, 1, 300.0),
+                (None, 15, 6.0), (2, 15, 300.0)]
+
+
+@pytest.mark.parametrize("block,world,scale", BLOCK_SHAPES)
+@pytest.mark.parametrize("kind", sorted(BLOCK_CASES))
+def test_each_ranks_blocked_share_equals_its_rows_of_the_full_matrix(kind, block, world, scale):
+    b = 15
+    u, v = _req(_unit(b, D, 1), _unit(b, D, 2))
+    a, c = _req(torch.tensor(scale, dtype=torch.float64), torch.tensor(-2.5, dtype=torch.float64))
+    ut, vt = _unit(b, DT, 3), _unit(b, DT, 4)
+    for rank in range(world):
+        stu, tea = _rank_rows(u, v, world, rank), _rank_rows(ut, vt, world, rank)
+        got = BLOCK_CASES[kind](stu, tea, a, c, block)
+        ref = _naive_share(kind, rank, world, u, v, ut, vt, a, c)
+        assert got.dtype == torch.float64 and torch.isfinite(got)
+        assert got.item() == pytest.approx(ref.item(), rel=1e-10), (rank, got.item(), ref.item())
+        wrt = [u, v, a] if kind in ("softmax", "softmax_kd") else [u, v, a, c]
+        for g, r in zip(torch.autograd.grad(got, wrt), torch.autograd.grad(ref, wrt)):
+            torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("kind", sorted(BLOCK_CASES))
+def test_blocked_losses_pass_gradcheck(kind):
+    # A rank in the middle (rows 2..3 of 6) with blocks of 3 columns: a block boundary cuts through its pairs.
+    u, v = _req(_unit(6, 3, 1), _unit(6, 3, 2))
+    a, c = _req(torch.tensor(4.0, dtype=torch.float64), torch.tensor(-1.5, dtype=torch.float64))
+    ut, vt = _unit(6, 3, 3), _unit(6, 3, 4)
+    fn = BLOCK_CASES[kind]
+    assert torch.autograd.gradcheck(
+        lambda u, v, a, c: fn(_rank_rows(u, v, 3, 1), _rank_rows(ut, vt, 3, 1), a, c, 3), (u, v, a, c))
+
+
+def test_block_option_at_w1_and_its_validation():
+    # W = 1 keeps the plain functions (bit for bit, test above) unless a block is asked for; a block is
+    # then the blocked path on the whole batch, equal to the plain loss to rounding.
+    u, v = _unit(10, 6, 1), _unit(10, 6, 2)
+    s = L.Rows(u, v)
+    got = L.softmax_contrastive_rows(s, 10.0, block=3)
+    assert got.item() == pytest.approx(L.softmax_contrastive(u, v, 10.0).item(), rel=1e-12)
+    for bad in (0, -2, 2.5, True):
+        with pytest.raises(ValueError, match="block must be a positive int"):
+            L.sigmoid_contrastive_rows(s, 10.0, -10.0, block=bad)
+
+
+def test_blocked_losses_stay_float32_under_autocast():
+    # Autocast is off inside the loss, also in the recomputing backward (it runs in the caller's thread on
+    # the CPU, inside the caller's autocast region).
+    u, v = _req(_unit(12, 8, 1, torch.float32), _unit(12, 8, 2, torch.float32))
+    ut, vt = _unit(12, 4, 3, torch.float32), _unit(12, 4, 4, torch.float32)
+    stu, tea = _rank_rows(u, v, 3, 1), _rank_rows(ut, vt, 3, 1)
+    for kind, fn in BLOCK_CASES.items():
+        ref = fn(stu, tea, 10.0, -5.0, None)
+        ref_g = torch.autograd.grad(ref, [u, v])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = fn(stu, tea, 10.0, -5.0, None)
+            got_g = torch.autograd.grad(got, [u, v])
+        assert got.dtype == torch.float32 and got.item() == ref.item(), kind
+        assert all(g.dtype == torch.float32 and torch.equal(g, r) for g, r in zip(got_g, ref_g)), kind
