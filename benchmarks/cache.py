@@ -146,6 +146,22 @@ def side_by_side(cases: list[tuple[str, callable]], *, repeats: int, setup, last
     return runs
 
 
+def ray_init_local(cores: int, tries: int = 3) -> None:
+    """A local Ray; retried: on an overloaded machine its raylet can miss Ray's fixed 30 s start-up
+    deadline ("The current node timed out during startup", measured at a load average of 12 on 2 cores)."""
+    import ray
+
+    for i in range(tries):
+        try:
+            ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
+            return
+        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception here
+            ray.shutdown()
+            if i == tries - 1:
+                raise
+            print(f"ray.init failed ({e}); retrying", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pairs", type=int, default=1024)
@@ -188,12 +204,12 @@ def main() -> None:
     if args.ray_address:
         ray.init(address=args.ray_address, log_to_driver=False)
     elif args.quick:
-        ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
+        ray_init_local(cores)
     else:
         raw["ray_init_shutdown"] = summarise(repeat(
             lambda: (ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False), ray.shutdown()),
             repeats=args.repeats))
-        ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
+        ray_init_local(cores)
     ray_cpus = float(ray.cluster_resources().get("CPU", cores))
     ray_nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
 
