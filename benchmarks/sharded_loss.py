@@ -1,14 +1,19 @@
 """Benchmark: per-rank memory and time of the loss when each rank computes its own rows (issue 10 item 3).
 
 For W in --worlds gloo ranks on this machine's CPU, each with m = --per-rank pairs of width --dim, every
-loss (sigmoid, softmax, softmax KD, sigmoid KD) is run forward + backward on each rank two ways:
-  rows        pipeline.losses ``*_rows`` on `Dist.rows` (this rank's [m, b] blocks; the current path)
+loss (sigmoid, softmax, softmax KD, sigmoid KD) is run forward + backward on each rank three ways:
+  blocks      pipeline.losses ``*_rows`` on `Dist.rows` with block = m (the current path: this rank's
+              [m, b] rows visited as W [m, m] column blocks, recomputed in backward; at W = 1 the block is
+              asked for explicitly, where the default is the plain loss)
+  rows        this rank's whole [m, b] rows through plain autograd (the path the blocks replaced; kept here
+              only as the baseline, written with the losses' own `_logits` / `_signed`)
   everything  all-gather both towers with gradient, then the plain loss over all b = W m pairs on every
-              rank (the path it replaced: b x b per rank)
+              rank (the path before that: b x b per rank)
 Per case: the peak of the CPU memory allocated inside the loss (torch.profiler memory events: allocations
 minus frees, in time order), the largest single tensor, and the median wall time over --repeats (all ranks
-interleave both paths, so a load change hits both). Memory is exact; times on a shared CPU are only
-indicative (W ranks share the cores with whatever else runs; the load average is recorded).
+interleave the paths, so a load change hits all of them). The three paths' values are checked to agree.
+Memory is exact; times on a shared CPU are only indicative (W ranks share the cores with whatever else
+runs; the load average is recorded).
 
 Run:  .venv/bin/python benchmarks/sharded_loss.py         (writes benchmarks/results/sharded_loss.{json,md})
       .venv/bin/python benchmarks/sharded_loss.py --per-rank 128 --repeats 2 --name /tmp/x/sharded_loss
@@ -40,21 +45,55 @@ def parse() -> argparse.Namespace:
     return p.parse_args()
 
 
+PATHS = ("blocks", "rows", "everything")
+
+
 def _loss(path: str, kind: str, group, img, txt, tea_img, tea_txt):
     from pipeline import losses as L
 
+    if path == "blocks":
+        stu, tea, k = group.rows(img, txt), group.rows(tea_img, tea_txt, grad=False), img.shape[0]
+        return {"sigmoid": lambda: L.sigmoid_contrastive_rows(stu, 10.0, -10.0, block=k),
+                "softmax": lambda: L.softmax_contrastive_rows(stu, 10.0, block=k),
+                "softmax_kd": lambda: L.softmax_kd_rows(stu, 10.0, tea, 20.0, block=k),
+                "sigmoid_kd": lambda: L.sigmoid_kd_rows(stu, 10.0, -10.0, tea, 20.0, -5.0, block=k)}[kind]()
     if path == "rows":
-        stu, tea = group.rows(img, txt), group.rows(tea_img, tea_txt, grad=False)
-        return {"sigmoid": lambda: L.sigmoid_contrastive_rows(stu, 10.0, -10.0),
-                "softmax": lambda: L.softmax_contrastive_rows(stu, 10.0),
-                "softmax_kd": lambda: L.softmax_kd_rows(stu, 10.0, tea, 20.0),
-                "sigmoid_kd": lambda: L.sigmoid_kd_rows(stu, 10.0, -10.0, tea, 20.0, -5.0)}[kind]()
+        return _rows_autograd(kind, group.rows(img, txt), group.rows(tea_img, tea_txt, grad=False))
     img, txt = group.gather_with_grad(img), group.gather_with_grad(txt)
     tea_img, tea_txt = group.gather_rows(tea_img), group.gather_rows(tea_txt)
     return {"sigmoid": lambda: L.sigmoid_contrastive(img, txt, 10.0, -10.0),
             "softmax": lambda: L.softmax_contrastive(img, txt, 10.0),
             "softmax_kd": lambda: L.softmax_kd(img, txt, 10.0, tea_img, tea_txt, 20.0),
             "sigmoid_kd": lambda: L.sigmoid_kd(img, txt, 10.0, -10.0, tea_img, tea_txt, 20.0, -5.0)}[kind]()
+
+
+def _rows_autograd(kind: str, stu, tea):
+    """This rank's share over its whole [m, b] rows by plain autograd (fp32): the replaced ``*_rows`` code."""
+    import torch
+    import torch.nn.functional as F
+
+    from pipeline import losses as L
+
+    def lg(rows, cols, a, c=None):
+        return L._logits(rows, cols, a, c, torch.float32)   # [m, b]
+
+    b = stu.total
+    if kind == "sigmoid":
+        return -F.logsigmoid(L._signed(lg(stu.img, stu.txt_all, 10.0, -10.0), stu.offset)).sum() / b
+    target = torch.arange(stu.offset, stu.offset + stu.img.shape[0])
+    if kind == "softmax":
+        return (F.cross_entropy(lg(stu.img, stu.txt_all, 10.0), target, reduction="sum")
+                + F.cross_entropy(lg(stu.txt, stu.img_all, 10.0), target, reduction="sum")) / (2 * b)
+    if kind == "softmax_kd":
+        with torch.no_grad():
+            p_rows = torch.softmax(lg(tea.img, tea.txt_all, 20.0), dim=1)
+            p_cols = torch.softmax(lg(tea.txt, tea.img_all, 20.0), dim=1)
+        return -((p_rows * torch.log_softmax(lg(stu.img, stu.txt_all, 10.0), dim=1)).sum()
+                 + (p_cols * torch.log_softmax(lg(stu.txt, stu.img_all, 10.0), dim=1)).sum()) / (2 * b)
+    s = lg(stu.img, stu.txt_all, 10.0, -10.0)
+    with torch.no_grad():
+        t = lg(tea.img, tea.txt_all, 20.0, -5.0)
+    return -(torch.sigmoid(t) * F.logsigmoid(s) + torch.sigmoid(-t) * F.logsigmoid(-s)).sum() / b
 
 
 def _peak_and_largest(fn) -> tuple[int, int]:
@@ -82,15 +121,20 @@ def _rank(group, m: int, d: int, repeats: int) -> dict:
 
     def once(path, kind):
         a, b = img.clone().requires_grad_(), txt.clone().requires_grad_()
-        _loss(path, kind, group, a, b, tea_img, tea_txt).backward()
+        loss = _loss(path, kind, group, a, b, tea_img, tea_txt)
+        loss.backward()
+        return loss.detach()
 
     out = {}
     for kind in KINDS:
-        for path in ("rows", "everything"):
-            once(path, kind)  # warm-up
+        values = {}
+        for path in PATHS:
+            values[path] = once(path, kind)  # warm-up
             out[path, kind] = {"memory": _peak_and_largest(lambda: once(path, kind)), "times": []}
+        # this rank's share two ways (fp32 sums in different orders); "everything" is the whole loss
+        torch.testing.assert_close(values["blocks"], values["rows"], rtol=1e-4, atol=0, msg=kind)
         for _ in range(repeats):
-            for path in ("rows", "everything"):
+            for path in PATHS:
                 group.barrier()
                 t0 = time.perf_counter()
                 once(path, kind)
@@ -144,26 +188,36 @@ def main() -> None:
         per_rank = run_world(world, args)
         b = world * args.per_rank
         for kind in KINDS:
-            for path in ("rows", "everything"):
+            for path in PATHS:
                 peak = max(r[path, kind]["memory"][0] for r in per_rank)
                 largest = max(r[path, kind]["memory"][1] for r in per_rank)
                 times = [statistics.median(r[path, kind]["times"]) for r in per_rank]
                 t = summarise([x for r in per_rank for x in r[path, kind]["times"]])
                 rows.append({"W": world, "b": b, "loss": kind, "path": path, "peak_mib": peak / 2**20,
-                             "largest_mib": largest / 2**20, "peak_over_mb_fp32": peak / (args.per_rank * b * 4),
+                             "largest_mib": largest / 2**20, "peak_over_mm_fp32": peak / (args.per_rank ** 2 * 4),
                              "time_ms": {k: (v * 1e3 if k in ("median", "min", "max") else v) for k, v in t.items()},
                              "rank_medians_ms": [x * 1e3 for x in times], "load_before": load})
     cols = [("W", "W"), ("b", "b"), ("loss", "loss"), ("path", "path"), ("peak", "peak MiB / rank"),
-            ("largest", "largest tensor MiB"), ("ratio", "peak / (m b fp32)"), ("time", "time ms median [min-max]"),
+            ("largest", "largest tensor MiB"), ("ratio", "peak / (m m fp32)"), ("time", "time ms median [min-max]"),
             ("load", "load avg")]
     cells = [{"W": r["W"], "b": r["b"], "loss": r["loss"], "path": r["path"], "peak": f"{r['peak_mib']:.2f}",
-              "largest": f"{r['largest_mib']:.2f}", "ratio": f"{r['peak_over_mb_fp32']:.2f}",
+              "largest": f"{r['largest_mib']:.2f}", "ratio": f"{r['peak_over_mm_fp32']:.2f}",
               "time": f"{r['time_ms']['median']:.1f} [{r['time_ms']['min']:.1f}-{r['time_ms']['max']:.1f}]",
               "load": f"{r['load_before']:.1f}"} for r in rows]
-    md = (f"# Per-rank loss memory: own rows vs gather everything (m = {args.per_rank} per rank, d = {args.dim}, "
-          f"fp32, gloo ranks x 1 thread)\n\n" + markdown_table(cols, cells) +
+    # per W and loss: the blocks' time over the [m, b] autograd rows (the recompute's price), and the peaks
+    by = {(r["W"], r["loss"], r["path"]): r for r in rows}
+    scols = [("W", "W"), ("loss", "loss"), ("blocks", "blocks peak MiB"), ("rows", "[m, b] rows peak MiB"),
+             ("every", "everything peak MiB"), ("time", "time blocks / rows (medians)")]
+    summary = [{"W": w, "loss": k, "blocks": f"{by[w, k, 'blocks']['peak_mib']:.2f}",
+                "rows": f"{by[w, k, 'rows']['peak_mib']:.2f}", "every": f"{by[w, k, 'everything']['peak_mib']:.2f}",
+                "time": f"{by[w, k, 'blocks']['time_ms']['median'] / by[w, k, 'rows']['time_ms']['median']:.2f}"}
+               for w in args.worlds for k in KINDS]
+    md = (f"# Per-rank loss memory: column blocks vs [m, b] rows vs gather everything (m = {args.per_rank} per "
+          f"rank, d = {args.dim}, fp32, gloo ranks x 1 thread)\n\n" + markdown_table(scols, summary) +
+          "\n\n" + markdown_table(cols, cells) +
           "\n\nPeak and largest tensor: allocations inside loss forward + backward (torch.profiler), the max over "
-          "ranks. Times: every rank's repeats pooled; indicative only on a shared CPU.\n")
+          "ranks; the peak includes the gathered [b, d] embeddings and their gradient, which grow with W "
+          "(b d = W m d floats). Times: every rank's repeats pooled; indicative only on a shared CPU.\n")
     name = args.name
     out = Path(name).parent if "/" in name else None
     kwargs = {"out": out} if out else {}

@@ -488,8 +488,8 @@ class _SigmoidBlocks(torch.autograd.Function):
     Hard targets (teacher None; `sigmoid_contrastive`): softplus(-y_ij l_ij), y_ij = +1 iff j = offset + i.
     Soft targets (a `_Teacher` with logits t; `sigmoid_kd`): -(sigmoid(t) logsigmoid(l) + sigmoid(-t) logsigmoid(-l)).
     Inputs rows[m, d], cols[b, d], 0-dim scale and bias, all in the compute dtype -> 0-dim sum (not normalised).
-    dL/dl: hard -y sigmoid(-y l); soft sigmoid(-t) sigmoid(l) - sigmoid(t) sigmoid(-l) (= sigmoid(l) -
-    sigmoid(t), written as autograd differentiates the plain loss, with no cancellation for large logits).
+    dL/dl: hard -y sigmoid(-y l); soft sigmoid(l) - sigmoid(t) (both in [0, 1]: an absolute error of one
+    rounding, as autograd's sigmoid(-t) sigmoid(l) - sigmoid(t) sigmoid(-l) has, with half the sigmoids).
     """
 
     @staticmethod
@@ -515,8 +515,7 @@ class _SigmoidBlocks(torch.autograd.Function):
                 pos = l.diagonal(ctx.offset - j0)
                 g.diagonal(ctx.offset - j0).copy_(-torch.sigmoid(-pos))  # y = +1: d softplus(-l) / dl
                 return g
-            t = ctx.teacher.logits(j0, j1)
-            return torch.sigmoid(-t) * torch.sigmoid(l) - torch.sigmoid(t) * torch.sigmoid(-l)
+            return torch.sigmoid(l) - torch.sigmoid(ctx.teacher.logits(j0, j1))
         return (*_blocked_backward(ctx, grad, dlogits), None, None, None)
 
 
@@ -536,22 +535,21 @@ class _SoftmaxBlocks(torch.autograd.Function):
         m = rows.shape[0]
         lse = rows.new_full((m,), -math.inf)          # student row log-sum-exp so far
         lse_t = rows.new_full((m,), -math.inf)        # teacher's (soft targets)
-        target = rows.new_zeros(m)                    # sum_j p_ij l_ij so far, against lse_t
+        soft = rows.new_zeros(m)                      # sum_j p_ij l_ij so far, against lse_t
+        hard = rows.new_zeros(())                     # sum of the matching pairs' logits so far
         for j0, j1 in _column_blocks(cols.shape[0], block):
             l = _affine(rows @ cols[j0:j1].T, scale, None)
             lse = torch.logaddexp(lse, l.logsumexp(dim=1))
             if teacher is None:
-                pos = l.diagonal(offset - j0)   # l[r, offset + r - j0]: the pairs in this block
-                r0 = max(0, j0 - offset)        # their first row
-                target[r0:r0 + pos.shape[0]] += pos
+                hard += l.diagonal(offset - j0).sum()   # l[r, offset + r - j0]: the pairs in this block
             else:
                 t = teacher.logits(j0, j1)
                 new = torch.logaddexp(lse_t, t.logsumexp(dim=1))
-                target = target * torch.exp(lse_t - new) + (torch.exp(t - new[:, None]) * l).sum(dim=1)
+                soft = soft * torch.exp(lse_t - new) + (torch.exp(t - new[:, None]) * l).sum(dim=1)
                 lse_t = new
         ctx.save_for_backward(rows, cols, scale, None, lse, lse_t)
         ctx.offset, ctx.block, ctx.teacher = offset, block, teacher
-        return (lse - target).sum()
+        return lse.sum() - (hard if teacher is None else soft.sum())
 
     @staticmethod
     @torch.autograd.function.once_differentiable
