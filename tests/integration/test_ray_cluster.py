@@ -8,8 +8,10 @@ workers, with small logical CPU counts (2 per node; Ray counts them, the machine
 What is checked:
 - the work is spread: every chunk row carries the node id of the actor that embedded it
   (`EmbedResult.nodes`, in the command's JSON summary); with 2 actors of 1.5 CPUs on 2-CPU nodes
-  no node can host both, and the pipeline starts only once the whole pool is up, so both nodes
-  must embed pairs, and the node ids are the cluster's own;
+  no node can host both, the pipeline starts only once the whole pool is up, and the read tasks
+  (0.5 CPU) fit one per node beside the actor, so shards are read on both nodes and Ray Data's
+  actor locality hands each node's blocks to its own actor: both nodes must embed pairs (seen:
+  32/32 and 48/16 of 64), and the node ids must be the cluster's own;
 - the result equals one process: the cache (uids, embeddings, metadata but `created`, manifests
   but checksums) equals `embed_shards_plain` on a copy of the same workspace (same chunks, one
   torch thread: float32 CPU forwards are bit-identical then);
@@ -17,12 +19,14 @@ What is checked:
   (inherited by every raylet, agent and worker); after the block ends, normally, by an exception,
   or because the process that started the cluster was SIGKILLed (its `ray start` processes get
   a parent-death SIGTERM and stop their node), no marked process is left.
+- an actor pool the cluster cannot place fails after `actor_start_timeout_s`, naming the request
+  (Ray Data alone would wait forever);
 - a wrong `--ray-address` is a ConnectionError naming it within seconds (ray.init alone retries
   for minutes).
 
 Timings on the 2-core test machine: about 15-25 s per cluster start; the module runs ~2-3 min.
 Run alone:  python -m tests.integration.test_ray_cluster --hold   (starts a cluster, prints its
-address and marker, stops it when killed or interrupted; the SIGKILL test uses this).
+address, marker and temp folder, stops it when killed or interrupted; the SIGKILL test uses this).
 """
 from __future__ import annotations
 
@@ -241,12 +245,21 @@ def test_aced_cache_spreads_over_the_nodes_and_equals_one_process(workspace, tmp
     assert ray_cache == plain_cache
 
 
-def test_cluster_is_stopped_when_the_block_raises_and_a_wrong_address_is_named(tmp_path):
-    from pipeline.ray_embed import ray_session
+def test_unplaceable_pool_fails_and_the_cluster_stops_when_the_block_raises_and_a_dead_address_is_named(workspace):
+    from pipeline.ray_embed import embed_shards_ray, plan_cache, ray_session
+    from tests.integration.conftest import REFERENCE
 
+    plan = plan_cache(workspace, None, [REFERENCE])
     with pytest.raises(RuntimeError, match="boom"):
         with ray_cluster(nodes=2) as cluster:
             assert len(marked_processes(cluster.marker)) >= 6  # 2 raylets, GCS, agents, workers...
+            # 3 actors x 1.2 CPU: 3.6 of the cluster's 4 CPUs, but a 2-CPU node holds only one of them
+            t0 = time.monotonic()
+            with ray_session(cluster.address):
+                with pytest.raises(RuntimeError, match=r"actor pool \(3 x 1.2 CPU, 0 GPU\) did not start within 20 s"):
+                    embed_shards_ray(plan, actors=3, actor_cpus=1.2, torch_threads=1, actor_start_timeout_s=20)
+            assert time.monotonic() - t0 < 120
+            assert not (workspace / "cache").exists() or not list((workspace / "cache").rglob("*.parquet"))
             raise RuntimeError("boom")
     assert cluster.swept == [] and marked_processes(cluster.marker) == []
     shutil.rmtree(cluster.env["RAY_TMPDIR"])  # kept for a look after an error; this one was wanted
