@@ -352,4 +352,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:  # also after an error (its temporary workspace holds 10k+ pairs)
+        shutil.rmtree(_STATE, ignore_errors=True)
