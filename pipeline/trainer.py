@@ -189,7 +189,7 @@ def _eval_mode(model: torch.nn.Module):
 
 def score_superbatch(bundle: ModelBundle, sb: SuperBatch, *, resolution: int | None, chunk: int,
                      dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Student embeddings of every candidate (float32, L2-normalised), under inference mode, in `dtype`
+    """Student embeddings of every candidate (L2-normalised; bf16 when scored in bf16), under inference mode, in `dtype`
     (autocast), optionally at a lower image resolution. `sb` lives on the scoring device already."""
     model = bundle.model
     images = bundle.normalize(sb.images)
@@ -206,8 +206,8 @@ def score_superbatch(bundle: ModelBundle, sb: SuperBatch, *, resolution: int | N
             at_resolution(model, resolution) if lowres else contextlib.nullcontext()):
         for start in range(0, images.shape[0], chunk):
             i, t = embed(model, images[start:start + chunk], sb.tokens[start:start + chunk])
-            imgs.append(i.float())
-            txts.append(t.float())
+            imgs.append(i)  # in the dtype they were produced in: the kernel reads bf16 and accumulates in fp32
+            txts.append(t)
     return torch.cat(imgs), torch.cat(txts)
 
 
