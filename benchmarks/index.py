@@ -39,7 +39,7 @@ def _hex_uids(rng, n: int):
     return pa.array(chars.view("S32").ravel(), type=pa.binary(32)).cast(pa.string())
 
 
-def build(folder: Path, name: str, n: int, seed: int) -> float:
+def build(folder: Path, name: str, n: int, seed: int) -> float | None:
     """A metadata-only dataset of `n` pairs in `folder` (skipped if it exists); returns seconds."""
     import numpy as np
     import pyarrow as pa
@@ -48,7 +48,7 @@ def build(folder: Path, name: str, n: int, seed: int) -> float:
     from storage.shards import DATASET_FILE, METADATA_SCHEMA, shard_name
 
     if (folder / DATASET_FILE).exists():
-        return float("nan")
+        return None  # reused
     t0 = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -145,7 +145,7 @@ def main() -> int:
         a, b = _fit(xs, [r[key]["median"] for r in rows])
         fits[key] = {"intercept": a, "per_million": b * 1e6, "at_128M": a + b * 128e6}
     md_rows = [{"pairs": f"{r['pairs']:,}", "shards": f"{r['shards']:,}",
-                "build": "reused" if r["build_s"] != r["build_s"] else f"{r['build_s']:.0f} s",
+                "build": "reused" if r["build_s"] is None else f"{r['build_s']:.0f} s",
                 "start-up": f"{r['startup_s']['median']:.2f} s [{r['startup_s']['min']:.2f}-{r['startup_s']['max']:.2f}]",
                 "index memory": f"{r['index_mib']['median']:.0f} MiB ({r['bytes_per_pair']:.2f} B/pair)",
                 "2 datasets: start-up": f"{r['two_datasets_startup_s']['median']:.1f} s",
