@@ -7,6 +7,7 @@ Every command exits non-zero with a one-line error naming the file and sample on
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -104,7 +105,8 @@ def add_commands(subparsers) -> None:
     i = subparsers.add_parser("inspect", help="summarise a dataset folder, a cache folder or a workspace")
     i.add_argument("path", type=Path, nargs="?", default=None, help="default: the workspace root")
     i.add_argument("--verify", action="store_true",
-                   help="also check tar checksums and decode every image (exit code 1 on any problem, as without it)")
+                   help="also check tar checksums, decode every image and check every cache shard as `aced cache "
+                        "verify` does (exit code 1 on any problem, as without it)")
     i.add_argument("--json", action="store_true", help="print the summary as JSON")
     i.set_defaults(func=_cmd_inspect)
 
@@ -246,6 +248,9 @@ def _cmd_sql(args) -> int:
     if args.format == "parquet" and args.out is None:
         print("error: --format parquet needs --out FILE", file=sys.stderr)
         return 2
+    if args.max_rows < 1:
+        print(f"error: --max-rows must be >= 1, got {args.max_rows}", file=sys.stderr)
+        return 2
     if not Path(args.root).is_dir():
         print(f"note: workspace {args.root} does not exist: every view is empty", file=sys.stderr)
     try:
@@ -260,16 +265,32 @@ def _cmd_sql(args) -> int:
                 write_stream(q, args.format, sys.stdout.buffer,
                              max_rows=args.max_rows if args.format == "table" else None)
                 sys.stdout.flush()
+    except BrokenPipeError:
+        return _stdout_closed()
     except QueryRefused as e:
         print(f"refused: {e}", file=sys.stderr)
         return 2
-    except (SqlError, FileExistsError) as e:
+    except (SqlError, OSError) as e:  # OSError: --out exists, its folder does not, a full disk...
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except duckdb.Error as e:
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+    except duckdb.Error as e:  # DuckDB's texts run over several lines (hints, links): its first line names it
+        print(f"error: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}",
+              file=sys.stderr)
         return 1
     return 0
+
+
+def _stdout_closed() -> int:
+    """The reader of our stdout went away (`aced sql ... | head`): stop quietly, as `cat` does (exit
+    141 = 128 + SIGPIPE), without a traceback or an error line; stdout is pointed at /dev/null so the
+    interpreter's final flush of the dead pipe cannot complain either."""
+    import os
+
+    with contextlib.suppress(OSError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return 141
 
 
 def _cmd_inspect(args) -> int:
@@ -283,7 +304,11 @@ def _cmd_inspect(args) -> int:
     except (ShardError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(json.dumps(summary, indent=2, default=str) if args.json else format_summary(summary))
+    try:
+        print(json.dumps(summary, indent=2, default=str) if args.json else format_summary(summary))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return _stdout_closed()
     if summary["problems"]:
         print(f"{len(summary['problems'])} problem(s) found in {path}", file=sys.stderr)
         return 1

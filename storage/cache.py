@@ -157,8 +157,50 @@ def _locked(folder: Path) -> Iterator[None]:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _manifest_problem(doc) -> str | None:
+    """Why a parsed `_manifest.json` is malformed (the field and its value), or None. Types are
+    checked, not coerced: every reader compares these values with the files, and a `"dim": null`
+    would otherwise surface as a puzzling column-type mismatch in every shard."""
+    if not isinstance(doc, dict):
+        return f"top level is a {type(doc).__name__}, want an object"
+    for k in ("model_id", "fingerprint", "dim", "dtype", "shards"):
+        if k not in doc:
+            return f"manifest has no {k!r}"
+    for k in ("model_id", "fingerprint"):
+        if not isinstance(doc[k], str) or not doc[k]:
+            return f"{k!r} is {doc[k]!r}, want a non-empty string"
+    if not _is_int(doc["dim"]) or doc["dim"] < 1:
+        return f"'dim' is {doc['dim']!r}, want a positive integer (the embedding dimension)"
+    if doc["dtype"] not in DTYPES:
+        return f"'dtype' is {doc['dtype']!r}, want one of {sorted(DTYPES)}"
+    for k in ("logit_scale", "logit_bias"):
+        v = doc.get(k, 0.0)
+        if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)):
+            return f"{k!r} is {v!r}, want a finite number"
+    if "dataset" in doc and not (isinstance(doc["dataset"], str) and doc["dataset"]):
+        return f"'dataset' is {doc['dataset']!r}, want a dataset name"
+    if not isinstance(doc["shards"], dict):
+        return f"'shards' is a {type(doc['shards']).__name__}, want an object {{shard name: entry}}"
+    for name, e in doc["shards"].items():
+        if not (len(name) == 8 and name.isascii() and name.isdigit()):
+            return f"shards: bad shard name {name!r} (want 8 digits)"
+        if not isinstance(e, dict):
+            return f"shards[{name!r}] is a {type(e).__name__}, want an object"
+        if not _is_int(e.get("rows")) or e["rows"] < 0:
+            return f"shards[{name!r}].rows is {e.get('rows')!r}, want an integer >= 0"
+        for k in ("sha256", "source_sha256"):
+            if not isinstance(e.get(k), str):
+                return f"shards[{name!r}].{k} is {e.get(k)!r}, want a hex checksum"
+    return None
+
+
 def read_manifest(folder: str | os.PathLike) -> dict | None:
-    """The `_manifest.json` of a cache folder, or None if there is none."""
+    """The `_manifest.json` of a cache folder, or None if there is none; CacheError naming the file
+    and the field if it is not JSON or malformed (`_manifest_problem`)."""
     path = Path(folder) / MANIFEST_FILE
     try:
         doc = json.loads(path.read_text("utf-8"))
@@ -166,9 +208,9 @@ def read_manifest(folder: str | os.PathLike) -> dict | None:
         return None
     except (OSError, ValueError) as e:
         raise CacheError(f"{path}: unreadable manifest ({e})") from None
-    for k in ("model_id", "fingerprint", "dim", "dtype", "shards"):
-        if k not in doc:
-            raise CacheError(f"{path}: manifest has no {k!r}")
+    why = _manifest_problem(doc)
+    if why is not None:
+        raise CacheError(f"{path}: malformed manifest: {why}")
     return doc
 
 
@@ -441,6 +483,24 @@ def find_cache_folders(root: str | os.PathLike, model_id: str | None = None) -> 
     return out
 
 
+def unlisted_cache_folders(root: str | os.PathLike, model_id: str | None = None) -> list[Path]:
+    """Folders below `<root>/cache/<model>` that hold cache files (`*.parquet`) but no manifest
+    (`find_cache_folders` cannot see them: copied without it, or its manifest deleted): no reader
+    can use their files, and a check that passes over them would call the cache complete."""
+    base = Workspace(root).cache
+    if not base.is_dir():
+        return []
+    models = [model_id] if model_id else sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+    out = []
+    for m in models:
+        for dirpath, dirnames, filenames in os.walk(base / m):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            if MANIFEST_FILE not in filenames and any(f.endswith(".parquet") and not f.startswith(".")
+                                                      for f in filenames):
+                out.append(Path(dirpath))
+    return out
+
+
 def verify_cache(root: str | os.PathLike, model_id: str | None = None) -> VerifyReport:
     """Check every cache folder of the workspace `root` (or of one model) against its pair shards.
 
@@ -456,8 +516,12 @@ def verify_cache(root: str | os.PathLike, model_id: str | None = None) -> Verify
         rep.problems.append(f"{ws.cache / model_id}: no cache for model {model_id}")
         return rep
     folders = find_cache_folders(ws.root, model_id)
+    unlisted = unlisted_cache_folders(ws.root, model_id)
+    rep.problems += [f"{f}: holds cache files but no {MANIFEST_FILE} (copied without it, or it was deleted): "
+                     f"no reader can use them; re-run `aced cache` for it or delete the folder" for f in unlisted]
     if not folders:
-        rep.problems.append(f"{ws.cache}: no cache folders with a {MANIFEST_FILE}")
+        if not unlisted:
+            rep.problems.append(f"{ws.cache}: no cache folders with a {MANIFEST_FILE}")
         return rep
     datasets = ws.find_datasets()
     fingerprints: dict[str, dict[str, str]] = {}

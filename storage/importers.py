@@ -151,6 +151,15 @@ def _leaves_folder(rel: str) -> bool:
     return os.path.isabs(rel) or ".." in PurePosixPath(rel).parts
 
 
+def _outside(path: Path, folder_real: Path) -> Path | None:
+    """Where `path` really leads if that is outside the folder whose resolved path is `folder_real`, else
+    None. A symlink inside an image folder (`images/x.jpg -> /etc/passwd`, `images/d -> /home/u`) must
+    not pull in files from elsewhere any more than a '../' in a caption table may; symlinks that stay
+    inside the folder are fine. Checked before the file is opened."""
+    real = path.resolve()
+    return None if real == folder_real or real.is_relative_to(folder_real) else real
+
+
 def read_text(path: Path) -> str:
     """The text of a UTF-8 file (a leading byte-order mark is accepted and dropped); ShardError naming
     the file and the line of the first byte that is not UTF-8 otherwise."""
@@ -181,11 +190,14 @@ def _detect(src: Path, images: Path | None, captions: Path | None, splits: Path 
     if images is None:
         images = src / "images"
         if not images.is_dir():
-            raise FileNotFoundError(f"{src}: no images/ folder (pass images=)")
+            raise FileNotFoundError(f"{src}: no images/ folder (pass --images)")
     if captions is None:
         cands = [src / n for n in ("captions.csv", "captions.tsv", "captions.txt") if (src / n).is_file()]
         if not cands:
-            raise FileNotFoundError(f"{src}: no captions.csv / captions.tsv (pass captions=)")
+            raise FileNotFoundError(f"{src}: no captions.csv / captions.tsv (pass --captions)")
+        if len(cands) > 1:  # which one is current? Guessing could import the stale table without a word
+            raise ShardError(f"{src}: holds {len(cands)} caption tables ({', '.join(str(c) for c in cands)}): "
+                             f"pass --captions to choose one")
         captions = cands[0]
     if splits is None and detect_splits and (src / "splits").is_dir():
         splits = src / "splits"
@@ -193,24 +205,56 @@ def _detect(src: Path, images: Path | None, captions: Path | None, splits: Path 
 
 
 def read_caption_table(path: Path, skips: _Skips) -> list[tuple[str, str, int]]:
-    """Rows (image name, caption, line number) of a CSV/TSV with a header naming `image` and `caption`."""
-    delim = "\t" if path.suffix.lower() in (".tsv", ".txt") else ","
+    """Rows (image name, caption, line number) of a caption table whose header names `image` and `caption`.
+
+    `.csv`: comma-separated with CSV quoting, read strictly: an unterminated quote or text after a
+    closing quote is a ShardError naming the file and the line where the row starts (the rest of the
+    file cannot be read reliably after it, so this is never a skip). `.tsv`/`.txt`: tab-separated with
+    no quoting at all, so a `"` is part of the caption (`"Hi" she said` stays as written, an opening
+    quote cannot swallow the following rows). A row whose number of fields differs from the header's
+    (an unquoted comma in a caption would otherwise cut it silently) is bad input: ShardError naming
+    file:line, or with on_error="skip" a counted, logged skip. Fields have no size limit beyond the
+    file's own (a caption of megabytes is read, not a crash in the csv module)."""
+    tsv = path.suffix.lower() in (".tsv", ".txt")
+    kind = "TSV (tab-separated, no quoting)" if tsv else "CSV"
+    text = read_text(path)
+    # csv's default field limit (128 KiB) is process-wide; no field can be longer than the file itself
+    csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
     out = []
-    with io.StringIO(read_text(path), newline="") as f:
-        reader = csv.reader(f, delimiter=delim)
-        try:
-            header = [h.strip().lower() for h in next(reader)]
-        except StopIteration:
-            raise ShardError(f"{path}: empty caption table") from None
+    with io.StringIO(text, newline="") as f:
+        reader = (csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if tsv
+                  else csv.reader(f, delimiter=",", strict=True))
+        start = 1  # first line of the row being read (a quoted CSV field may span lines)
+
+        def next_row() -> list[str] | None:
+            try:
+                return next(reader)
+            except StopIteration:
+                return None
+            except csv.Error as e:
+                raise ShardError(f"{path}:{start}: malformed {kind} row ({e}); fix the quoting (a caption holding "
+                                 f"the delimiter or a quote must be quoted, with quotes doubled)") from None
+
+        header = next_row()
+        if header is None:
+            raise ShardError(f"{path}: empty caption table")
+        header = [h.strip().lower() for h in header]
         if "image" not in header or "caption" not in header:
-            raise ShardError(f"{path}: header {header} must name the columns 'image' and 'caption'")
+            raise ShardError(f"{path}: header {header} must name the columns 'image' and 'caption' ({kind})")
         ii, ci = header.index("image"), header.index("caption")
-        for row in reader:
-            line = reader.line_num
-            if not row or all(not c.strip() for c in row):
+        while True:
+            start = reader.line_num + 1
+            row = next_row()
+            if row is None:
+                break
+            line = start
+            if not row or (len(row) == 1 and not row[0].strip()):
+                continue  # a blank line
+            if len(row) != len(header):
+                skips.bad(f"{path}:{line}: {len(row)} field(s), but the header has {len(header)} ({kind}; a caption "
+                          f"holding the delimiter must be quoted)", kind="wrong number of fields")
                 continue
-            image = row[ii].strip() if ii < len(row) else ""
-            caption = row[ci].strip() if ci < len(row) else ""
+            image, caption = row[ii].strip(), row[ci].strip()
             if not image:
                 skips.bad(f"{path}:{line}: row has no image name", kind="no image name")
             elif _leaves_folder(image):
@@ -258,8 +302,14 @@ def _caption_samples(groups: Iterable[tuple[str, list[tuple[str, int]]]], images
                      ids: dict[str, str], source: str, split: str | None, skips: _Skips) -> Iterator[Sample]:
     """Samples for (image name, [(caption, line)]) groups; each image is read and checked once."""
     n = 0
+    images_real = images.resolve()
     for image, caps in groups:
         path = images / image
+        real = _outside(path, images_real)
+        if real is not None:
+            skips.bad(f"{path}: leads to {real}, outside the image folder {images} (a symlink): refused (referenced "
+                      f"by {captions}:{caps[0][1]})", kind="path outside image folder", n=len(caps))
+            continue
         try:
             data, w, h = load_image(path)
         except FileNotFoundError:
@@ -374,12 +424,24 @@ def import_coco(annotations: str | os.PathLike, images: str | os.PathLike, root:
     source = name.split("/")[0]
     files: OrderedDict[str, str] = OrderedDict()
     row_of: dict[str, int] = {}  # COCO image id -> index in images[] (for messages)
+    repeated: dict[str, list[int]] = {}  # COCO image id given to two or more images[] -> their indices
+    if not isinstance(imgs, list) or not isinstance(anns, list):
+        raise ShardError(f"{annotations}: 'images' and 'annotations' must be lists")
     for i, im in enumerate(imgs):
         try:
-            files[str(im["id"])] = str(im["file_name"])
+            iid, file_name = im["id"], im["file_name"]
         except (KeyError, TypeError):
             raise ShardError(f"{annotations}: images[{i}] has no id/file_name") from None
-        row_of[str(im["id"])] = i
+        if not isinstance(iid, (int, str)) or isinstance(iid, bool):
+            raise ShardError(f"{annotations}: images[{i}]: id {iid!r} is not an integer or a string")
+        if not isinstance(file_name, str) or not file_name.strip():
+            raise ShardError(f"{annotations}: images[{i}] (id {iid!r}): file_name {file_name!r} is not a file name")
+        iid = str(iid)
+        if iid in files:  # which image do its captions describe? Either guess pairs captions with a wrong image
+            repeated.setdefault(iid, [row_of[iid]]).append(i)
+            continue
+        files[iid] = file_name
+        row_of[iid] = i
     caps: dict[str, list[tuple[str, int]]] = {}
     for i, a in enumerate(anns):
         iid = str(a.get("image_id")) if isinstance(a, dict) else None
@@ -390,6 +452,12 @@ def import_coco(annotations: str | os.PathLike, images: str | os.PathLike, root:
             skips.bad(f"{annotations}: annotations[{i}] (image_id {iid}): empty or missing caption", kind="empty caption")
         else:
             caps.setdefault(iid, []).append((caption, i))
+    for iid, rows in repeated.items():
+        skips.bad(f"{annotations}: images[{'], images['.join(map(str, rows))}] share the id {iid!r}: its "
+                  f"{len(caps.get(iid, []))} caption(s) cannot be attached to one image: refused",
+                  kind="repeated image id", n=len(caps.get(iid, [])))
+        caps.pop(iid, None)
+        del files[iid]
     all_dropped = []
     for iid in caps:
         caps[iid], d = _dedupe(caps[iid])
@@ -403,10 +471,16 @@ def import_coco(annotations: str | os.PathLike, images: str | os.PathLike, root:
 
     def samples() -> Iterator[Sample]:
         n = 0
+        images_real = images.resolve()
         for iid, file_name in files.items():
             if iid not in caps:
                 continue
             path = images / file_name
+            real = _outside(path, images_real)
+            if real is not None:
+                skips.bad(f"{path}: leads to {real}, outside the image folder {images} (a symlink): refused (COCO "
+                          f"image_id {iid})", kind="path outside image folder", n=len(caps[iid]))
+                continue
             try:
                 data, w, h = load_image(path)
             except FileNotFoundError:
@@ -451,12 +525,53 @@ def _sidecar(tar: Path) -> dict[str, dict]:
     return {str(r["key"]): r for r in t.to_pylist()}
 
 
+def _tar_damage(tar: Path) -> str | None:
+    """Why `tar` is not a whole archive, or None. Python's tarfile ends its iteration quietly, as if at
+    the end of the archive, when the file stops (a cut between members or inside a header) or a header
+    is damaged, and the samples after that point would vanish uncounted. A whole tar ends in a zero
+    block, and every member's data lies inside the file. Headers only (tarfile seeks over the data)."""
+    size = tar.stat().st_size
+    last = None
+    try:
+        tf = tarfile.open(tar, mode="r:")
+    except (tarfile.TarError, OSError):
+        return None  # not a tar at all: the reader's own error names that
+    try:
+        with tf:
+            for info in tf:
+                if info.offset_data + info.size > size:
+                    return (f"member {info.name!r} needs {info.offset_data + info.size} bytes, the file has {size} "
+                            f"(cut short)")
+                last = info
+            end = tf.offset
+    except (tarfile.TarError, OSError) as e:
+        return f"{type(e).__name__}: {e}"
+    with open(tar, "rb") as f:
+        f.seek(end)
+        block = f.read(tarfile.BLOCKSIZE)
+    if len(block) == tarfile.BLOCKSIZE and block.count(0) == tarfile.BLOCKSIZE:
+        return None
+    where = f"after member {last.name!r}" if last is not None else "at its start"
+    return (f"no end-of-archive block at byte {end} {where}: "
+            + ("the file ends there (cut short)" if len(block) < tarfile.BLOCKSIZE else "a damaged header"))
+
+
+def _check_whole_tar(tar: Path) -> None:
+    """ShardError for a cut or damaged tar (`_tar_damage`), also under on_error="skip": the samples after
+    the damage cannot be read, so they could not even be counted."""
+    why = _tar_damage(tar)
+    if why is not None:
+        raise ShardError(f"{tar}: truncated tar (or a damaged header): {why}; the samples after that point cannot "
+                         f"be read or counted: re-fetch the tar or leave it out")
+
+
 def _wds_groups(tar: Path, skips: _Skips) -> Iterator[tuple[str, dict[str, bytes]]]:
     try:
         tf = tarfile.open(tar, mode="r:")
     except (tarfile.TarError, OSError) as e:
         raise ShardError(f"{tar}: unreadable tar ({type(e).__name__}: {e})") from None
     with tf:
+        _check_whole_tar(tar)
         key, group = None, {}
         try:
             for info in tf:
@@ -473,10 +588,9 @@ def _wds_groups(tar: Path, skips: _Skips) -> Iterator[tuple[str, dict[str, bytes
                         yield key, group
                     key, group = k, {}
                 group[ext.lower()] = tf.extractfile(info).read()
-        except (tarfile.TarError, OSError) as e:
-            skips.bad(f"{tar}: sample key={key!r}: unreadable member ({type(e).__name__}: {e}; truncated tar?)",
-                      kind="truncated tar")
-            return  # nothing after the cut can be read
+        except (tarfile.TarError, OSError) as e:  # nothing after it can be read (or counted): never a skip
+            raise ShardError(f"{tar}: sample key={key!r}: unreadable member ({type(e).__name__}: {e}); truncated tar "
+                             f"(or a damaged header): the samples after it cannot be read or counted") from None
         if key is not None:
             yield key, group
 
@@ -539,9 +653,12 @@ def import_webdataset(src: str | os.PathLike, root: str | os.PathLike, name: str
                 if not caption:
                     skips.bad(f"{where}: empty or missing caption", kind="empty caption")
                     continue
-                uid = meta.get("uid") or row.get("uid")
-                if not (isinstance(uid, str) and _UID_RE.match(uid)):
+                uid = meta["uid"] if "uid" in meta else row.get("uid")
+                if uid is None:  # none given: made as for any other import
                     uid = make_uid(source, str(meta.get("image_id") or key), caption, 0)
+                elif not (isinstance(uid, str) and _UID_RE.match(uid)):  # given but not ours: never replaced silently
+                    skips.bad(f"{where}: uid {uid!r} is not 32 lowercase hex chars", kind="bad uid")
+                    continue
                 label = meta.get("label")
                 yield Sample(key=key, uid=uid, image_bytes=data, caption=caption,
                              image_id=str(meta.get("image_id") or key), width=w, height=h,
@@ -635,6 +752,8 @@ def _registered_rows(tar: Path, *, source: str, skips: _Skips, failed: _Skips, d
     side = _sidecar(tar)
     rows: list[dict] = []
     keys: set[str] = set()
+    if os.path.isfile(tar):
+        _check_whole_tar(tar)
     try:
         f = open(tar, "rb")
     except OSError as e:
@@ -686,9 +805,10 @@ def _registered_rows(tar: Path, *, source: str, skips: _Skips, failed: _Skips, d
                 skips.bad(f"{where}: empty caption", kind="empty caption")
                 continue
             image_id = str(meta.get("image_id") or key)
-            uid = meta.get("uid", row.get("uid"))
+            uid = meta["uid"] if "uid" in meta else row.get("uid")
             if not (isinstance(uid, str) and _UID_RE.match(uid)):
-                if require_uid or "uid" in meta:  # a json uid that is not ours would also fail every read
+                # a uid given but malformed is never replaced (a json uid that is not ours would also fail every read)
+                if require_uid or uid is not None or "uid" in meta:
                     skips.bad(f"{where}: no DataComp uid (32 lowercase hex chars) in the .json or sidecar: "
                               f"found {uid!r}", kind="bad uid")
                     continue
@@ -801,11 +921,18 @@ def import_class_folders(src: str | os.PathLike, root: str | os.PathLike, name: 
     ("images_in_subfolders"). A file or folder name that is not UTF-8 is bad input (ShardError naming
     it, or with on_error="skip" a counted, logged skip)."""
     src = Path(src)
+    src_real = src.resolve()
     skips = _Skips(on_error)
     folders = sorted(p.name for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
     classes = []
     for cls in folders:
         raw = _raw_name(cls)
+        real = _outside(src / cls, src_real)
+        if real is not None:
+            # An error even under on_error="skip": it is not even listed (it may lead to / or a home folder), so
+            # its images could not be counted, and a class left out would renumber every label after it.
+            raise ShardError(f"{src / cls}: class folder leads to {real}, outside {src} (a symlink): refused; copy "
+                             f"the class folder into {src} or remove the link")
         if raw is None:
             classes.append(cls)
         else:
@@ -840,6 +967,10 @@ def import_class_folders(src: str | os.PathLike, root: str | os.PathLike, name: 
             ids = _image_ids(files, where=str(src / cls))
             for rel in files:
                 p = src / cls / rel
+                real = _outside(p, src_real)
+                if real is not None:
+                    skips.bad(f"{p}: leads to {real}, outside {src} (a symlink): refused", kind="path outside image folder")
+                    continue
                 try:
                     data, w, h = load_image(p)
                 except (OSError, ValueError) as e:

@@ -5,7 +5,8 @@ Each summary is a plain dict (JSON-able), with a "problems" list for things that
 unusable or need a hand (missing or extra shards, non-finite embeddings, row counts that disagree,
 hidden temporary files and folders left by an interrupted write) and "notes" for remarks.
 `format_summary` renders one as text; `aced inspect` exits 1 when there is any problem.
-`aced cache verify` is the strict check of caches; this module counts and describes.
+`aced cache verify` is the strict check of caches; this module counts and describes, and with
+`verify` runs that same per-shard check (`storage.cache.check_cache_shard`) on every cache it finds.
 
 (The module is `storage.inspect`; it is only ever imported as part of the package, so it does not
 shadow the standard library's `inspect`.)
@@ -22,7 +23,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from storage.atomic import is_temp_name
-from storage.cache import MANIFEST_FILE, CacheError, find_cache_folders, read_manifest
+from storage.cache import (MANIFEST_FILE, CacheError, check_cache_shard, find_cache_folders, read_manifest,
+                           unlisted_cache_folders)
 from storage.workspace import Workspace
 from storage.shards import (DATASET_FILE, ShardError, check_tar_sha256, dataset_file_problems, find_datasets,
                             iter_samples, list_shards, load_dataset, read_metadata)
@@ -56,7 +58,12 @@ def find_leftovers(top: str | os.PathLike, *, recursive: bool = True) -> list[Pa
 
 def _dataset_leftovers(folder: Path) -> list[Path]:
     """Leftovers inside a dataset folder, and work folders of an interrupted (re)import of it beside it."""
-    sibling = [p for p in sorted(folder.parent.glob(f".{folder.name}.*")) if is_leftover_name(p.name)]
+    prefix = f".{folder.name}."  # not a glob pattern: a dataset may be named "*" or "[a]"
+    try:
+        names = sorted(os.listdir(folder.parent))
+    except OSError:
+        names = []
+    sibling = [folder.parent / n for n in names if n.startswith(prefix) and is_leftover_name(n)]
     return find_leftovers(folder, recursive=False) + sibling
 
 
@@ -129,9 +136,13 @@ def _norm_stats(acc: dict, a: np.ndarray) -> None:
         acc["n"] += int(n.size)
 
 
-def summarize_cache(folder: str | os.PathLike) -> dict[str, Any]:
+def summarize_cache(folder: str | os.PathLike, *, verify: bool = False) -> dict[str, Any]:
     """Counts, dims and embedding-norm statistics of one cache folder `<root>/cache/<model>/<dataset>`,
-    with missing/extra shards against the pair dataset (found from the folder's place in the workspace)."""
+    with missing/extra shards against the pair dataset (found from the folder's place in the workspace).
+    With `verify`, every shard also gets `storage.cache.check_cache_shard`, the one per-shard check that
+    `aced cache verify` and the trainer's reader run (file sha256 against the manifest, the pair tar's
+    sha256, uids in order, the file's label, finiteness); a folder whose pair dataset cannot be found
+    cannot be verified, which is a problem too."""
     folder = Path(folder)
     out: dict[str, Any] = {"kind": "cache", "path": str(folder), "problems": [], "notes": []}
     out["problems"] += [_leftover_problem(p) for p in find_leftovers(folder, recursive=False)]
@@ -148,6 +159,7 @@ def summarize_cache(folder: str | os.PathLike) -> dict[str, Any]:
     dataset = doc.get("dataset")
     parts = folder.resolve().parts
     k = len(dataset.split("/")) if dataset else 0
+    pair = None
     if dataset and len(parts) > k + 2 and parts[-(k + 2)] == "cache" and "/".join(parts[-k:]) == dataset:
         root = Path(*parts[: -(k + 2)])
         out["dataset"] = dataset
@@ -155,7 +167,6 @@ def summarize_cache(folder: str | os.PathLike) -> dict[str, Any]:
             pair = {s.name: s for s in list_shards(Workspace(root).dataset(dataset))}
         except ShardError as e:
             out["problems"].append(str(e))
-            pair = None
         if pair is not None:
             out["missing_shards"] = sorted(set(pair) - set(doc["shards"]))
             out["extra_shards"] = sorted(set(doc["shards"]) - set(pair))
@@ -166,6 +177,13 @@ def summarize_cache(folder: str | os.PathLike) -> dict[str, Any]:
                     out["problems"].append(f"{folder}: {key.replace('_', ' ')}: {out[key]}")
     else:
         out["notes"].append(f"{folder}: not inside a workspace's cache/<model>/<dataset>: pair shards not compared")
+    if verify:
+        if pair is None:
+            out["problems"].append(f"{folder}: cannot verify: its pair dataset {dataset!r} was not found (the folder "
+                                   f"must be a workspace's cache/<model>/<dataset>)")
+        else:
+            for name in sorted(set(doc["shards"]) & set(pair)):
+                out["problems"] += check_cache_shard(folder, doc, pair[name])[1]
     listed = {f"{n}.parquet" for n in doc["shards"]}
     out["problems"] += [f"{p}: not in the manifest (extra)" for p in sorted(folder.glob("*.parquet"))
                         if p.name not in listed and not p.name.startswith(".")]
@@ -229,9 +247,10 @@ def summarize_runs(root: str | os.PathLike) -> list[dict[str, Any]]:
 def summarize_workspace(root: str | os.PathLike, *, verify: bool = False) -> dict[str, Any]:
     ws = Workspace(root)
     datasets = [summarize_dataset(p, verify=verify) for p in ws.find_datasets().values()]
-    caches = [summarize_cache(p) for p in find_cache_folders(root).values()]
+    caches = [summarize_cache(p, verify=verify) for p in find_cache_folders(root).values()]
     runs = summarize_runs(root)
     problems = [p for d in datasets + caches for p in d["problems"]] + [p for r in runs for p in r.get("problems", [])]
+    problems += [f"{f}: holds cache files but no {MANIFEST_FILE}: no reader can use them" for f in unlisted_cache_folders(root)]
     # every other leftover (checkpoints, model exports, run logs, hidden dataset work folders); not
     # state/, which belongs to Prefect
     leftovers = [p for top in (ws.datasets, ws.cache, ws.models, ws.runs) for p in find_leftovers(top)]
@@ -254,7 +273,7 @@ def inspect_path(path: str | os.PathLike, *, verify: bool = False) -> dict[str, 
     if (path / DATASET_FILE).exists():
         return summarize_dataset(path, verify=verify)
     if (path / MANIFEST_FILE).exists():
-        return summarize_cache(path)
+        return summarize_cache(path, verify=verify)
     if any((path / d).is_dir() for d in ("datasets", "cache", "runs")):
         return summarize_workspace(path, verify=verify)
     datasets = find_datasets(path)
@@ -262,7 +281,8 @@ def inspect_path(path: str | os.PathLike, *, verify: bool = False) -> dict[str, 
     leftovers = find_leftovers(path)
     if not datasets and not caches and not leftovers:
         raise FileNotFoundError(f"{path}: no dataset ({DATASET_FILE}), cache ({MANIFEST_FILE}) or workspace here")
-    items = [summarize_dataset(p, verify=verify) for p in datasets.values()] + [summarize_cache(p) for p in sorted(caches)]
+    items = ([summarize_dataset(p, verify=verify) for p in datasets.values()]
+             + [summarize_cache(p, verify=verify) for p in sorted(caches)])
     problems = [p for d in items for p in d["problems"]]
     problems += _new_leftover_problems(leftovers, problems)
     return {"kind": "folder", "path": str(path), "items": items,

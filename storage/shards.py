@@ -48,7 +48,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from storage.atomic import atomic_path, atomic_write_json, is_temp_name, replace_dir, sha256_file, temp_sibling
-from storage.workspace import check_placement
+from storage.workspace import check_name, check_placement
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +184,7 @@ class DatasetInfo:
     created: str
     skipped: int = 0
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. {"classnames": [...]}
+    recorded_rows: int | None = None  # the file's top-level "rows" (checked against the shards' sum)
 
     @property
     def rows(self) -> int:
@@ -683,6 +684,13 @@ def _dataset_doc_problem(doc: Any) -> str | None:
             return f"no {k!r}"
         if not isinstance(doc[k], t):
             return f"{k!r} is a {type(doc[k]).__name__}, want a {t.__name__}"
+    try:
+        check_name(doc["name"], "'name'")
+    except ValueError as e:
+        return str(e)
+    if "format_version" in doc and (type(doc["format_version"]) is not int or doc["format_version"] != FORMAT_VERSION):
+        return (f"'format_version' is {doc['format_version']!r}; this version of aced reads format {FORMAT_VERSION} "
+                f"only (written by another version? re-import the dataset)")
     if not isinstance(doc.get("skipped", 0), int) or isinstance(doc.get("skipped", 0), bool):
         return f"'skipped' is {doc['skipped']!r}, want an integer"
     for i, s in enumerate(doc["shards"]):
@@ -703,13 +711,16 @@ def _dataset_doc_problem(doc: Any) -> str | None:
     names = [s["name"] for s in doc["shards"]]
     if len(set(names)) != len(names):
         return f"shard names listed twice: {sorted({n for n in names if names.count(n) > 1})}"
+    if "rows" in doc and (type(doc["rows"]) is not int or doc["rows"] < 0):
+        return f"'rows' is {doc['rows']!r}, want an integer >= 0 (the sum of the shards' rows)"
     return None
 
 
 def dataset_file_problems(info: DatasetInfo) -> list[str]:
     """How the folder's files differ from its `_dataset.json`: a listed shard whose tar (its own, or an
     external one a shard entry points at) or metadata Parquet is missing, or a `.tar`/`.parquet` file
-    in the folder that no listed shard owns (a shard removed from the listing, or a stray file).
+    in the folder that no listed shard owns (a shard removed from the listing, or a stray file); and a
+    top-level "rows" that is not the sum of the listed shards' rows.
     Temporary files of interrupted writes (hidden) are not counted."""
     path = info.path / DATASET_FILE
     try:
@@ -728,6 +739,9 @@ def dataset_file_problems(info: DatasetInfo) -> list[str]:
     if extra:
         out.append(f"{path}: does not list files present in {info.path}: {', '.join(extra)} "
                    f"(a shard removed from the listing, or a stray file)")
+    if info.recorded_rows is not None and info.recorded_rows != info.rows:
+        out.append(f"{path}: 'rows' is {info.recorded_rows}, but its shards hold {info.rows} (hand-edited, or a "
+                   f"shard entry removed)")
     return out
 
 
@@ -749,7 +763,7 @@ def load_dataset(dataset_dir: str | os.PathLike, *, check_files: bool = True) ->
         raise ShardError(f"{path}: malformed: {why}")
     shards = [ShardRef(dataset_dir, s["name"], s["rows"], s["sha256"], s.get("tar")) for s in doc["shards"]]
     info = DatasetInfo(name=doc["name"], source=doc["source"], path=dataset_dir, shards=shards,
-                       created=doc["created"], skipped=doc.get("skipped", 0),
+                       created=doc["created"], skipped=doc.get("skipped", 0), recorded_rows=doc.get("rows"),
                        extra={k: v for k, v in doc.items() if k not in
                               ("name", "source", "shards", "created", "skipped", "rows", "format_version")})
     if check_files:

@@ -33,6 +33,7 @@ import decimal
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -91,14 +92,40 @@ class QueryTooBig(SqlError):
     """The query needs more memory than its limit (DuckDB spills what it can to a temp folder first)."""
 
 
+MIN_MEMORY = 16 * 2**20  # below this DuckDB cannot even build the views (it fails with a raw OOM text)
+_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(B|KB|MB|GB|TB|KIB|MIB|GIB|TIB)\s*$", re.IGNORECASE)
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_memory_limit(size: str) -> int:
+    """Bytes of a memory size like "512MB" or "4GiB" (DuckDB's units); SqlError naming it when it is
+    not one, or below MIN_MEMORY. DuckDB itself reads "-1" (and "-1GB") as "no limit at all" and
+    accepts sizes it cannot work in, so sizes are checked here before DuckDB sees them."""
+    m = _SIZE_RE.match(str(size))
+    if m is None:
+        raise SqlError(f"memory limit {size!r} is not a size: want a positive number and a unit, "
+                       f"e.g. 512MB or 4GiB (units B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)")
+    n = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    if n < MIN_MEMORY:
+        raise SqlError(f"memory limit {size!r} is below the minimum of {MIN_MEMORY // 2**20}MiB")
+    return n
+
+
 @dataclass(frozen=True)
 class Limits:
-    """Resources of one query: DuckDB's memory_limit (a DuckDB size string, e.g. "64MB", "4GiB") and
-    threads. `Limits.for_machine()` takes half the memory (cgroup limit included) and every CPU this
-    process may use, so a runaway join fails with QueryTooBig instead of taking the machine down."""
+    """Resources of one query: DuckDB's memory_limit (a size string, e.g. "64MB", "4GiB", at least
+    MIN_MEMORY: `parse_memory_limit`) and threads (>= 1). `Limits.for_machine()` takes half the memory
+    (cgroup limit included) and every CPU this process may use, so a runaway join fails with
+    QueryTooBig instead of taking the machine down."""
 
     memory_limit: str
     threads: int
+
+    def __post_init__(self) -> None:
+        parse_memory_limit(self.memory_limit)
+        if not isinstance(self.threads, int) or isinstance(self.threads, bool) or self.threads < 1:
+            raise SqlError(f"threads must be an integer >= 1, got {self.threads!r}")
 
     @classmethod
     def for_machine(cls, memory_limit: str | None = None, threads: int | None = None) -> "Limits":
@@ -106,9 +133,7 @@ class Limits:
             memory_limit = f"{max(64, _machine_memory() // 2 // 2**20)}MiB"
         if threads is None:
             threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        if threads < 1:
-            raise SqlError(f"threads must be >= 1, got {threads}")
-        return cls(str(memory_limit), int(threads))
+        return cls(str(memory_limit), threads)
 
 
 def _machine_memory() -> int:
@@ -151,8 +176,30 @@ def _lit(s: str | os.PathLike) -> str:
     return "'" + str(s).replace("'", "''") + "'"
 
 
+_GLOB_CHARS = re.compile(r"([*?\[])")
+
+
+def glob_literal(path: str | os.PathLike) -> str:
+    """`path` as a DuckDB file pattern that matches exactly that file: DuckDB glob-expands every path
+    given to read_parquet, so a dataset named "*" or a workspace under "ws[1]" would read other files
+    (or fail on a sibling). Each of its glob characters '*', '?', '[' is put in a one-character class
+    ("[*]", "[?]", "[[]"); '{', '}', ']' and '\\' are literal in DuckDB's globs."""
+    return _GLOB_CHARS.sub(r"[\1]", str(path))
+
+
 def _file_list(paths: list[Path]) -> str:
-    return "[" + ", ".join(_lit(p) for p in paths) + "]"
+    return "[" + ", ".join(_lit(glob_literal(p)) for p in paths) + "]"
+
+
+def _allowed(paths: list[Path]) -> list[str]:
+    """What `allowed_paths` must hold for the views to read `paths`: each file, and the pattern
+    `glob_literal` made of it where that differs (DuckDB checks the pattern before expanding it)."""
+    out = []
+    for p in paths:
+        out.append(str(p))
+        if glob_literal(p) != str(p):
+            out.append(glob_literal(p))
+    return out
 
 
 def _run_files(root: Path, kind: str) -> list[Path]:
@@ -233,7 +280,8 @@ def open_views(root: str | os.PathLike, *, allow_missing: bool = False, limits: 
         if files:
             allowed += files
             parts.append(f"SELECT {_lit(ds)} AS dataset, regexp_extract(filename, '([0-9]+)\\.parquet$', 1) AS shard, "
-                         f"* EXCLUDE (filename) FROM read_parquet({_file_list(files)}, filename=true)")
+                         f"* EXCLUDE (filename) FROM read_parquet({_file_list(files)}, filename=true, "
+                         f"hive_partitioning=false)")
     con.execute("CREATE VIEW pairs AS " + (" UNION ALL BY NAME ".join(parts) if parts else _EMPTY["pairs"]))
     _make_table(con, "datasets", pa.Table.from_pylist(ds_rows, schema=_DATASETS_SCHEMA))
 
@@ -264,7 +312,7 @@ def open_views(root: str | os.PathLike, *, allow_missing: bool = False, limits: 
             parts.append(f"SELECT {_lit(mid)} AS model_id, {_lit(ds)} AS dataset, "
                          f"regexp_extract(filename, '([0-9]+)\\.parquet$', 1) AS shard, uid, "
                          f"image_emb::FLOAT[] AS image_emb, text_emb::FLOAT[] AS text_emb "
-                         f"FROM read_parquet({_file_list(files)}, filename=true)")
+                         f"FROM read_parquet({_file_list(files)}, filename=true, hive_partitioning=false)")
     con.execute("CREATE VIEW cache AS " + (" UNION ALL ".join(parts) if parts else _EMPTY["cache"]))
     _make_table(con, "manifest", pa.Table.from_pylist(man_rows, schema=_MANIFEST_SCHEMA))
 
@@ -274,7 +322,8 @@ def open_views(root: str | os.PathLike, *, allow_missing: bool = False, limits: 
         if files:
             allowed += files
             con.execute(f"CREATE VIEW {kind} AS SELECT regexp_extract(filename, '/runs/([^/]+)/{kind}/[^/]+$', 1) AS run, "
-                        f"* EXCLUDE (filename) FROM read_parquet({_file_list(files)}, union_by_name=true, filename=true)")
+                        f"* EXCLUDE (filename) FROM read_parquet({_file_list(files)}, union_by_name=true, filename=true, "
+                        f"hive_partitioning=false)")
         else:
             con.execute(f"CREATE VIEW {kind} AS {_EMPTY[kind]}")
 
@@ -287,7 +336,7 @@ def open_views(root: str | os.PathLike, *, allow_missing: bool = False, limits: 
         log.warning("left out of the SQL views: %s", p)
     if left_out is not None:
         left_out += problems
-    con.execute("SET allowed_paths = ?", [[str(p) for p in allowed]])
+    con.execute("SET allowed_paths = ?", [_allowed(allowed)])
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
     return con
@@ -323,7 +372,8 @@ def stream_query(root: str | os.PathLike, sql: str, *, allow_missing: bool = Fal
     limits = limits or Limits.for_machine()
     with tempfile.TemporaryDirectory(prefix="aced-sql-") as spill:
         left_out: list[str] = []
-        con = open_views(root, allow_missing=allow_missing, limits=limits, temp_dir=spill, left_out=left_out)
+        with _memory_errors(limits):  # a tiny limit can fail already while the views are made
+            con = open_views(root, allow_missing=allow_missing, limits=limits, temp_dir=spill, left_out=left_out)
         try:
             with _memory_errors(limits):
                 reader = con.sql(query).to_arrow_reader(batch_rows)
@@ -446,6 +496,10 @@ def write_result(q: QueryStream, fmt: str, out: str | os.PathLike, *, overwrite:
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    if not out.parent.is_dir():  # a typo in the folder must not create a new tree of folders
+        raise FileNotFoundError(f"{out}: its folder {out.parent} does not exist (create it first)")
+    if out.is_dir():
+        raise IsADirectoryError(f"{out} is a folder; name a file to write")
     with atomic_path(out) as tmp:
         with open(tmp, "wb") as f:
             return write_stream(q, fmt, f)

@@ -7,8 +7,9 @@ that spells that layout out; everything else asks it for paths.
 
 Every name a user gives (dataset, run, model id) becomes a path below one of the areas, so every name
 goes through `check_name`: relative, '/'-separated parts, none empty, '.', '..' or hidden (a leading
-dot: our temporary folders start with one). `aced train ../../x` or `--name /abs/path` is refused
-here, once, for all commands.
+dot: our temporary folders start with one), without control characters (a newline or an escape in a
+name would garble every listing and log line). `aced train ../../x` or `--name /abs/path` is refused
+here, once, for all commands; `_dataset.json` names are held to the same rule when read.
 
 A dataset's identity is its path below `datasets/` (e.g. "flickr8k/train"): the name caches are filed
 under. `_dataset.json` records it when the dataset is written; `dataset_identity` checks the two agree
@@ -33,17 +34,25 @@ from pathlib import Path
 
 AREAS = ("datasets", "cache", "models", "runs", "state")
 LOCK_NAME = ".lock"
+MAX_NAME_PART_BYTES = 200  # file systems allow 255 per part; temporary siblings add `.<name>.<12 hex>.old.tmp`
+MAX_NAME_BYTES = 1000  # whole names stay far below PATH_MAX (4096) under any reasonable root
 
 
 def check_name(name: str, what: str = "name") -> str:
     """`name` if it is a safe relative name below a workspace area; ValueError naming it otherwise."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"bad {what} {name!r}: empty")
-    if "\\" in name or "\x00" in name or name.startswith("/"):
+    if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in name):  # NUL, newline, tab, ESC...: every listing would lie
+        raise ValueError(f"bad {what} {name!r}: control characters are not allowed")
+    if "\\" in name or name.startswith("/"):
         raise ValueError(f"bad {what} {name!r}: must be a relative name like 'flickr8k/train' (no absolute path)")
     for part in name.split("/"):
         if part in ("", ".", "..") or part.startswith("."):
             raise ValueError(f"bad {what} {name!r}: parts may not be empty, '.', '..' or start with '.'")
+        if len(part.encode("utf-8", "surrogatepass")) > MAX_NAME_PART_BYTES:  # not a raw [Errno 36] later
+            raise ValueError(f"bad {what} {name[:40]!r}...: a part longer than {MAX_NAME_PART_BYTES} bytes")
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+        raise ValueError(f"bad {what} {name[:40]!r}...: longer than {MAX_NAME_BYTES} bytes")
     return name
 
 
