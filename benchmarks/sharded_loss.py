@@ -9,8 +9,8 @@ loss (sigmoid, softmax, softmax KD, sigmoid KD) is run forward + backward on eac
               only as the baseline, written with the losses' own `_logits` / `_signed`)
   everything  all-gather both towers with gradient, then the plain loss over all b = W m pairs on every
               rank (the path before that: b x b per rank)
-Per case: the peak of the CPU memory allocated inside the loss (torch.profiler memory events: allocations
-minus frees, in time order), the largest single tensor, and the median wall time over --repeats (all ranks
+Per case: the peak of the memory alive at once among the tensors created inside the loss (forward and
+backward; `_peak_and_largest`), the largest single tensor, and the median wall time over --repeats (all ranks
 interleave the paths, so a load change hits all of them). The three paths' values are checked to agree.
 Memory is exact; times on a shared CPU are only indicative (W ranks share the cores with whatever else
 runs; the load average is recorded).
@@ -97,18 +97,50 @@ def _rows_autograd(kind: str, stu, tea):
 
 
 def _peak_and_largest(fn) -> tuple[int, int]:
-    """(peak bytes allocated inside fn, largest single allocation) from the profiler's memory events:
-    an op event carries what it allocated itself, a "[memory]" event a free (negative) or a stray alloc."""
-    import torch
+    """(peak bytes alive at once of the tensors created inside fn, largest single one), exact.
 
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+    Every op's outputs are seen through a TorchDispatchMode (backward included: on the CPU the autograd
+    engine runs in this thread); a new storage (not one of the op's inputs, not already counted) is added
+    and a finalizer on it subtracts it when it is freed (torch keeps one Python object per storage, so the
+    finalizer fires when the memory goes, also for tensors only autograd still holds). Counts what the
+    loss allocates, not allocator caching nor scratch space inside a kernel. (torch.profiler's per-op
+    memory counts a free inside an enclosing op twice, which made the blocked path's peak come out below
+    its own largest tensor.)"""
+    import weakref
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    state = {"cur": 0, "peak": 0, "largest": 0}
+    live: set[int] = set()
+
+    def free(ptr: int, nbytes: int) -> None:
+        live.discard(ptr)
+        state["cur"] -= nbytes
+
+    class LiveBytes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                      if isinstance(t, torch.Tensor)}
+            for t in tree_flatten(out)[0]:
+                if not isinstance(t, torch.Tensor):
+                    continue
+                st = t.untyped_storage()
+                ptr, nbytes = st.data_ptr(), st.nbytes()
+                if nbytes == 0 or ptr in inputs or ptr in live:
+                    continue
+                live.add(ptr)
+                weakref.finalize(st, free, ptr, nbytes)
+                state["cur"] += nbytes
+                state["peak"] = max(state["peak"], state["cur"])
+                state["largest"] = max(state["largest"], nbytes)
+            return out
+
+    with LiveBytes():
         fn()
-    cur = peak = largest = 0
-    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
-        delta = e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
-        cur += delta
-        peak, largest = max(peak, cur), max(largest, delta)
-    return peak, largest
+    return state["peak"], state["largest"]
 
 
 def _rank(group, m: int, d: int, repeats: int) -> dict:
@@ -215,7 +247,8 @@ def main() -> None:
     md = (f"# Per-rank loss memory: column blocks vs [m, b] rows vs gather everything (m = {args.per_rank} per "
           f"rank, d = {args.dim}, fp32, gloo ranks x 1 thread)\n\n" + markdown_table(scols, summary) +
           "\n\n" + markdown_table(cols, cells) +
-          "\n\nPeak and largest tensor: allocations inside loss forward + backward (torch.profiler), the max over "
+          "\n\nPeak and largest tensor: tensors created inside loss forward + backward, alive at once (a dispatch mode "
+          "with a finalizer per storage), the max over "
           "ranks; the peak includes the gathered [b, d] embeddings and their gradient, which grow with W "
           "(b d = W m d floats). Times: every rank's repeats pooled; indicative only on a shared CPU.\n")
     name = args.name

@@ -4,8 +4,9 @@ Stage 2 under `torchrun --nproc-per-node W` (or `aced train RUN --nproc W`): eve
 scores only its B/W candidates, selects its b/W of them while the conditional scores see every rank's picks
 (`pipeline.selection.select(gather=...)`, one all-gather per chunk), and trains on its m = b/W rows:
 each rank computes its own rows of the contrastive and KD losses against the gathered columns
-(`Dist.rows` -> `pipeline.losses.Rows` and the ``*_rows`` losses, as big_vision's SigLIP loss), so a rank
-holds [m, b] logit blocks, never b x b (mlfoundations/open_clip issue 942 is the failure this avoids).
+(`Dist.rows` -> `pipeline.losses.Rows` and the ``*_rows`` losses, as big_vision's SigLIP loss), one
+[m, m] column block at a time, never [m, b] nor b x b (mlfoundations/open_clip issue 942 is the failure
+this avoids); what still grows with W is the gathered [b, d] embeddings and their gradient.
 
 Gradients. The batch loss is the sum of the ranks' shares, L = sum_r L_r. A rank's embeddings reach every
 rank's share through the all-gather, whose backward sums the ranks' gradients for this rank's rows

@@ -28,9 +28,11 @@ owns only its [m, b] rows of the logits (its images against every text, and for 
 text->image direction its texts against every image), and never materialises even those: they are
 visited in column blocks of at most `block` columns (default m, one rank's worth), forward and again in
 backward (recomputed, as flash attention does), so the largest tensor the loss creates is [m, block] and
-per-rank loss memory stays flat as W grows at fixed m (a plain [m, b] block would grow as b^2 / W;
+the loss's logit memory stays flat as W grows at fixed m (a plain [m, b] block would grow as b^2 / W;
 mlfoundations/open_clip issue 942). Sigmoid losses are sums over the blocks; softmax losses carry each
-row's log-sum-exp across the blocks (online, also the teacher's for KD). Matching pairs are found by
+row's log-sum-exp across the blocks (online, also the teacher's for KD). What still grows with W is the
+gathered columns themselves: [b, d] embeddings and their [b, d] gradient (d / m of an [m, b] block; a ring
+exchange of [m, d] chunks, as big_vision's ppermute, would remove them too). Matching pairs are found by
 index arithmetic (row i is pair offset + i), not by a dense identity matrix. With W = 1 (a `Rows` without
 a gather) each ``*_rows`` function is its plain function, bit for bit, unless a `block` is asked for
 (only worth it when b x b itself is too large).
@@ -119,8 +121,15 @@ def _logits(img: torch.Tensor, txt: torch.Tensor, scale: Scalar, bias: Scalar | 
     return _affine(img @ txt.T, _scalar(scale, dtype, img.device, "scale"), bias)
 
 
-def _affine(dots: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """scale * dots (+ bias): the one place logits are formed from dot products (plain and blocked)."""
+def _affine(dots: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, *,
+            inplace: bool = False) -> torch.Tensor:
+    """scale * dots (+ bias): the one place logits are formed from dot products (plain and blocked).
+
+    inplace: overwrite `dots` (a fresh matmul output inside a blocked Function, where no autograd graph
+    needs it): one [m, block] tensor instead of three, the same bits."""
+    if inplace:
+        dots.mul_(scale)
+        return dots if bias is None else dots.add_(bias)
     out = scale * dots
     return out if bias is None else out + bias
 
@@ -451,7 +460,7 @@ class _Teacher:
 
     def logits(self, j0: int, j1: int) -> torch.Tensor:
         """Columns j0 .. j1 - 1 of t: [m, j1 - j0]."""
-        return _affine(self.rows @ self.cols[j0:j1].T, self.scale, self.bias)
+        return _affine(self.rows @ self.cols[j0:j1].T, self.scale, self.bias, inplace=True)
 
 
 def _column_blocks(b: int, block: int) -> list[tuple[int, int]]:
@@ -469,7 +478,7 @@ def _blocked_backward(ctx, grad: torch.Tensor, dlogits: Callable[[torch.Tensor, 
     with torch.autocast(device_type=rows.device.type, enabled=False):  # as in forward (module doc)
         g_rows, g_cols, g_bias = torch.zeros_like(rows), torch.empty_like(cols), rows.new_zeros(())
         for j0, j1 in _column_blocks(cols.shape[0], ctx.block):
-            g = dlogits(_affine(rows @ cols[j0:j1].T, scale, bias), j0, j1)
+            g = dlogits(_affine(rows @ cols[j0:j1].T, scale, bias, inplace=True), j0, j1)
             g_rows.addmm_(g, cols[j0:j1])
             g_cols[j0:j1] = g.T @ rows
             if bias is not None:
@@ -496,7 +505,7 @@ class _SigmoidBlocks(torch.autograd.Function):
     def forward(ctx, rows, cols, scale, bias, offset: int, block: int, teacher: _Teacher | None):
         total = rows.new_zeros(())
         for j0, j1 in _column_blocks(cols.shape[0], block):
-            l = _affine(rows @ cols[j0:j1].T, scale, bias)
+            l = _affine(rows @ cols[j0:j1].T, scale, bias, inplace=True)
             if teacher is None:
                 total += -F.logsigmoid(_signed(l, offset - j0)).sum()
             else:
@@ -538,7 +547,7 @@ class _SoftmaxBlocks(torch.autograd.Function):
         soft = rows.new_zeros(m)                      # sum_j p_ij l_ij so far, against lse_t
         hard = rows.new_zeros(())                     # sum of the matching pairs' logits so far
         for j0, j1 in _column_blocks(cols.shape[0], block):
-            l = _affine(rows @ cols[j0:j1].T, scale, None)
+            l = _affine(rows @ cols[j0:j1].T, scale, None, inplace=True)
             lse = torch.logaddexp(lse, l.logsumexp(dim=1))
             if teacher is None:
                 hard += l.diagonal(offset - j0).sum()   # l[r, offset + r - j0]: the pairs in this block
@@ -557,11 +566,11 @@ class _SoftmaxBlocks(torch.autograd.Function):
         lse, lse_t = ctx.saved_tensors[4:]
 
         def dlogits(l, j0, j1):
-            g = torch.exp(l - lse[:, None])                  # softmax(l) in this block
+            g = l.sub_(lse[:, None]).exp_()                   # softmax(l) in this block (l is ours)
             if ctx.teacher is None:
                 g.diagonal(ctx.offset - j0).sub_(1.0)
             else:
-                g -= torch.exp(ctx.teacher.logits(j0, j1) - lse_t[:, None])
+                g -= ctx.teacher.logits(j0, j1).sub_(lse_t[:, None]).exp_()
             return g
         g_rows, g_cols, g_scale, _ = _blocked_backward(ctx, grad, dlogits)
         return g_rows, g_cols, g_scale, None, None, None
