@@ -17,11 +17,14 @@ sees are the originals); other formats are decoded and re-encoded to JPEG for ca
 Every image is fully decoded once at import, so a corrupt file is caught here, naming the file,
 instead of in the middle of training.
 
-Bad input (unreadable/undecodable image, missing file, empty caption, malformed row, duplicate uid,
-an image path that leaves the image folder, a file name that is not UTF-8) raises ShardError naming
-the file and the sample, or with on_error="skip" is logged and counted (`_dataset.json` "skipped",
-"skipped_at_import"); one log line per skip, saying how many pairs it dropped, so the counts and the
-log agree. Text files (caption tables, split lists, COCO JSON) must be UTF-8 (a byte-order mark is
+Bad input (unreadable/undecodable image, missing file, empty caption, a table row with the wrong
+number of fields, duplicate uid, a uid given but not 32-hex, a COCO image id used twice, an image path
+that leaves the image folder by '..', an absolute path or a symlink, a file name that is not UTF-8)
+raises ShardError naming the file and the sample, or with on_error="skip" is logged and counted
+(`_dataset.json` "skipped", "skipped_at_import"); one log line per skip, saying how many pairs it
+dropped, so the counts and the log agree. What cannot be counted is always an error: a caption table
+whose quoting is broken (CSV is read strictly; TSV has no quoting), two caption tables to choose from,
+a truncated tar, a class folder linked from elsewhere. Text files (caption tables, split lists, COCO JSON) must be UTF-8 (a byte-order mark is
 accepted). A caption repeated for one image (same image, same text) is one pair: repeats are dropped,
 counted (`_dataset.json` "duplicate_captions_dropped") and logged.
 """
@@ -151,13 +154,16 @@ def _leaves_folder(rel: str) -> bool:
     return os.path.isabs(rel) or ".." in PurePosixPath(rel).parts
 
 
-def _outside(path: Path, folder_real: Path) -> Path | None:
-    """Where `path` really leads if that is outside the folder whose resolved path is `folder_real`, else
-    None. A symlink inside an image folder (`images/x.jpg -> /etc/passwd`, `images/d -> /home/u`) must
-    not pull in files from elsewhere any more than a '../' in a caption table may; symlinks that stay
-    inside the folder are fine. Checked before the file is opened."""
-    real = path.resolve()
-    return None if real == folder_real or real.is_relative_to(folder_real) else real
+def _outside(path: Path, folder_real: Path) -> str | None:
+    """Where `path` really leads ("/etc/passwd") if that is outside the folder whose resolved path is
+    `folder_real`, else None. A symlink inside an image folder (`images/x.jpg -> /etc/passwd`,
+    `images/d -> /home/u`) must not pull in files from elsewhere any more than a '../' in a caption
+    table may; symlinks that stay inside the folder are fine. Checked before the file is opened."""
+    try:
+        real = path.resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop (RuntimeError before Python 3.13)
+        return f"nowhere ({type(e).__name__}: {e})"
+    return None if real == folder_real or real.is_relative_to(folder_real) else str(real)
 
 
 def read_text(path: Path) -> str:

@@ -177,6 +177,10 @@ def test_symlinks_out_of_the_image_folder_are_refused(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         info = import_captions(src, tmp_path / "ws", "cap", on_error="skip")[""]
     assert info.rows == 2 and info.extra["skip_reasons"] == {"path outside image folder": 2}
+    (src / "images" / "loop.jpg").symlink_to("loop.jpg")  # a loop is refused too, not a traceback
+    (src / "captions.csv").write_text("image,caption\na.jpg,fine\nloop.jpg,x\n")
+    with pytest.raises(ShardError, match=r"loop\.jpg: leads to nowhere"):
+        import_captions(src, tmp_path / "ws", "loop")
     # COCO: the same rule
     (tmp_path / "c.json").write_text(json.dumps({"images": [{"id": 1, "file_name": "a.jpg"},
                                                             {"id": 2, "file_name": "link.jpg"}],
