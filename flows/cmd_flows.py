@@ -24,6 +24,8 @@ import signal
 import sys
 from pathlib import Path
 
+from flows.cli import expected_errors, positive_float, positive_int
+
 log = logging.getLogger(__name__)
 
 
@@ -44,11 +46,11 @@ def add_commands(subparsers) -> None:
                     "flow runs until interrupted.")
     when = s.add_mutually_exclusive_group()
     when.add_argument("--cache-cron", metavar="CRON", help='cache schedule, e.g. "0 2 * * *" (nightly at 02:00)')
-    when.add_argument("--cache-interval", metavar="SECONDS", type=float, help="cache schedule: every SECONDS")
+    when.add_argument("--cache-interval", metavar="SECONDS", type=positive_float, help="cache schedule: every SECONDS")
     s.add_argument("--timezone", default="UTC", help="time zone of --cache-cron (default UTC)")
     _cache_args(s)
     s.add_argument("--host", default="127.0.0.1", help="address of the local Prefect server (default 127.0.0.1)")
-    s.add_argument("--port", type=int, default=4200, help="port of the local Prefect server (default 4200)")
+    s.add_argument("--port", type=_port, default=4200, help="port of the local Prefect server (default 4200)")
     s.add_argument("--no-ui", action="store_true", help="start the local server without its web UI")
     s.add_argument("--work-pool", metavar="POOL", default=None,
                    help="register the deployments in this process work pool and exit (a `prefect worker` runs them)")
@@ -60,6 +62,13 @@ def add_commands(subparsers) -> None:
     d.set_defaults(func=_cmd_deployments)
 
 
+def _port(text: str) -> int:
+    port = positive_int(text)
+    if port > 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port in 1..65535, got {text}")
+    return port
+
+
 def _cache_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--datasets", nargs="+", metavar="DATASET", default=None,
                    help="dataset names under <root>/datasets (default: all)")
@@ -67,17 +76,17 @@ def _cache_args(p: argparse.ArgumentParser) -> None:
                    help="model ids under <root>/models, or model folders (reference, teacher, ...)")
     p.add_argument("--engine", choices=("ray", "plain"), default="ray",
                    help="ray: one Ray Data pipeline (default); plain: a single-process loop")
-    p.add_argument("--chunk-size", type=int, default=64, help="samples per model forward (default 64)")
+    p.add_argument("--chunk-size", type=positive_int, default=64, help="samples per model forward (default 64)")
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="stored embedding dtype")
-    p.add_argument("--actors", type=int, default=None, help="model actors (default: one per GPU, else 1)")
-    p.add_argument("--actor-cpus", type=float, default=None, help="CPUs reserved per actor (fractions allowed)")
-    p.add_argument("--torch-threads", type=int, default=None, help="torch threads per actor/process")
+    p.add_argument("--actors", type=positive_int, default=None, help="model actors (default: one per GPU, else 1)")
+    p.add_argument("--actor-cpus", type=positive_float, default=None, help="CPUs reserved per actor (fractions allowed)")
+    p.add_argument("--torch-threads", type=positive_int, default=None, help="torch threads per actor/process")
     p.add_argument("--ray-address", default=None, metavar="HOST:PORT",
                    help="join this running Ray cluster (the head's address from `ray start --head`; left running "
                         "afterwards; default: $RAY_ADDRESS, else a local Ray started and stopped by this command). "
                         "Every node must see the workspace and the model folders at the same paths")
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray instance (default: all)")
-    p.add_argument("--object-store-mb", type=int, default=None, help="object store of a local Ray instance")
+    p.add_argument("--num-cpus", type=positive_int, default=None, help="CPUs of a local Ray instance (default: all)")
+    p.add_argument("--object-store-mb", type=positive_int, default=None, help="object store of a local Ray instance")
 
 
 def _cache_params(args: argparse.Namespace) -> dict:
@@ -104,7 +113,18 @@ def _cmd_cache(args: argparse.Namespace) -> int:
         print(rep.format())
         return 0 if rep.ok else 1
     params = _cache_params(args)
+    _plan_before_the_flow(params)
     return _run(args.root, lambda: _cache_run(args, params))
+
+
+def _plan_before_the_flow(params: dict) -> None:
+    """Plan the run here first (models loaded and fingerprinted, datasets and manifests read): an unknown
+    model or dataset, a hand-edited model folder or a damaged dataset is then one line and exit 1 in
+    seconds, before Prefect's server and Ray start (inside the flow the same error would also be logged
+    by Prefect, traceback and all). The flow plans again: that plan is the one it acts on."""
+    from pipeline.ray_embed import plan_cache
+
+    plan_cache(params["root"], params["datasets"], params["models"], dtype=params["dtype"])
 
 
 def _run(root: Path, fn) -> int:
@@ -124,7 +144,7 @@ def _cache_run(args: argparse.Namespace, params: dict) -> int:
     from flows._prefect_env import use_workspace_state
 
     mode = use_workspace_state(args.root)
-    _quiet_libraries()
+    _quiet_libraries(args.verbose)
     log.info("prefect: %s", {"api-url": f"server {os.environ.get('PREFECT_API_URL')}",
                              "serve": f"the workspace's aced serve server {os.environ.get('PREFECT_API_URL')}",
                              "ephemeral": "temporary local server"}[mode])
@@ -135,10 +155,46 @@ def _cache_run(args: argparse.Namespace, params: dict) -> int:
     return 0
 
 
-def _quiet_libraries() -> None:
-    """The CLI logs at INFO; these would add a line per Prefect API request / per import."""
+def _quiet_libraries(verbose: bool = False) -> None:
+    """The CLI logs at INFO; these would add a line per Prefect API request / per import. Unless
+    `verbose`, Prefect's console copies of an expected error are dropped (`ExpectedErrorFilter`)."""
     for name in ("httpx", "faiss.loader"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    if not verbose:
+        for handler in logging.getLogger().handlers:  # the console; Prefect's API log handlers keep everything
+            if not any(isinstance(f, ExpectedErrorFilter) for f in handler.filters):
+                handler.addFilter(ExpectedErrorFilter())
+
+
+class ExpectedErrorFilter(logging.Filter):
+    """Prefect logs a failing task run's and flow run's exception with its full traceback, then each
+    Failed state with the message again; for an error `aced` reports itself as one line (bad input:
+    `flows.cli.expected_errors`) those console records are noise, so they are dropped: records of
+    Prefect's loggers carrying such an exception, and later ones repeating its message. Any other
+    exception keeps its tracebacks; `-v` keeps everything."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.types = expected_errors()
+        self.messages: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("prefect"):
+            return True
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None:
+            if isinstance(exc, self.types) and str(exc):
+                self.messages.append(str(exc))
+                return False
+            return True
+        if self.messages:  # the Failed states quote the message (repr: quotes escaped), so compare without quotes
+            text = _unquoted(record.getMessage())
+            return not any(_unquoted(m) in text for m in self.messages)
+        return True
+
+
+def _unquoted(text: str) -> str:
+    return text.replace("\\", "").replace("'", "").replace('"', "")
 
 
 def _sigterm_as_interrupt() -> None:
@@ -167,7 +223,7 @@ def _serve(args: argparse.Namespace, params: dict) -> int:
     # before looking for a running server: a killed `aced serve` may have left its server answering
     supervise(args.root)
     _sigterm_as_interrupt()
-    _quiet_libraries()
+    _quiet_libraries(args.verbose)
     with contextlib.ExitStack() as stack:
         if os.environ.get("PREFECT_API_URL"):
             log.info("using the Prefect server at %s", os.environ["PREFECT_API_URL"])

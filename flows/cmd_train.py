@@ -11,30 +11,37 @@ from storage.workspace import Workspace
 
 
 def _parse_value(field: dataclasses.Field, text: str) -> Any:
+    """The text of `--set FIELD=TEXT` as the field's type; ValueError naming the field when it is not one.
+    (Ranges are TrainConfig's / SelectionConfig's to check.)"""
     kind = str(field.type)
     if "tuple" in kind:
         return tuple(x for x in text.split(",") if x)
     if "bool" in kind:
         if text.lower() not in ("true", "false", "1", "0"):
-            raise ValueError(f"--set {field.name}: expected true/false, got {text!r}")
+            raise ValueError(f"--set {field.name}={text}: expected true or false")
         return text.lower() in ("true", "1")
     if text.lower() == "none" and "None" in kind:
         return None
-    if "int" in kind and "float" not in kind:
-        return int(text)
-    if "float" in kind:
-        return float(text)
+    try:
+        if "int" in kind and "float" not in kind:
+            return int(text)
+        if "float" in kind:
+            return float(text)
+    except ValueError:
+        want = "an integer" if "float" not in kind else "a number"
+        raise ValueError(f"--set {field.name}={text}: expected {want}"
+                         + (" or none" if "None" in kind else "")) from None
     return text
 
 
 def config_from_args(args: argparse.Namespace):
-    from pipeline.recipes import TrainConfig, recipe
+    from pipeline.recipes import TrainConfig, read_config_file, recipe
     from pipeline.selection import SelectionConfig
 
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     overrides: dict[str, Any] = {}
     if args.config:
-        overrides.update(json.loads(Path(args.config).read_text()))
+        overrides.update(read_config_file(args.config))
     root: Path = args.root
     for name in ("method", "model", "steps", "batch_size", "seed", "reference", "init_from"):
         value = getattr(args, name, None)
@@ -131,9 +138,14 @@ def _train_flow(args: argparse.Namespace) -> int:
     from flows._prefect_env import use_workspace_state
     from flows.cmd_flows import _quiet_libraries
 
+    from pipeline.trainer import validate_run
+
     cfg = config_from_args(args)
+    # Here, not only inside the flow: a missing cache, model or dataset is one line in seconds, before
+    # Prefect starts (inside the flow Prefect would also log it, traceback and all).
+    validate_run(cfg)
     use_workspace_state(args.root)
-    _quiet_libraries()
+    _quiet_libraries(args.verbose)
     from flows.train_flow import train_flow
 
     evals = {f"{Path(d).name}-zeroshot": ["zeroshot", d] for d in cfg.eval_zeroshot}
@@ -149,7 +161,7 @@ def _run(args: argparse.Namespace) -> int:
     from flows.cmd_flows import _quiet_libraries
 
     use_workspace_state(args.root)
-    _quiet_libraries()
+    _quiet_libraries(args.verbose)
     from flows.main_job import main_job
 
     root = args.root.resolve()
@@ -163,6 +175,9 @@ def _export(args: argparse.Namespace) -> int:
     from pipeline.trainer import export_model
 
     run_dir = _run_dir(args)
+    if not (run_dir / "config.json").is_file():  # named here, not as a raw [Errno 2] about config.json
+        raise FileNotFoundError(f"no run {args.run!r}: {run_dir} holds no config.json" if run_dir.is_dir()
+                                else f"no run {args.run!r} ({run_dir} does not exist)")
     out = args.out or Workspace(args.root).model(args.name or args.run)
     export_model(run_dir, out, overwrite=args.overwrite)
     print(f"exported {run_dir} -> {out}")

@@ -26,9 +26,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
 
-import faiss
-import numpy as np
-import torch
+# faiss's loader logs at INFO every CPU-specific build it tries and lacks, ModuleNotFoundError and all, on
+# every import (so on every `aced eval`); only its warnings are news. A level set by the user is kept.
+if logging.getLogger("faiss.loader").level == logging.NOTSET:
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+
+import faiss  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from storage.atomic import atomic_write_bytes, atomic_write_json
 from storage.shards import decode_image

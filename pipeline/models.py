@@ -37,8 +37,10 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 import pickle
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -220,15 +222,49 @@ def _resolve(name: str) -> tuple[str, dict, dict | None]:
     return name, copy.deepcopy(cfg), None
 
 
-def _preprocess_cfg(model_cfg: dict, given: dict | None) -> dict:
+_INTERPOLATIONS = ("bicubic", "bilinear", "random")  # open_clip.image_transform's (it asserts)
+_RESIZE_MODES = ("shortest", "longest", "squash")
+
+
+def _preprocess_cfg(model_cfg: dict, given: dict | None, where: str = "preprocess_cfg") -> dict:
+    """The model's preprocessing: open_clip's defaults updated by `given` (a config's or folder's
+    `preprocess_cfg`), checked value by value (ValueError naming `where` and the key)."""
     size = model_cfg["vision_cfg"]["image_size"]
     cfg = {"size": size, "mode": "RGB", "mean": list(_MEAN), "std": list(_STD), "interpolation": "bicubic",
            "resize_mode": "shortest"}
+    if given is not None and not isinstance(given, dict):
+        raise ValueError(f"{where}: preprocess_cfg must be a JSON object, got {type(given).__name__}")
     if given:
         unknown = set(given) - set(cfg) - {"fill_color"}
         if unknown:
-            raise ValueError(f"unknown preprocess_cfg keys {sorted(unknown)}")
+            raise ValueError(f"{where}: unknown preprocess_cfg keys {sorted(unknown)}")
         cfg.update({k: (list(v) if isinstance(v, tuple) else v) for k, v in given.items()})
+
+    def numbers(v) -> bool:
+        return (isinstance(v, list) and len(v) == 3
+                and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v))
+
+    def same_size(a, b) -> bool:
+        pair = lambda v: list(v) if isinstance(v, (list, tuple)) else [v, v]  # noqa: E731
+        return pair(a) == pair(b)
+
+    if not same_size(cfg["size"], size):
+        raise ValueError(f"{where}: preprocess_cfg.size {cfg['size']!r} differs from the model's image_size {size!r}")
+    if cfg["mode"] != "RGB":
+        raise ValueError(f"{where}: preprocess_cfg.mode must be 'RGB' (images are decoded as RGB), got {cfg['mode']!r}")
+    if not numbers(cfg["mean"]):
+        raise ValueError(f"{where}: preprocess_cfg.mean must be 3 finite numbers, got {cfg['mean']!r}")
+    if not numbers(cfg["std"]) or not all(x > 0 for x in cfg["std"]):
+        raise ValueError(f"{where}: preprocess_cfg.std must be 3 finite numbers > 0, got {cfg['std']!r}")
+    if cfg["interpolation"] not in _INTERPOLATIONS:
+        raise ValueError(f"{where}: preprocess_cfg.interpolation must be one of {_INTERPOLATIONS}, "
+                         f"got {cfg['interpolation']!r}")
+    if cfg["resize_mode"] not in _RESIZE_MODES:
+        raise ValueError(f"{where}: preprocess_cfg.resize_mode must be one of {_RESIZE_MODES}, "
+                         f"got {cfg['resize_mode']!r}")
+    fill = cfg.get("fill_color", 0)
+    if not (_is_int(fill) and 0 <= fill <= 255):
+        raise ValueError(f"{where}: preprocess_cfg.fill_color must be an integer in [0, 255], got {fill!r}")
     return cfg
 
 
@@ -322,33 +358,175 @@ def _model_class(model_cfg: dict):
     return ShortTextCLIP
 
 
-_POSITIVE_KEYS = {"vision_cfg": ("layers", "width", "patch_size", "image_size", "head_width", "mlp_ratio"),
-                  "text_cfg": ("layers", "width", "heads", "context_length", "vocab_size", "mlp_ratio")}
+_INT_KEYS = {"vision_cfg": ("layers", "width", "patch_size", "image_size", "head_width"),
+             "text_cfg": ("layers", "width", "heads", "context_length", "vocab_size")}
+_POSITIVE_NUMBER_KEYS = ("mlp_ratio",)
+MAX_PARAMS = 10**10
+"""Largest model a config may describe (estimated before anything is allocated): 4x the paper's largest
+teacher, 40 GB of float32 weights. A hand-edited size (embed_dim 1e12) is refused by name, not by the allocator."""
+
+
+def _model_keys() -> dict[str, set[str]]:
+    """Keys open_clip accepts: the model classes' keyword arguments (plus custom_text, which picks the
+    class) and the tower config dataclasses' fields. Anything else is a TypeError deep inside open_clip."""
+    import dataclasses
+    import inspect
+
+    from open_clip.coca_model import MultimodalCfg
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    top = {"custom_text"}
+    for cls in (open_clip.CLIP, open_clip.CustomTextCLIP, open_clip.CoCa):
+        top |= set(inspect.signature(cls.__init__).parameters) - {"self"}
+    return {"": top, "vision_cfg": {f.name for f in dataclasses.fields(CLIPVisionCfg)},
+            "text_cfg": {f.name for f in dataclasses.fields(CLIPTextCfg)},
+            "multimodal_cfg": {f.name for f in dataclasses.fields(MultimodalCfg)}}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _positive_ints(value, max_len: int = 0) -> bool:
+    """A positive int, or (for layers of a ResNet tower / a (h, w) image size) a list of up to max_len."""
+    if isinstance(value, (list, tuple)):
+        return 0 < len(value) <= max_len and all(_is_int(v) and v > 0 for v in value)
+    return _is_int(value) and value > 0
+
+
+def estimate_params(model_cfg: dict) -> int:
+    """Rough parameter count of a (checked) config, from its sizes alone: transformer blocks
+    (4 + 2 x mlp_ratio) w^2 each, ResNet bottlenecks ~17 planes^2, embeddings, projections. Within a few %
+    for ViT/text towers; only used to refuse absurd sizes before allocating."""
+    def get(cfg, key, default):
+        value = cfg.get(key)
+        return default if value is None else value
+
+    def blocks(w, layers, mlp):
+        return layers * (4 + 2 * mlp) * w * w
+
+    d = model_cfg["embed_dim"]
+    v, t = model_cfg["vision_cfg"], model_cfg["text_cfg"]
+    total = d * d  # logit scale/bias and slack
+    if not v.get("timm_model_name"):
+        w, layers = get(v, "width", 768), get(v, "layers", 12)
+        if isinstance(layers, (list, tuple)):  # ModifiedResNet: stage i has planes w * 2^i, attention pool at 32 w
+            total += sum(n * 17 * (w * 2**i) ** 2 for i, n in enumerate(layers)) + 4 * (32 * w) ** 2 + 32 * w * d
+        else:
+            p, size = get(v, "patch_size", 16), get(v, "image_size", 224)
+            hw = size if isinstance(size, (list, tuple)) else (size, size)
+            grid = max(1, hw[0] // p) * max(1, hw[-1] // p)
+            total += blocks(w, layers, get(v, "mlp_ratio", 4.0)) + 3 * p * p * w + (grid + 1) * w + w * d
+    if not t.get("hf_model_name"):
+        w = get(t, "width", 512)
+        total += (blocks(w, get(t, "layers", 12), get(t, "mlp_ratio", 4.0))
+                  + (get(t, "vocab_size", 49408) + get(t, "context_length", 77)) * w + w * d)
+    m = model_cfg.get("multimodal_cfg")
+    if isinstance(m, dict):
+        w = get(m, "width", 512)
+        total += 2 * blocks(w, get(m, "layers", 12), get(m, "mlp_ratio", 4.0)) + get(m, "vocab_size", 49408) * w
+    return int(total)
+
+
+def _memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def check_model_cfg(model_cfg: dict, where: str) -> None:
-    """Sizes that must be positive numbers (a zero width or negative layer count would build an empty or
-    broken tower that fails only later, or never): checked when a model is created or loaded."""
-    def positive(value) -> bool:
-        items = value if isinstance(value, (list, tuple)) else [value]
-        return bool(items) and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in items)
-
+    """The model config of a name, JSON file or model folder, checked before open_clip builds anything:
+    only keys open_clip knows, sizes that are positive integers (a float layer count, a zero width or a
+    width its heads do not divide fails later inside torch, or never), and a size that fits (a
+    parameter estimate within MAX_PARAMS and the machine's memory). ValueError naming `where` and the key."""
     if not isinstance(model_cfg, dict):
-        raise ValueError(f"{where}: model config must be a JSON object")
-    if not positive(model_cfg.get("embed_dim")):
+        raise ValueError(f"{where}: model config must be a JSON object, got {type(model_cfg).__name__}")
+    known = _model_keys()
+    unknown = sorted(set(model_cfg) - known[""])
+    if unknown:
+        raise ValueError(f"{where}: unknown model config keys {unknown}; known: {', '.join(sorted(known['']))}")
+    if not (_is_int(model_cfg.get("embed_dim")) and model_cfg["embed_dim"] > 0):
         raise ValueError(f"{where}: embed_dim must be a positive integer, got {model_cfg.get('embed_dim')!r}")
-    for tower, keys in _POSITIVE_KEYS.items():
+    for tower in ("vision_cfg", "text_cfg", "multimodal_cfg"):
         cfg = model_cfg.get(tower)
+        if cfg is None and tower == "multimodal_cfg":
+            continue
         if not isinstance(cfg, dict):
-            raise ValueError(f"{where}: {tower} must be a JSON object")
-        for key in keys:
-            if key in cfg and cfg[key] is not None and not positive(cfg[key]):
-                raise ValueError(f"{where}: {tower}.{key} must be positive, got {cfg[key]!r}")
+            raise ValueError(f"{where}: {tower} must be a JSON object, got {type(cfg).__name__}")
+        unknown = sorted(set(cfg) - known[tower])
+        if unknown:
+            raise ValueError(f"{where}: unknown {tower} keys {unknown}")
+        for key in _INT_KEYS.get(tower, ("layers", "width", "heads", "context_length", "vocab_size")):
+            value = cfg.get(key)
+            # lists: a ResNet image tower's layers per stage, an (h, w) image size
+            max_len = {("vision_cfg", "layers"): 4, ("vision_cfg", "image_size"): 2}.get((tower, key), 0)
+            if value is not None and not _positive_ints(value, max_len):
+                kind = f"a positive integer or a list of at most {max_len}" if max_len else "a positive integer"
+                raise ValueError(f"{where}: {tower}.{key} must be {kind}, got {value!r}")
+        for key in _POSITIVE_NUMBER_KEYS:
+            value = cfg.get(key)
+            if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                          and math.isfinite(value) and value > 0):
+                raise ValueError(f"{where}: {tower}.{key} must be a positive number, got {value!r}")
+    vision, text = model_cfg["vision_cfg"], model_cfg["text_cfg"]
+    if not vision.get("timm_model_name") and not isinstance(vision.get("layers"), (list, tuple)):  # a ViT
+        width, head = vision.get("width") or 768, vision.get("head_width") or 64
+        if width % head:
+            raise ValueError(f"{where}: vision_cfg.width {width} is not a multiple of head_width {head}")
+    if not text.get("hf_model_name"):
+        width, heads = text.get("width") or 512, text.get("heads") or 8
+        if width % heads:
+            raise ValueError(f"{where}: text_cfg.width {width} is not a multiple of heads {heads}")
+    params = estimate_params(model_cfg)
+    if params > MAX_PARAMS:
+        raise ValueError(f"{where}: the config describes about {params:.3g} parameters (more than {MAX_PARAMS:.0e}); "
+                         "check embed_dim, widths, layers and vocab_size")
+    memory = _memory_bytes()
+    if memory and 4 * params > memory:
+        raise ValueError(f"{where}: the config describes about {params:.3g} parameters ({4 * params / 2**30:.1f} GiB "
+                         f"in float32), more than this machine's {memory / 2**30:.1f} GiB of memory")
 
 
-def _build(name: str, model_cfg: dict, preprocess_cfg: dict | None, seed: int) -> ModelBundle:
-    check_model_cfg(model_cfg, name)
-    _refuse_hub_cfg(model_cfg, name)
+def model_config(name: str) -> dict:
+    """The model config (`model_cfg`) of a ladder/open_clip name, JSON config path or model folder,
+    read and checked without building the model."""
+    _refuse_hub_name(name)
+    folder = Path(name.removeprefix("local-dir:"))
+    if name.startswith("local-dir:") or folder.is_dir():
+        cfg_file = folder / CONFIG_FILE
+        if not cfg_file.is_file():
+            raise FileNotFoundError(f"{folder}: not a model folder (no {CONFIG_FILE})")
+        cfg = _read_json(cfg_file)
+        if not isinstance(cfg, dict) or "model_cfg" not in cfg:
+            raise ValueError(f"{cfg_file}: lacks 'model_cfg'")
+        model_cfg, where = cfg["model_cfg"], str(cfg_file)
+    else:
+        _, model_cfg, _ = _resolve(name)
+        where = name
+    check_model_cfg(model_cfg, where)
+    return model_cfg
+
+
+def check_score_resolution(model_cfg: dict, resolution: int, where: str) -> None:
+    """Low-resolution scoring (pipeline.flexi) needs a ViT image tower; the resolution must be a positive
+    multiple of its patch size and at most its image size (scoring at a *lower* resolution)."""
+    vision = model_cfg["vision_cfg"]
+    if vision.get("timm_model_name") or isinstance(vision.get("layers"), (list, tuple)):
+        raise ValueError(f"{where}: score_resolution needs a ViT image tower (open_clip VisionTransformer)")
+    size = vision.get("image_size", 224)
+    size = min(size) if isinstance(size, (list, tuple)) else size
+    patch = vision.get("patch_size", 16)
+    if not patch <= resolution <= size or resolution % patch:
+        raise ValueError(f"score_resolution must be a multiple of the patch size {patch} between {patch} and the "
+                         f"image size {size} of {where}, got {resolution}")
+
+
+def _build(name: str, model_cfg: dict, preprocess_cfg: dict | None, seed: int, where: str | None = None) -> ModelBundle:
+    where = where or name
+    check_model_cfg(model_cfg, where)
+    _refuse_hub_cfg(model_cfg, where)
+    pre = _preprocess_cfg(model_cfg, preprocess_cfg, where)  # checked before anything is allocated
     kwargs = {k: v for k, v in model_cfg.items() if k != "custom_text"}
     # Initial weights depend only on `seed`; fork_rng keeps the caller's RNG stream untouched
     # (the trainer's exact resume depends on it).
@@ -356,7 +534,6 @@ def _build(name: str, model_cfg: dict, preprocess_cfg: dict | None, seed: int) -
         torch.manual_seed(seed)
         model = _model_class(model_cfg)(**kwargs)
     model.eval()
-    pre = _preprocess_cfg(model_cfg, preprocess_cfg)
     preprocess = open_clip.image_transform(pre["size"], is_train=False, mean=pre["mean"], std=pre["std"],
                                            interpolation=pre["interpolation"], resize_mode=pre["resize_mode"],
                                            fill_color=pre.get("fill_color", 0))
@@ -377,11 +554,28 @@ def _load_weights(bundle: ModelBundle, path: Path) -> None:
         # so a planted pickle cannot run code; .npz goes through numpy without pickle support.
         open_clip.load_checkpoint(bundle.model, str(path), strict=True, weights_only=True)
     except (pickle.UnpicklingError, SafetensorError, EOFError) as e:
-        raise ValueError(f"{path}: not a loadable weights file ({str(e)[:300]}); it is truncated, or holds "
+        raise ValueError(f"{path}: not a loadable weights file ({' '.join(str(e).split())[:300]}); it is truncated, or holds "
                          "something other than plain tensors (which is never unpickled)") from e
     except (RuntimeError, KeyError, ValueError, AssertionError) as e:  # open_clip asserts on shape changes
-        raise ValueError(f"{path}: weights do not fit model {bundle.name!r}: {str(e)[:600]}") from e
+        raise ValueError(f"{path}: weights do not fit model {bundle.name!r}: {_load_error_summary(e)}") from e
     bundle.model.eval()
+
+
+def _load_error_summary(err: BaseException) -> str:
+    """One line for torch's multi-line load_state_dict error (hundreds of key names for another
+    architecture): how many keys are missing / unexpected / of another shape, and the first few."""
+    text = str(err)
+    parts = []
+    for label, pattern in (("missing", r"Missing key\(s\) in state_dict: (.*)"),
+                           ("unexpected", r"Unexpected key\(s\) in state_dict: (.*)")):
+        m = re.search(pattern, text)
+        if m:
+            keys = re.findall(r'"([^"]+)"', m.group(1))
+            parts.append(f"{len(keys)} {label} key(s) ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})")
+    shapes = re.findall(r"size mismatch for ([^:]+):", text)
+    if shapes:
+        parts.append(f"{len(shapes)} tensor(s) of another shape ({', '.join(shapes[:3])}{', ...' if len(shapes) > 3 else ''})")
+    return "; ".join(parts) if parts else " ".join(text.split())[:300]
 
 
 def create_model(name: str, *, pretrained: str | None = None, seed: int = 0) -> ModelBundle:
@@ -492,8 +686,12 @@ def _read_json(path: Path):
 
 
 def load_model(model_dir: str | os.PathLike, *, verify: bool = True) -> ModelBundle:
-    """Load a folder written by `save_model` (or any open_clip local-dir folder with safetensors or
-    .bin weights). With `verify`, the fingerprint must equal the one recorded in aced_model.json."""
+    """Load a folder written by `save_model`. With `verify` (the default) its aced_model.json must record
+    a fingerprint and the loaded weights + config + preprocessing must match it: a folder without one
+    (aced_model.json missing, or edited to drop the fingerprint) cannot be checked, so it is refused rather
+    than trusted, because any preprocessing edit would then pass. `verify=False` loads any open_clip
+    local-dir folder with safetensors or .bin weights as it is (foreign weights are adopted with
+    `create_model(ARCH, pretrained=WEIGHTS_FILE)` + `save_model`, which records a fingerprint)."""
     folder = Path(model_dir)
     cfg_file = folder / CONFIG_FILE
     if not cfg_file.is_file():
@@ -501,16 +699,44 @@ def load_model(model_dir: str | os.PathLike, *, verify: bool = True) -> ModelBun
     cfg = _read_json(cfg_file)
     if not isinstance(cfg, dict) or "model_cfg" not in cfg:
         raise ValueError(f"{cfg_file}: lacks 'model_cfg'")
-    aced = _read_json(folder / ACED_FILE) if (folder / ACED_FILE).is_file() else {}
+    aced = _read_aced_file(folder, verify)
     weights = next((folder / f for f in (WEIGHTS_FILE, "open_clip_pytorch_model.bin") if (folder / f).is_file()), None)
     if weights is None:
         raise FileNotFoundError(f"{folder}: no weights ({WEIGHTS_FILE})")
-    bundle = _build(aced.get("name", folder.name), cfg["model_cfg"], cfg.get("preprocess_cfg"), seed=0)
+    bundle = _build(aced.get("name", folder.name), cfg["model_cfg"], cfg.get("preprocess_cfg"), seed=0,
+                    where=str(cfg_file))
     _load_weights(bundle, weights)
-    if verify and "fingerprint" in aced and fingerprint(bundle) != aced["fingerprint"]:
+    if verify and fingerprint(bundle) != aced["fingerprint"]:
         raise ValueError(f"{folder}: weights/config do not match the fingerprint in {ACED_FILE} "
                          "(a corrupted or hand-edited model folder)")
     return bundle
+
+
+_FINGERPRINT = re.compile(r"[0-9a-f]{64}")
+
+
+def _read_aced_file(folder: Path, verify: bool) -> dict:
+    """aced_model.json of a model folder: a JSON object with a string name and (when verifying) a sha256
+    fingerprint. ValueError naming the file and what is wrong otherwise."""
+    path = folder / ACED_FILE
+    if not path.is_file():
+        if verify:
+            raise ValueError(f"{folder}: no {ACED_FILE}, so no recorded fingerprint to check the weights and "
+                             "preprocessing against; refusing an unverifiable model folder (adopt foreign weights "
+                             "with `aced model create ARCH --pretrained WEIGHTS_FILE`)")
+        return {}
+    aced = _read_json(path)
+    if not isinstance(aced, dict):
+        raise ValueError(f"{path}: must be a JSON object, got {type(aced).__name__}")
+    if "name" in aced and not (isinstance(aced["name"], str) and aced["name"]):
+        raise ValueError(f"{path}: name must be a non-empty string, got {aced['name']!r}")
+    if verify:
+        if "fingerprint" not in aced:
+            raise ValueError(f"{path}: no fingerprint recorded, so the weights and preprocessing cannot be checked "
+                             "(a hand-edited model folder?); refusing it. Re-export or re-save the model")
+        if not (isinstance(aced["fingerprint"], str) and _FINGERPRINT.fullmatch(aced["fingerprint"])):
+            raise ValueError(f"{path}: fingerprint must be 64 hex digits (sha256), got {aced['fingerprint']!r}")
+    return aced
 
 
 # --------------------------------------------------------------------------- size and cost

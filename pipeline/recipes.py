@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,45 @@ METHODS: dict[str, MethodSpec] = {
 def _positive(name: str, value: float) -> None:
     if not value > 0:
         raise ValueError(f"{name} must be > 0, got {value!r}")
+
+
+INT_MAX = 2**63 - 1
+"""Largest integer field value (int64: seeds, steps and sizes reach torch, numpy and Parquet as int64)."""
+
+
+def _typed(name: str, value: Any, kind: str) -> Any:
+    """`value` checked against a field's annotation `kind` (the string a `from __future__ import
+    annotations` dataclass records), normalised (list -> tuple, int -> float for float fields);
+    ValueError naming the field otherwise. JSON and Python callers give values of any type: a bool
+    is not an int, "2" is not a number, NaN/inf are not numbers a run can use."""
+    if value is None:
+        if "None" in kind:
+            return None
+        raise ValueError(f"{name} must not be null")
+    base = kind.replace(" | None", "")
+    if base == "tuple[str, ...]":
+        if isinstance(value, str):
+            raise ValueError(f"{name} must be a list of strings, got the string {value!r} (write [{value!r}])")
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+            raise ValueError(f"{name} must be a list of non-empty strings, got {value!r}")
+        return tuple(value)
+    if base == "str":
+        if not isinstance(value, str):
+            raise ValueError(f"{name} must be a string, got {type(value).__name__} {value!r}")
+        return value
+    if base == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+        if abs(value) > INT_MAX:
+            raise ValueError(f"{name} must fit in 64 bits, got {value!r}")
+        return value
+    if base == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+        return float(value)
+    return value  # SelectionConfig: checked by __post_init__ itself
 
 
 @dataclass(frozen=True)
@@ -131,10 +171,13 @@ class TrainConfig:
     """Pair datasets for retrieval evaluation at the end."""
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # types first: every later check may then compare and hash
+            object.__setattr__(self, f.name, _typed(f.name, getattr(self, f.name), str(f.type)))
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; known: {', '.join(METHODS)}")
         if isinstance(self.selection, dict):  # from JSON
-            object.__setattr__(self, "selection", SelectionConfig(**self.selection))
+            object.__setattr__(self, "selection",
+                               normalise_fields({"selection": self.selection}).get("selection", SelectionConfig()))
         if not isinstance(self.selection, SelectionConfig):
             raise ValueError(f"selection must be a SelectionConfig, got {type(self.selection).__name__}")
         if self.spec.selection is not None and self.selection.rule != self.spec.selection:
@@ -142,11 +185,24 @@ class TrainConfig:
             object.__setattr__(self, "selection", dataclasses.replace(self.selection, rule=self.spec.selection))
         for name in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints", "shuffle_window"):
             _positive(name, getattr(self, name))
-        if self.selection_log_every < 0 or self.selection_log_rows < 0:
-            raise ValueError("selection_log_every and selection_log_rows must be >= 0")
+        for name in ("selection_log_every", "selection_log_rows", "num_workers", "seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if not 0.0 <= self.filter_ratio < 1.0:
             raise ValueError(f"filter_ratio must be in [0, 1), got {self.filter_ratio}")
-        _positive("lr", self.lr)
+        for name in ("lr", "grad_clip"):
+            _positive(name, getattr(self, name))
+        for name in ("weight_decay", "kd_lambda"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        for name in ("warmup_frac", "cooldown_frac"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
+        if self.score_resolution is not None:
+            self._check_score_resolution()
         for name, options in (("contrastive", ("sigmoid", "softmax")), ("kd_loss", ("softmax", "sigmoid", "fm")),
                               ("schedule", ("cosine", "rsqrt")), ("on_bad_sample", ("raise", "skip")),
                               ("device", ("auto", "cpu", "cuda")), ("score_dtype", ("auto", "bfloat16", "float32"))):
@@ -168,6 +224,15 @@ class TrainConfig:
                              f"{self.superbatch_size} <= batch {self.batch_size}")
         if spec.selection is not None and self.selection.n_chunks > self.batch_size:
             raise ValueError(f"selection.n_chunks {self.selection.n_chunks} > batch_size {self.batch_size}")
+
+    def _check_score_resolution(self) -> None:
+        """score_resolution against the student's config (read, not built): a positive multiple of its
+        patch size, at most its image size (it scores at a *lower* resolution; a larger one only costs)."""
+        if self.score_resolution < 1:
+            raise ValueError(f"score_resolution must be a positive number of pixels, got {self.score_resolution}")
+        from pipeline.models import check_score_resolution, model_config  # lazy: torch/open_clip only when set
+
+        check_score_resolution(model_config(self.model), self.score_resolution, where=f"model {self.model!r}")
 
     @property
     def spec(self) -> MethodSpec:
@@ -200,17 +265,25 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        data = normalise_fields(data)
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = set(data) - set(known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields: {sorted(unknown)}")
-        fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-        return cls(**fixed)
+        return cls(**normalise_fields(data))
 
     @classmethod
     def from_json(cls, path: str | Path) -> "TrainConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        return cls.from_dict(read_config_file(path))
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The JSON object of TrainConfig fields in `path` (a run's config.json, `aced train --config`);
+    ValueError naming the file when it is not UTF-8 JSON or not an object."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{path}: not a JSON config file ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a config file must hold a JSON object of TrainConfig fields, "
+                         f"got a {type(data).__name__}")
+    return data
 
 
 # Flat names of earlier versions (config.json files of existing runs, recipe overrides, `--set`).
@@ -220,18 +293,32 @@ _SELECTION_ALIASES = {"n_chunks": "n_chunks", "tau": "tau", "topk": "topk", "ker
 def normalise_fields(data: dict[str, Any]) -> dict[str, Any]:
     """TrainConfig fields from a dict that may use the flat selection names (`n_chunks`, `tau`, `topk`,
     `kernel_backend`), dotted ones (`selection.tau`) or the old `log_selections` flag."""
+    if not isinstance(data, dict):
+        raise ValueError(f"TrainConfig fields must be a JSON object / dict, got a {type(data).__name__}")
     out = dict(data)
     sel = out.pop("selection", None)
-    sel = dataclasses.asdict(sel) if isinstance(sel, SelectionConfig) else dict(sel or {})
+    if isinstance(sel, SelectionConfig):
+        sel = dataclasses.asdict(sel)
+    elif sel is None or isinstance(sel, dict):
+        sel = dict(sel or {})
+    else:
+        raise ValueError(f"selection must be an object of SelectionConfig fields, got {type(sel).__name__} {sel!r}")
     for key in list(out):
         name = _SELECTION_ALIASES.get(key) or (key.split(".", 1)[1] if key.startswith("selection.") else None)
         if name is not None:
             sel[name] = out.pop(key)
     if sel:
+        known_sel = [f.name for f in dataclasses.fields(SelectionConfig)]
+        unknown_sel = sorted(set(sel) - set(known_sel))
+        if unknown_sel:
+            raise ValueError(f"unknown selection fields: {unknown_sel}; known: {', '.join(known_sel)}")
         sel.setdefault("rule", "learnability")  # replaced by the method's rule in __post_init__
         out["selection"] = SelectionConfig(**sel)
     if "log_selections" in out:
         out["selection_log_every"] = 1 if out.pop("log_selections") else 0
+    unknown = sorted(set(out) - {f.name for f in dataclasses.fields(TrainConfig)})
+    if unknown:
+        raise ValueError(f"unknown TrainConfig fields: {unknown}")
     return out
 
 

@@ -68,10 +68,13 @@ class SelectionConfig:
     def __post_init__(self) -> None:
         if self.rule not in SELECTION_RULES:
             raise ValueError(f"SelectionConfig.rule must be one of {SELECTION_RULES}, got {self.rule!r}")
-        if not isinstance(self.n_chunks, int) or self.n_chunks < 1:
+        if not isinstance(self.n_chunks, int) or isinstance(self.n_chunks, bool) or self.n_chunks < 1:
             raise ValueError(f"SelectionConfig.n_chunks must be an int >= 1, got {self.n_chunks!r}")
-        if not (math.isfinite(self.tau) and self.tau >= 0):
-            raise ValueError(f"SelectionConfig.tau must be finite and >= 0, got {self.tau!r}")
+        if (not isinstance(self.tau, (int, float)) or isinstance(self.tau, bool)
+                or not (math.isfinite(self.tau) and self.tau >= 0)):
+            raise ValueError(f"SelectionConfig.tau must be a finite number >= 0, got {self.tau!r}")
+        if not isinstance(self.topk, bool):
+            raise ValueError(f"SelectionConfig.topk must be true or false, got {self.topk!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"SelectionConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
 

@@ -446,10 +446,29 @@ def _background_image(scene: Scene, size: int, rng: random.Random) -> Image.Imag
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
 
 
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 16, 1024
+"""Image sizes `render` draws. Scenes are laid out on a 64-pixel canvas, so larger images add pixels, not
+detail; 1024 px (a 2048^2 supersampled canvas, ~12 MB) bounds the memory one image takes."""
+
+
+def _check_args(*, seed: int, image_size: int, noise_frac: float | None = None) -> None:
+    """The generators' arguments, checked when a generator is called (not at its first item)."""
+    def is_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if not is_int(image_size) or not MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE:
+        raise ValueError(f"image_size must be an integer in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}], got {image_size!r}")
+    if not is_int(seed) or not 0 <= seed < 2**62:
+        raise ValueError(f"seed must be an integer in [0, 2**62), got {seed!r}")
+    if noise_frac is not None and (isinstance(noise_frac, bool) or not isinstance(noise_frac, (int, float))
+                                   or not 0.0 <= noise_frac <= 1.0):
+        raise ValueError(f"noise_frac must be in [0, 1], got {noise_frac!r}")
+
+
 def render(scene: Scene, *, image_size: int = 64, rng: random.Random) -> Image.Image:
     """Draw a scene as an RGB image of `image_size` x `image_size`. `rng` drives the texture."""
-    if image_size < 16:
-        raise ValueError(f"image_size must be >= 16, got {image_size}")
+    if not isinstance(image_size, int) or not MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE:
+        raise ValueError(f"image_size must be an integer in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}], got {image_size!r}")
     big = image_size * SUPERSAMPLE
     # Texture at the output resolution, objects at SUPERSAMPLE x, then a box filter down: the
     # texture survives unchanged (each pixel became a constant 2x2 block) and edges get smoothed.
@@ -474,8 +493,7 @@ def make_pair(index: int, *, seed: int, noise_frac: float, image_size: int = 64)
     """Pair `index` under `seed`, with its scene. With probability `noise_frac` (drawn from the
     pair's own stream) the caption is replaced by the true caption of another random scene whose
     objects differ, and the sample is marked ``noisy=True``."""
-    if not 0.0 <= noise_frac <= 1.0:
-        raise ValueError(f"noise_frac must be in [0, 1], got {noise_frac}")
+    _check_args(seed=seed, image_size=image_size, noise_frac=noise_frac)
     scene = scene_at(index, seed=seed)
     caption_scene, noisy = scene, False
     nrng = _rng(seed, index, _STREAM_NOISE)
@@ -498,11 +516,13 @@ def make_pair(index: int, *, seed: int, noise_frac: float, image_size: int = 64)
 def generate_pairs(n: int, *, seed: int, noise_frac: float, image_size: int = 64,
                    start: int = 0) -> Iterator[Sample]:
     """Pairs ``start .. start + n - 1`` under `seed` (see `make_pair`); any slice is reproducible
-    on its own."""
-    if n < 0 or start < 0:
-        raise ValueError(f"n and start must be >= 0, got n={n}, start={start}")
-    for index in range(start, start + n):
-        yield make_pair(index, seed=seed, noise_frac=noise_frac, image_size=image_size).sample
+    on its own. Bad arguments raise ValueError here, at the call."""
+    if isinstance(n, bool) or not isinstance(n, int) or isinstance(start, bool) or not isinstance(start, int) \
+            or n < 0 or start < 0:
+        raise ValueError(f"n and start must be integers >= 0, got n={n!r}, start={start!r}")
+    _check_args(seed=seed, image_size=image_size, noise_frac=noise_frac)
+    return (make_pair(index, seed=seed, noise_frac=noise_frac, image_size=image_size).sample
+            for index in range(start, start + n))
 
 
 CLASS_AXES = ("shape", "colour")
@@ -561,10 +581,15 @@ def generate_classification(n_per_class: int, *, seed: int, image_size: int = 64
     batch apart once colours are known) comes much later; measured on the demo's reference
     (aced-vit-t, 200 steps): colour top-1 94.5%, shape top-1 at chance (8.5%, 10 classes)."""
     names = classnames(by)
-    if n_per_class < 0:
-        raise ValueError(f"n_per_class must be >= 0, got {n_per_class}")
+    if isinstance(n_per_class, bool) or not isinstance(n_per_class, int) or n_per_class < 0:
+        raise ValueError(f"n_per_class must be an integer >= 0, got {n_per_class!r}")
+    _check_args(seed=seed, image_size=image_size)
+    return _classification_samples(n_per_class * len(names), seed=seed, image_size=image_size, by=by)
+
+
+def _classification_samples(n: int, *, seed: int, image_size: int, by: str) -> Iterator[Sample]:
     prefix = "cls" if by == "shape" else "col"
-    for index in range(n_per_class * len(names)):
+    for index in range(n):
         label, scene = classification_scene(index, seed=seed, by=by)
         img = render(scene, image_size=image_size, rng=_rng(seed, index, _STREAM_RENDER + _STREAM_CLASS))
         image_id = f"{prefix}{seed}-{index:08d}"
