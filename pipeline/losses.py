@@ -483,6 +483,7 @@ def _blocked_backward(ctx, grad: torch.Tensor, dlogits: Callable[[torch.Tensor, 
             g_cols[j0:j1] = g.T @ rows
             if bias is not None:
                 g_bias += g.sum()
+            g = None  # free this block before the next one is formed
         g_scale = (g_rows * rows).sum() * grad
         g_rows *= scale * grad
         g_cols *= scale * grad
@@ -511,6 +512,7 @@ class _SigmoidBlocks(torch.autograd.Function):
             else:
                 t = teacher.logits(j0, j1)
                 total += -(torch.sigmoid(t) * F.logsigmoid(l) + torch.sigmoid(-t) * F.logsigmoid(-l)).sum()
+            l = t = None  # free this block before the next one is formed
         ctx.save_for_backward(rows, cols, scale, bias)
         ctx.offset, ctx.block, ctx.teacher = offset, block, teacher
         return total
@@ -554,8 +556,9 @@ class _SoftmaxBlocks(torch.autograd.Function):
             else:
                 t = teacher.logits(j0, j1)
                 new = torch.logaddexp(lse_t, t.logsumexp(dim=1))
-                soft = soft * torch.exp(lse_t - new) + (torch.exp(t - new[:, None]) * l).sum(dim=1)
+                soft = soft * torch.exp(lse_t - new) + t.sub_(new[:, None]).exp_().mul_(l).sum(dim=1)
                 lse_t = new
+            l = t = None  # free this block before the next one is formed
         ctx.save_for_backward(rows, cols, scale, None, lse, lse_t)
         ctx.offset, ctx.block, ctx.teacher = offset, block, teacher
         return lse.sum() - (hard if teacher is None else soft.sum())
@@ -589,7 +592,8 @@ def _teacher(tea_rows: torch.Tensor, tea_cols: torch.Tensor, scale: Scalar, bias
              dtype: torch.dtype) -> _Teacher:
     """The teacher's side of a blocked KD loss; scale and bias as floats, like the plain KD losses."""
     dev = tea_rows.device
-    return _Teacher(tea_rows.detach().to(dtype), tea_cols.detach().to(dtype), _scalar(float(scale), dtype, dev, "scale"),
+    return _Teacher(tea_rows.detach().to(dtype), tea_cols.detach().to(dtype),
+                    _scalar(float(scale), dtype, dev, "scale"),
                     None if bias is None else _scalar(float(bias), dtype, dev, "bias"))
 
 
