@@ -294,10 +294,10 @@ def train_step(run: Run, ce: SuperBatch, kd: SuperBatch | None) -> dict[str, flo
     """One update: L = L_contrastive[B_CE] + lambda * L_dist[B_KD] (SPEC "Full objective"). `ce` and `kd`
     live on the training device (uint8 pixels: normalised here).
 
-    Data-parallel (W > 1): each rank embeds its m = b/W rows and computes its rows of every loss against
-    the gathered columns ([m, b] blocks, never b x b: pipeline.losses.Rows); the batch loss is the sum of the
-    ranks' shares, so DDP (Dist.wrap) sums the gradients while backward runs, which makes the update the
-    single-process update on the gathered batch (pipeline/distributed.py derives it)."""
+    Data-parallel (W > 1): each rank embeds its m = b/W rows and computes its rows of every loss against the
+    gathered columns, a column block at a time ([m, m] logits, never b x b: pipeline.losses.Rows); the batch
+    loss is the sum of the ranks' shares, so DDP (Dist.wrap) sums the gradients while backward runs, which
+    makes the update the single-process update on the gathered batch (pipeline/distributed.py derives it)."""
     cfg, model, group, device = run.cfg, run.model, run.group, run.device
     model.train()
     run.opt.zero_grad(set_to_none=True)
