@@ -175,10 +175,10 @@ def _export(args: argparse.Namespace) -> int:
     from pipeline.trainer import export_model
 
     run_dir = _run_dir(args)
+    out = args.out or Workspace(args.root).model(args.name or args.run)  # names checked first
     if not (run_dir / "config.json").is_file():  # named here, not as a raw [Errno 2] about config.json
         raise FileNotFoundError(f"no run {args.run!r}: {run_dir} holds no config.json" if run_dir.is_dir()
                                 else f"no run {args.run!r} ({run_dir} does not exist)")
-    out = args.out or Workspace(args.root).model(args.name or args.run)
     export_model(run_dir, out, overwrite=args.overwrite)
     print(f"exported {run_dir} -> {out}")
     return 0
