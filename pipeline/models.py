@@ -10,7 +10,10 @@
 - Weights as safetensors + JSON config in open_clip's `local-dir` layout (`open_clip_config.json`,
   `open_clip_model.safetensors`) plus `aced_model.json` (name, fingerprint, params, created).
 - `fingerprint` hashes weights + model config + preprocessing: the cache stage records it so a cache
-  from another model (or other preprocessing) is never used silently.
+  from another model (or other preprocessing) is never used silently, and `load_model` checks a folder
+  against the one in its aced_model.json (a folder without one is refused: nothing could be checked).
+- Configs are checked before anything is built (`check_model_cfg`, `_preprocess_cfg`): known keys,
+  integer sizes, valid preprocessing, and an estimated size within MAX_PARAMS and the machine's memory.
 - `count_flops` counts the operations of a real forward pass (torch's FlopCounterMode).
 
 Logit initialisation of the ladder (SPEC.md "Models and embeddings"): `init_logit_scale` and
@@ -75,8 +78,9 @@ _HUB_PREFIXES = ("hf-hub:", "hf_hub:")
 open_clip.add_model_config(CONFIG_DIR)
 
 
-class HubAccessError(RuntimeError):
-    """Raised for anything that would download weights or tokenizers: this system runs offline."""
+class HubAccessError(ValueError, RuntimeError):
+    """Raised for anything that would download weights or tokenizers: this system runs offline. A
+    ValueError too: a hub name is bad input, reported by `aced` as one line."""
 
 
 @dataclass

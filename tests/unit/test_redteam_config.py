@@ -214,6 +214,11 @@ def test_weights_of_another_shape_are_one_line(saved_model, tmp_path):
     assert "\n" not in str(err.value)
 
 
+def test_a_hub_model_name_is_one_line(tmp_path, capsys):
+    rc, err = _main(capsys, "--root", tmp_path, "model", "info", "hf-hub:timm/x")
+    assert rc == 1 and "runs offline" in _one_line(err)
+
+
 def test_every_bundled_config_passes_the_checks():
     import open_clip
 
