@@ -492,18 +492,24 @@ def check_model_cfg(model_cfg: dict, where: str) -> None:
                          f"in float32), more than this machine's {memory / 2**30:.1f} GiB of memory")
 
 
+def _folder_config(folder: Path) -> tuple[dict, Path]:
+    """A model folder's open_clip_config.json ({"model_cfg": ..., "preprocess_cfg": ...}) and its path."""
+    cfg_file = folder / CONFIG_FILE
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{folder}: not a model folder (no {CONFIG_FILE})")
+    cfg = _read_json(cfg_file)
+    if not isinstance(cfg, dict) or "model_cfg" not in cfg:
+        raise ValueError(f"{cfg_file}: lacks 'model_cfg'")
+    return cfg, cfg_file
+
+
 def model_config(name: str) -> dict:
     """The model config (`model_cfg`) of a ladder/open_clip name, JSON config path or model folder,
     read and checked without building the model."""
     _refuse_hub_name(name)
     folder = Path(name.removeprefix("local-dir:"))
     if name.startswith("local-dir:") or folder.is_dir():
-        cfg_file = folder / CONFIG_FILE
-        if not cfg_file.is_file():
-            raise FileNotFoundError(f"{folder}: not a model folder (no {CONFIG_FILE})")
-        cfg = _read_json(cfg_file)
-        if not isinstance(cfg, dict) or "model_cfg" not in cfg:
-            raise ValueError(f"{cfg_file}: lacks 'model_cfg'")
+        cfg, cfg_file = _folder_config(folder)
         model_cfg, where = cfg["model_cfg"], str(cfg_file)
     else:
         _, model_cfg, _ = _resolve(name)
@@ -697,12 +703,7 @@ def load_model(model_dir: str | os.PathLike, *, verify: bool = True) -> ModelBun
     local-dir folder with safetensors or .bin weights as it is (foreign weights are adopted with
     `create_model(ARCH, pretrained=WEIGHTS_FILE)` + `save_model`, which records a fingerprint)."""
     folder = Path(model_dir)
-    cfg_file = folder / CONFIG_FILE
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"{folder}: not a model folder (no {CONFIG_FILE})")
-    cfg = _read_json(cfg_file)
-    if not isinstance(cfg, dict) or "model_cfg" not in cfg:
-        raise ValueError(f"{cfg_file}: lacks 'model_cfg'")
+    cfg, cfg_file = _folder_config(folder)
     aced = _read_aced_file(folder, verify)
     weights = next((folder / f for f in (WEIGHTS_FILE, "open_clip_pytorch_model.bin") if (folder / f).is_file()), None)
     if weights is None:

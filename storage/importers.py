@@ -46,7 +46,7 @@ from typing import Iterable, Iterator
 import pyarrow.parquet as pq
 
 from storage.shards import (IMAGE_EXTS, DatasetInfo, ExternalShard, ImageError, OnError, Sample, ShardError,
-                            decode_image, image_format, image_size, make_uid, register_shards, write_shards)
+                            decode_image, image_format, image_size, make_uid, register_shards, tar_groups, write_shards)
 from storage.workspace import area_path
 
 log = logging.getLogger(__name__)
@@ -626,15 +626,9 @@ def import_webdataset(src: str | os.PathLike, root: str | os.PathLike, name: str
             side = _sidecar(tar)
             for key, m in _wds_groups(tar, skips):
                 where = f"{tar}: sample key={key!r}"
-                meta: dict = {}
-                if "json" in m:
-                    try:
-                        meta = json.loads(m["json"])
-                        if not isinstance(meta, dict):
-                            raise ValueError("not an object")
-                    except ValueError as e:
-                        skips.bad(f"{where}: bad .json member ({e})", kind="bad json")
-                        continue
+                meta = _json_member(m, where, skips)
+                if meta is None:
+                    continue
                 row = side.get(key, {})
                 exts = [e for e in IMAGE_EXTS if e in m]
                 if not exts:
@@ -696,6 +690,21 @@ class _HashingReader:
         return self.hash.hexdigest()
 
 
+def _json_member(members: dict[str, bytes], where: str, skips: "_Skips") -> dict | None:
+    """A webdataset sample's `.json` member as a dict ({} when there is none); None after counting (or
+    raising, without --skip-bad) a member that is not a JSON object."""
+    if "json" not in members:
+        return {}
+    try:
+        meta = json.loads(members["json"])
+        if not isinstance(meta, dict):
+            raise ValueError("not an object")
+    except ValueError as e:
+        skips.bad(f"{where}: bad .json member ({e})", kind="bad json")
+        return None
+    return meta
+
+
 def _stream_groups(reader: _HashingReader, tar: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {ext: bytes}) of a tar read as a stream, grouped exactly as `storage.shards.iter_samples`
     groups them (the key is the member path up to the first '.' of its file name), so the keys
@@ -704,28 +713,12 @@ def _stream_groups(reader: _HashingReader, tar: Path) -> Iterator[tuple[str, dic
         tf = tarfile.open(fileobj=reader, mode="r|")
     except (tarfile.TarError, OSError) as e:
         raise ShardError(f"{tar}: unreadable tar ({type(e).__name__}: {e})") from None
-    key, group = None, {}
     with tf:
         try:
-            for info in tf:
-                if not info.isfile():
-                    continue
-                folder, _, base = info.name.rpartition("/")
-                if "." not in base:
-                    raise ShardError(f"{tar}: member {info.name!r} has no extension (every reader would refuse "
-                                     f"this tar)")
-                k, ext = base.split(".", 1)
-                k = f"{folder}/{k}" if folder else k
-                if k != key:
-                    if key is not None:
-                        yield key, group
-                    key, group = k, {}
-                group[ext.lower()] = tf.extractfile(info).read()
+            yield from tar_groups(tf, tar)  # the readers' own grouping, on the stream
         except (tarfile.TarError, OSError) as e:
-            raise ShardError(f"{tar}: unreadable or truncated tar after key {key!r} ({type(e).__name__}: {e}); "
+            raise ShardError(f"{tar}: unreadable or truncated tar ({type(e).__name__}: {e}); "
                              f"a pool is registered only whole: fix or remove the tar") from None
-    if key is not None:
-        yield key, group
 
 
 def _failed_in_sidecar(tar: Path, side: dict[str, dict], keys_in_tar: set[str], skips: _Skips,
@@ -772,15 +765,9 @@ def _registered_rows(tar: Path, *, source: str, skips: _Skips, failed: _Skips, d
                 skips.bad(f"{where}: key repeated in the tar (only its first sample is used)", kind="repeated key")
                 continue
             keys.add(key)
-            meta: dict = {}
-            if "json" in m:
-                try:
-                    meta = json.loads(m["json"])
-                    if not isinstance(meta, dict):
-                        raise ValueError("not an object")
-                except ValueError as e:
-                    skips.bad(f"{where}: bad .json member ({e})", kind="bad json")
-                    continue
+            meta = _json_member(m, where, skips)
+            if meta is None:
+                continue
             row = side.get(key, {})
             status = meta.get("status", row.get("status"))
             if status is not None and status != "success":

@@ -851,7 +851,7 @@ def check_metadata_owner(shard: ShardRef, kv: dict[bytes, bytes] | None) -> None
                          f"{DATASET_FILE} say (swapped or copied file)")
 
 
-def _tar_groups(tf: tarfile.TarFile, path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+def tar_groups(tf: tarfile.TarFile, path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {ext: bytes}) for consecutive members sharing a key (the webdataset grouping: the key is
     the member's path up to the first '.' of its file name, folder part included, as webdataset's
     `__key__`; the project's own tars have no folders)."""
@@ -921,7 +921,7 @@ def iter_samples(shard: ShardRef, *, on_error: OnError = "raise", decode: bool =
     except (tarfile.TarError, OSError) as e:
         raise ShardError(f"{path}: unreadable tar ({type(e).__name__}: {e})") from None
     with tf:
-        groups = _tar_groups(tf, path)
+        groups = tar_groups(tf, path)
         while True:
             try:
                 key, members = next(groups)
