@@ -113,8 +113,16 @@ def _cmd_cache(args: argparse.Namespace) -> int:
         print(rep.format())
         return 0 if rep.ok else 1
     params = _cache_params(args)
-    _plan_before_the_flow(params)
-    return _run(args.root, lambda: _cache_run(args, params))
+
+    def plan_then_run() -> int:
+        from flows._prefect_env import check_state_space
+
+        if not os.environ.get("PREFECT_API_URL"):  # the workspace's own Prefect state: is there room for it?
+            check_state_space(args.root)
+        _plan_before_the_flow(params)
+        return _cache_run(args, params)
+
+    return _run(args.root, plan_then_run)
 
 
 def _plan_before_the_flow(params: dict) -> None:
