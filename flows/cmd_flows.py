@@ -112,17 +112,17 @@ def _cmd_cache(args: argparse.Namespace) -> int:
         rep = verify_cache(args.root, args.verify_model)
         print(rep.format())
         return 0 if rep.ok else 1
+    from flows._prefect_env import StateDiskFull, check_state_space
+
     params = _cache_params(args)
-
-    def plan_then_run() -> int:
-        from flows._prefect_env import check_state_space
-
+    try:
         if not os.environ.get("PREFECT_API_URL"):  # the workspace's own Prefect state: is there room for it?
-            check_state_space(args.root)
-        _plan_before_the_flow(params)
-        return _cache_run(args, params)
-
-    return _run(args.root, plan_then_run)
+            check_state_space(args.root)  # before planning, which creates the cache folders
+    except StateDiskFull as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    _plan_before_the_flow(params)
+    return _run(args.root, lambda: _cache_run(args, params))
 
 
 def _plan_before_the_flow(params: dict) -> None:
