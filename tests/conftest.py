@@ -44,3 +44,18 @@ def pair_root(tmp_path) -> Path:
     root = tmp_path / "ws"
     write_shards(samples(10), root / "datasets" / "tiny", name="tiny", source="test", samples_per_shard=4)
     return root
+
+
+def data_cli(root, *argv) -> int:
+    """`aced <argv>` for the data commands (flows/cmd_data.py) in this process, on workspace `root`;
+    returns the exit code."""
+    import argparse
+
+    from flows import cmd_data
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command", required=True)
+    cmd_data.add_commands(sub)
+    args = parser.parse_args(list(argv))
+    args.root = root
+    return args.func(args)

@@ -3,7 +3,6 @@ names, a full disk and leftover work folders, duplicate captions, 16-bit PNGs, c
 nested class folders, skip counts that match the log, and the one image decoder."""
 from __future__ import annotations
 
-import argparse
 import csv
 import errno
 import fcntl
@@ -24,21 +23,13 @@ import storage.shards as shards
 from storage.importers import import_captions, import_class_folders, import_coco, import_webdataset
 from storage.shards import DiskFullError, ImageError, ShardError, decode_image, iter_samples, write_shards
 from tests.conftest import image_bytes, samples
+from tests.conftest import data_cli as _cli
 
 
 def _all(info):
     return [s for ref in info.shards for s in iter_samples(ref)]
 
 
-def _cli(root, *argv) -> int:
-    from flows import cmd_data
-
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers(dest="command", required=True)
-    cmd_data.add_commands(sub)
-    args = parser.parse_args(list(argv))
-    args.root = root
-    return args.func(args)
 
 
 def _folder(tmp_path: Path, rows: list[list[str]], images: dict[str, bytes], *, name: str = "src") -> Path:

@@ -1,7 +1,6 @@
 """Importers: caption folder (+ splits), COCO JSON, webdataset/img2dataset tars, class folders, synthetic."""
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -16,6 +15,7 @@ from storage.importers import import_captions, import_class_folders, import_coco
 from storage.shards import iter_samples, list_shards, load_dataset, make_uid, read_metadata
 from storage.sql import run_query
 from tests.conftest import FLICKR8K, image_bytes
+from tests.conftest import data_cli as _cli
 
 
 def _all(info):
@@ -137,15 +137,6 @@ def test_class_folders(tmp_path):
                                                                     (2, "zebra", "zebra/0000")]
 
 
-def _cli(root, *argv) -> int:
-    from flows import cmd_data
-
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers(dest="command", required=True)
-    cmd_data.add_commands(sub)
-    args = parser.parse_args(list(argv))
-    args.root = root
-    return args.func(args)
 
 
 def test_cli_import_autodetects_and_refuses_overwrite(caption_folder, tmp_path, capsys):

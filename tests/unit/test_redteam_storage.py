@@ -1,7 +1,6 @@
 """Storage findings of the red-team pass (numbers as in its report): each test fails on the code before the fix."""
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import logging
@@ -24,20 +23,12 @@ from storage.shards import DATASET_FILE, ShardError, list_shards, load_dataset, 
 from storage.sql import Limits, SqlError, run_query, stream_query, write_result
 from storage.workspace import check_name
 from tests.conftest import image_bytes, samples
+from tests.conftest import data_cli as _cli
 
 REPO = Path(__file__).resolve().parents[2]
 META = ModelMeta("ref", "fp", 4, 10.0, -10.0)
 
 
-def _cli(root, *argv) -> int:
-    from flows import cmd_data
-
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers(dest="command", required=True)
-    cmd_data.add_commands(sub)
-    args = parser.parse_args(list(argv))
-    args.root = root
-    return args.func(args)
 
 
 def _cache(root: Path, dataset: str) -> CacheWriter:

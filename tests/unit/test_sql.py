@@ -1,7 +1,6 @@
 """SQL views over a workspace, their read-only lock-down, run logs, `aced sql` and `aced inspect`."""
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 from pathlib import Path
@@ -17,6 +16,7 @@ from storage.runlog import SELECTIONS_SCHEMA, ParquetLog
 from storage.shards import list_shards, read_metadata, write_shards
 from storage.sql import QueryRefused, open_views, read_view, run_query
 from tests.conftest import samples
+from tests.conftest import data_cli as _cli
 
 META = ModelMeta("ref", "fp", 4, 10.0, -10.0)
 
@@ -131,15 +131,6 @@ def test_parquet_log_truncate_after(tmp_path):
     assert pq.read_table(log.parts()[0]).schema.field("step").type == "int64"
 
 
-def _cli(root, *argv) -> int:
-    from flows import cmd_data
-
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers(dest="command", required=True)
-    cmd_data.add_commands(sub)
-    args = parser.parse_args(list(argv))
-    args.root = root
-    return args.func(args)
 
 
 def test_cli_sql_formats(full_root, tmp_path, capsys):
