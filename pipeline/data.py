@@ -259,12 +259,6 @@ class EpochOrder:
         return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
 
-def epoch_order(rows: np.ndarray, *, seed: int, epoch: int, window: int) -> np.ndarray:
-    """Every id of one epoch in order (EpochOrder.slice over the whole epoch; tests and small data)."""
-    order = EpochOrder(rows, seed=seed, epoch=epoch, window=window)
-    return order.slice(0, int(order.starts[-1]))
-
-
 class SuperBatches(torch.utils.data.Dataset):
     """Map-style dataset whose item `step` is the super-batch of that training step: all `size` pairs, or
     with ``shard=(rank, world)`` (data-parallel training) only this rank's contiguous size/world of them,

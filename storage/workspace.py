@@ -140,27 +140,26 @@ class Workspace:
 
     def resolve_dataset(self, arg: str | os.PathLike) -> Path:
         """A dataset by folder path (it holds a `_dataset.json`) or by name below `datasets/`."""
-        path = Path(arg)
-        if (path / "_dataset.json").is_file():
-            return path
-        if not str(arg).startswith("/"):
-            candidate = self.dataset(str(arg))
-            if (candidate / "_dataset.json").is_file():
-                return candidate
-            raise FileNotFoundError(f"dataset {str(arg)!r}: neither {path} nor {candidate} holds a _dataset.json")
-        raise FileNotFoundError(f"dataset {str(arg)!r}: {path} holds no _dataset.json")
+        return self._resolve(arg, self.dataset, lambda p: (p / "_dataset.json").is_file(), "dataset",
+                             ("holds a _dataset.json", "holds no _dataset.json"))
 
     def resolve_model(self, arg: str | os.PathLike) -> Path:
         """A model folder by path or by id below `models/`."""
+        return self._resolve(arg, self.model, Path.is_dir, "model", ("is a folder", "is not a folder"))
+
+    @staticmethod
+    def _resolve(arg, by_name, found, what: str, test: tuple[str, str]) -> Path:
+        """`arg` as a path if `found(path)`, else (a relative `arg`) `by_name(arg)` if found; otherwise an
+        error naming every place tried."""
         path = Path(arg)
-        if path.is_dir():
+        if found(path):
             return path
-        if not str(arg).startswith("/"):
-            candidate = self.model(str(arg))
-            if candidate.is_dir():
-                return candidate
-            raise FileNotFoundError(f"model {str(arg)!r}: neither {path} nor {candidate} is a folder")
-        raise FileNotFoundError(f"model {str(arg)!r}: {path} is not a folder")
+        if str(arg).startswith("/"):
+            raise FileNotFoundError(f"{what} {str(arg)!r}: {path} {test[1]}")
+        candidate = by_name(str(arg))
+        if found(candidate):
+            return candidate
+        raise FileNotFoundError(f"{what} {str(arg)!r}: neither {path} nor {candidate} {test[0]}")
 
     def find_datasets(self) -> dict[str, Path]:
         """Every dataset below `datasets/` ({name: folder})."""
