@@ -6,6 +6,10 @@ evaluated on held-out data (retrieval on unseen pairs, zero-shot on an unseen cl
 mean +/- std over seeds of each evaluation, and the noisy fraction of the batches each method trained
 on vs that of the super-batches they were drawn from.
 
+With `--data DIR` (real images + captions with split lists, e.g. ../shared/data/flickr8k) it runs the
+real-data study instead (benchmarks/real_study.py: injected caption noise, step- and compute-matched
+tables, the reference strength curve, dev-split diagnostics).
+
 Resumable: finished runs (eval results present) are skipped, unfinished ones resume from checkpoints,
 so the benchmark can run in the background across interruptions:
     python benchmarks/methods.py --root /tmp/aced-methods --seeds 0 1 2
@@ -20,29 +24,43 @@ import statistics
 import time
 from pathlib import Path
 
+import real_study
 from _common import machine, machine_name, write_report
+
+# Defaults that differ between the synthetic table and the real-data study (--data).
+DEFAULTS = {"synthetic": dict(methods=["iid", "softmax-kd", "i-acid", "h-acid", "aced-acidistill"], steps=300,
+                              batch_size=32, reference_model="aced-vit-s", teacher_model="aced-vit-s",
+                              reference_steps=500, name="methods"),
+            "real": dict(methods=list(real_study.METHODS), steps=600, batch_size=64, reference_model="aced-vit-t",
+                         teacher_model="reference", reference_steps=1200, name="methods-real")}
 
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--root", type=Path, default=Path("aced-bench-methods"))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--methods", nargs="+", default=["iid", "softmax-kd", "i-acid", "h-acid", "aced-acidistill"])
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--methods", nargs="+", default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--filter-ratio", type=float, default=0.8)
     p.add_argument("--student-model", default="aced-vit-t")
-    p.add_argument("--reference-model", default="aced-vit-s")
-    p.add_argument("--teacher-model", default="aced-vit-s",
-                   help="teacher architecture, or 'reference' to distill from the reference model itself")
-    p.add_argument("--reference-steps", type=int, default=500)
+    p.add_argument("--reference-model", default=None)
+    p.add_argument("--teacher-model", default=None,
+                   help="teacher architecture, or 'reference' to distill from the reference model itself "
+                        "(the real-data study always distills from its 1x reference)")
+    p.add_argument("--reference-steps", type=int, default=None)
     p.add_argument("--train-pairs", type=int, default=8000)
     p.add_argument("--clean-pairs", type=int, default=8000)
     p.add_argument("--test-pairs", type=int, default=1000)
     p.add_argument("--per-class", type=int, default=100)
     p.add_argument("--noise-frac", type=float, default=0.5)
-    p.add_argument("--name", default="methods", help="results file stem in benchmarks/results/")
-    return p.parse_args()
+    p.add_argument("--name", default=None, help="results file stem in benchmarks/results/")
+    real_study.add_arguments(p)
+    args = p.parse_args()
+    for k, v in DEFAULTS["real" if args.data else "synthetic"].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    return args
 
 
 def train_and_eval(cfg, run_dir: Path, evals: dict) -> dict:
@@ -72,6 +90,9 @@ def noisy_fractions(run_dir: Path) -> dict[str, float]:
 
 def main() -> None:
     args = parse()
+    if args.data:
+        real_study.run_study(args)
+        return
     from pipeline.ray_embed import embed_shards_plain, plan_cache
     from pipeline.recipes import recipe
     from pipeline.report import summary_metrics

@@ -1,0 +1,342 @@
+"""The methods study on real photos and human captions (issue 13): `benchmarks/methods.py --data DIR`.
+
+Design (CPU-sized analogue of the paper's Figs. 4-6 and 9):
+- data: the real caption set at DIR (e.g. ../shared/data/flickr8k, with splits/{train,dev,test}.txt) is
+  imported once; its train split is corrupted with `aced data corrupt` semantics (a fraction of captions
+  swapped for captions of other train images, flagged `noisy`), the clean train split stays for the
+  references. CIFAR-10 beside DIR (../cifar10/test) is the zero-shot set, with the standard templates.
+- references: the student's architecture trained IID on the clean train captions (the main budget `1x`;
+  for the strength curve also 1/4, 1/2 and 2x the budget, and one trained on the corrupted captions).
+  The 1x reference is also the teacher of the distillation methods.
+- methods, step-matched: iid, softmax-kd, h-acid, aced-acidistill, each for the same steps and seeds.
+- methods, compute-matched: iid and softmax-kd given h-acid's wall-clock, i.e. more steps (the ratio
+  of the measured median step times of the step-matched runs, recorded in the results).
+- curve: h-acid with each reference, student quality vs reference quality.
+- dev: diagnostics of the selection on the dev split only (never test): sampling temperature, top-k,
+  chunks, filter ratio, stronger reference; and, from the per-candidate selection logs, how well the
+  learnability scores separate clean from swapped candidates over training (AUC per logged step).
+Test metrics: Flickr8k test retrieval (mean of R@1/5/10 both ways) and CIFAR-10 zero-shot top-1. Dev
+runs are evaluated on the dev split only.
+
+Every stage is resumable (finished runs are skipped, unfinished ones resume from their checkpoints), so
+the study can run in the background across sessions; results go to benchmarks/results/<name>.{json,md}
+after every run:
+    python benchmarks/methods.py --data ../shared/data/flickr8k --root /tmp/aced-real --stages all
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+from _common import machine, machine_name, write_report
+
+METHODS = ("iid", "softmax-kd", "h-acid", "aced-acidistill")
+COMPUTE_MATCHED = ("iid", "softmax-kd")
+STAGES = ("methods", "compute", "curve", "dev")
+# Reference strength curve: budget multipliers of the 1x reference, plus one on the corrupted captions.
+CURVE = (("ref-0.25x", 0.25, "clean"), ("ref-0.5x", 0.5, "clean"), ("ref-1x", 1.0, "clean"),
+         ("ref-2x", 2.0, "clean"), ("ref-noisy", 1.0, "noisy"))
+# Dev-split diagnostics of h-acid: {name: TrainConfig overrides}; tau=10, 16 chunks, f=0.8 is the default.
+DEV_VARIANTS = {
+    "h-acid": {},
+    "h-acid-tau1": {"selection.tau": 1.0},
+    "h-acid-tau100": {"selection.tau": 100.0},
+    "h-acid-topk": {"selection.topk": True},
+    "h-acid-1chunk": {"selection.n_chunks": 1},
+    "h-acid-f0.5": {"filter_ratio": 0.5},
+    "h-acid-f0.9": {"filter_ratio": 0.9},
+    "h-acid-ref2x": {"reference": "ref-2x"},
+    "iid": {"method": "iid"},
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("real-data study (--data)")
+    g.add_argument("--data", type=Path, default=None,
+                   help="real caption set with splits/ (e.g. ../shared/data/flickr8k): run the real-data study")
+    g.add_argument("--stages", nargs="+", default=["methods", "compute"], choices=[*STAGES, "all"],
+                   help="which parts of the study to run (in this order; each resumable)")
+    g.add_argument("--swap-frac", type=float, default=0.4, help="fraction of train captions swapped")
+    g.add_argument("--corrupt-seed", type=int, default=0)
+    g.add_argument("--lr", type=float, default=1e-3, help="student peak learning rate")
+    g.add_argument("--reference-lr", type=float, default=5e-4)
+    g.add_argument("--dev-seeds", type=int, nargs="+", default=[0])
+    g.add_argument("--dev-variants", nargs="+", default=list(DEV_VARIANTS), choices=list(DEV_VARIANTS))
+    g.add_argument("--references-only", action="store_true",
+                   help="stop after training the references the chosen stages need")
+    g.add_argument("--selection-log-rows", type=int, default=0,
+                   help="per logged step, a sample of this many candidates (0 = all)")
+
+
+def _corrupt(root: Path, src: str, name: str, frac: float, seed: int) -> str:
+    from storage.corrupt import corrupt_dataset
+    from storage.workspace import Workspace
+
+    ws = Workspace(root)
+    if not (ws.dataset(name) / "_dataset.json").exists():
+        corrupt_dataset(root, src, name=name, swap_frac=frac, seed=seed)
+    return str(ws.dataset(name))
+
+
+def prepare(args: argparse.Namespace, root: Path) -> dict:
+    """Import the real data (idempotent); the corrupted train split comes later (`add_noisy`)."""
+    from pipeline.workspace import prepare_real
+    from storage.workspace import Workspace
+
+    sets = prepare_real(root, args.data)
+    name = Path(args.data).resolve().name
+    ws = Workspace(root)
+    if not (ws.dataset(f"{name}/dev") / "_dataset.json").exists():
+        raise FileNotFoundError(f"{args.data}: the study needs a dev split (splits/dev.txt) to tune on")
+    test_evals = {f"{name}-test-retrieval": ["retrieval", sets["retrieval"][0]]}
+    test_evals.update({f"{Path(d).name}-zeroshot": ["zeroshot", d] for d in sets["zeroshot"]})
+    return {"clean": sets["clean"], "name": name, "test_evals": test_evals,
+            "dev_evals": {f"{name}-dev-retrieval": ["retrieval", str(ws.dataset(f"{name}/dev"))]}}
+
+
+def add_noisy(args, root: Path, data: dict) -> None:
+    """The students' training set: the train split with a fraction of captions swapped (idempotent)."""
+    data["noisy_name"] = f"{data['name']}-swap{round(100 * args.swap_frac)}/train"
+    data["noisy"] = [_corrupt(root, f"{data['name']}/train", data["noisy_name"], args.swap_frac, args.corrupt_seed)]
+
+
+def reference(args, root: Path, data: dict, rid: str, budget: float, source: str, evals: dict) -> dict:
+    """Train (or resume, or reuse) one reference and export it as a workspace model."""
+    from methods import train_and_eval
+    from pipeline.recipes import recipe
+    from pipeline.trainer import export_model
+
+    steps = max(1, round(args.reference_steps * budget))
+    cfg = recipe("reference", model=args.reference_model, steps=steps, batch_size=args.batch_size,
+                 lr=args.reference_lr, seed=100, train_data=tuple(data[source]),
+                 checkpoint_every=max(1, steps // 4), selection_log_every=0)
+    res = train_and_eval(cfg, root / "runs" / rid, evals)
+    if not (root / "models" / rid).exists():
+        export_model(root / "runs" / rid, root / "models" / rid)
+    return res
+
+
+def cache(root: Path, data: dict, model_ids: list[str]) -> None:
+    """Reference embeddings of the corrupted train split (idempotent: cached shards are skipped)."""
+    from pipeline.ray_embed import embed_shards_plain, plan_cache
+
+    embed_shards_plain(plan_cache(root, [data["noisy_name"]], sorted(model_ids)), chunk_size=256)
+
+
+def student(args, root: Path, data: dict, run: str, evals: dict, *, method: str, seed: int, steps: int,
+            ref: str = "ref-1x", **overrides) -> dict:
+    from methods import noisy_fractions, train_and_eval
+    from pipeline.recipes import recipe
+    from pipeline.report import summary_metrics
+
+    cfg = recipe("student", method=method, model=args.student_model, steps=steps, batch_size=args.batch_size,
+                 filter_ratio=args.filter_ratio, seed=seed, lr=args.lr, train_data=tuple(data["noisy"]),
+                 cache_root=str(root / "cache"), reference=ref, teacher=("ref-1x",),
+                 checkpoint_every=max(1, steps // 3), n_chunks=min(16, args.batch_size // 2),
+                 selection_log_rows=args.selection_log_rows, **overrides)
+    run_dir = root / "runs" / run
+    res = train_and_eval(cfg, run_dir, evals)
+    out = {**summary_metrics(res), **noisy_fractions(run_dir), "train_seconds": res.get("train_seconds"),
+           "steps": steps, "step_s_median": median_step_s(run_dir)}
+    print(run, json.dumps(out), flush=True)
+    return out
+
+
+def median_step_s(run_dir: Path) -> float:
+    from pipeline.report import read_metrics
+
+    return statistics.median(read_metrics(run_dir).column("step_s").to_pylist())
+
+
+def separation(run_dir: Path) -> list[dict]:
+    """Per logged step: how well the selection scores rank clean above swapped candidates (ROC AUC),
+    their mean score each, and the swapped fraction among the selected: the 'catch-up' diagnostic."""
+    import duckdb
+
+    parts = sorted((run_dir / "selections").glob("part-*.parquet"))
+    if not parts:
+        return []
+    con = duckdb.connect()
+    rows = con.execute(f"""
+        WITH s AS (SELECT step, score, selected, noisy,
+                          rank() OVER (PARTITION BY step ORDER BY score) AS r
+                   FROM read_parquet({[str(p) for p in parts]}))
+        SELECT step, count(*) FILTER (WHERE NOT noisy) AS n_clean, count(*) FILTER (WHERE noisy) AS n_noisy,
+               sum(r) FILTER (WHERE NOT noisy) AS rank_sum_clean,
+               avg(score) FILTER (WHERE NOT noisy) AS score_clean, avg(score) FILTER (WHERE noisy) AS score_noisy,
+               stddev_pop(score) AS score_std,
+               avg(noisy::INT) FILTER (WHERE selected) AS noisy_frac_selected
+        FROM s GROUP BY step ORDER BY step""").fetchall()
+    out = []
+    for step, nc, nn, rs, sc, sn, sd, nf in rows:
+        # Mann-Whitney U of the clean ranks: AUC = P(score_clean > score_noisy)
+        auc = (rs - nc * (nc + 1) / 2) / (nc * nn) if nc and nn else None
+        out.append({"step": step, "auc_clean_vs_noisy": auc, "score_clean": sc, "score_noisy": sn,
+                    "score_std": sd, "noisy_frac_selected": nf})
+    return out
+
+
+def _windows(curve: list[dict], n: int = 4) -> list[dict]:
+    """The separation curve averaged over n equal windows of training."""
+    if not curve:
+        return []
+    size = max(1, len(curve) // n)
+    out = []
+    for i in range(0, len(curve), size):
+        w = [r for r in curve[i:i + size] if r["auc_clean_vs_noisy"] is not None]
+        if w:
+            out.append({"steps": f"{curve[i]['step']}-{curve[min(i + size, len(curve)) - 1]['step']}",
+                        **{k: statistics.fmean(r[k] for r in w)
+                           for k in ("auc_clean_vs_noisy", "score_clean", "score_noisy", "score_std",
+                                     "noisy_frac_selected")}})
+    return out
+
+
+def run_study(args: argparse.Namespace) -> None:
+    root = args.root.resolve()
+    stages = list(STAGES) if "all" in args.stages else [s for s in STAGES if s in args.stages]
+    t_start = time.perf_counter()
+    data = prepare(args, root)
+    results_file = Path(__file__).parent / "results" / f"{args.name}.json"
+    state = {"rows": {}, "compute": {}, "curve": {}, "dev": {}, "references": {}}
+    if results_file.exists():  # keep what earlier sessions measured (their runs are skipped anyway)
+        old = json.loads(results_file.read_text())
+        state.update({k: old.get(k, v) for k, v in state.items()})
+
+    def save() -> None:
+        report(args, state, time.perf_counter() - t_start)
+
+    needed = [("ref-1x", 1.0, "clean")]
+    if "curve" in stages:
+        needed = list(CURVE)
+    elif "dev" in stages and "h-acid-ref2x" in args.dev_variants:
+        needed.append(("ref-2x", 2.0, "clean"))
+    evals_ref = {**data["test_evals"], **data["dev_evals"]}
+    for rid, budget, source in sorted(needed, key=lambda r: (r[2] == "noisy", r[0] != "ref-1x")):  # 1x first; clean ones need no corruption
+        if source == "noisy" and "noisy" not in data:
+            add_noisy(args, root, data)
+        res = reference(args, root, data, rid, budget, source, evals_ref)
+        from pipeline.report import summary_metrics
+        state["references"][rid] = {**summary_metrics(res), "budget": budget, "captions": source,
+                                    "train_seconds": res.get("train_seconds")}
+        save()
+    if args.references_only:
+        return
+    if "noisy" not in data:
+        add_noisy(args, root, data)
+    cache(root, data, [r for r, _, _ in needed])
+
+    def seed_row(table: dict, method: str, seed: int, metrics: dict) -> None:
+        table.setdefault(method, {})[str(seed)] = metrics
+        save()
+
+    if "methods" in stages or "compute" in stages:
+        for seed in args.seeds:
+            for method in args.methods:
+                seed_row(state["rows"], method, seed,
+                         student(args, root, data, f"{method}-seed{seed}", data["test_evals"], method=method,
+                                 seed=seed, steps=args.steps))
+    if "compute" in stages:
+        ratio = compute_ratio(state["rows"])
+        state["compute_ratio"] = ratio
+        steps = round(args.steps * ratio)
+        for seed in args.seeds:
+            for method in COMPUTE_MATCHED:
+                seed_row(state["compute"], f"{method}-{steps}steps", seed,
+                         student(args, root, data, f"{method}-cm{steps}-seed{seed}", data["test_evals"],
+                                 method=method, seed=seed, steps=steps))
+    if "curve" in stages:
+        for rid, _, _ in CURVE:
+            for seed in args.seeds:
+                seed_row(state["curve"], rid, seed,
+                         student(args, root, data, f"h-acid-{rid}-seed{seed}", data["test_evals"], method="h-acid",
+                                 seed=seed, steps=args.steps, ref=rid))
+    if "dev" in stages:
+        for seed in args.dev_seeds:
+            for variant in args.dev_variants:
+                over = dict(DEV_VARIANTS[variant])
+                method = over.pop("method", "h-acid")
+                ref = over.pop("reference", "ref-1x")
+                run = f"dev-{variant}-seed{seed}"
+                m = student(args, root, data, run, data["dev_evals"], method=method, seed=seed, steps=args.steps,
+                            ref=ref, **over)
+                m["separation"] = _windows(separation(root / "runs" / run))
+                seed_row(state["dev"], variant, seed, m)
+    save()
+
+
+def compute_ratio(rows: dict) -> float:
+    """Wall-clock of an h-acid step over an iid step: medians of the step-matched runs, per seed."""
+    h = [v["step_s_median"] for v in rows.get("h-acid", {}).values()]
+    i = [v["step_s_median"] for v in rows.get("iid", {}).values()]
+    if not h or not i:
+        raise RuntimeError("compute matching needs the step-matched iid and h-acid runs first (stage 'methods')")
+    return statistics.median(h) / statistics.median(i)
+
+
+def _mean_std(vals: list[float]) -> str:
+    if not vals:
+        return "n/a"
+    mean = statistics.fmean(vals)
+    std = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return f"{100 * mean:.2f} ± {100 * std:.2f}"
+
+
+def _table(table: dict, keys: list[str], labels: dict[str, str]) -> list[str]:
+    lines = ["| run | seeds | " + " | ".join(labels.get(k, k) for k in keys) + " |", "|---|---|" + "---|" * len(keys)]
+    for name, seeds in table.items():
+        cells = [_mean_std([s[k] for s in seeds.values() if s.get(k) is not None]) for k in keys]
+        lines.append(f"| {name} | {len(seeds)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def report(args: argparse.Namespace, state: dict, seconds: float) -> None:
+    name = Path(args.data).resolve().name
+    ret, zs = f"{name}-test-retrieval:mean_recall", "cifar10-zeroshot:top1"
+    labels = {ret: f"{name} test retrieval, mean R@1/5/10 (%)", zs: "CIFAR-10 zero-shot top-1 (%)",
+              "noisy_frac_superbatch": "swapped in super-batch (%)", "noisy_frac_trained": "swapped in trained batch (%)",
+              f"{name}-dev-retrieval:mean_recall": f"{name} dev retrieval, mean R@1/5/10 (%)"}
+    keys = [ret, zs, "noisy_frac_superbatch", "noisy_frac_trained"]
+    md = [f"# The methods on real captions ({name}, {args.swap_frac:.0%} of train captions swapped; {machine_name()})", "",
+          f"Student {args.student_model}, b = {args.batch_size}, {args.steps} steps, f = {args.filter_ratio}, lr {args.lr}; "
+          f"reference/teacher {args.reference_model}, {args.reference_steps} steps (1x) at lr {args.reference_lr} on the "
+          f"clean train captions. Mean ± std over seeds; test = {name} test split and CIFAR-10 test (standard "
+          f"templates); dev runs evaluated on the dev split only. Wall-clock of this invocation: {seconds / 60:.1f} min.",
+          "", "## References", ""]
+    md += _table({k: {"-": v} for k, v in state["references"].items()},
+                 [ret, zs, f"{name}-dev-retrieval:mean_recall"], labels)
+    md += ["", "## Step-matched", ""] + _table(state["rows"], keys, labels)
+    if state["compute"]:
+        md += ["", f"## Compute-matched (iid and softmax-kd given h-acid's wall-clock: {state.get('compute_ratio', 0):.2f}x "
+               "its steps, from the median step times above)", ""]
+        md += _table({**{k: v for k, v in state["rows"].items() if k in ("h-acid", "aced-acidistill")},
+                      **state["compute"]}, keys, labels)
+    if state["curve"]:
+        md += ["", "## Reference strength curve (h-acid with each reference)", "",
+               "| reference | budget | captions | reference test retrieval (%) | student test retrieval (%) | "
+               "student CIFAR-10 (%) | swapped in trained batch (%) |", "|---|---|---|---|---|---|---|"]
+        for rid, seeds in state["curve"].items():
+            r = state["references"].get(rid, {})
+            md.append(f"| {rid} | {r.get('budget', '')} | {r.get('captions', '')} | "
+                      f"{_mean_std([r[ret]] if ret in r else [])} | "
+                      f"{_mean_std([s[ret] for s in seeds.values() if ret in s])} | "
+                      f"{_mean_std([s[zs] for s in seeds.values() if zs in s])} | "
+                      f"{_mean_std([s['noisy_frac_trained'] for s in seeds.values()])} |")
+    if state["dev"]:
+        dkey = f"{name}-dev-retrieval:mean_recall"
+        md += ["", "## Dev-split diagnostics (h-acid variants; never the test split)", ""]
+        md += _table(state["dev"], [dkey, "noisy_frac_trained"], labels)
+        md += ["", "Separation of clean from swapped candidates by the selection score, over four windows of "
+               "training (AUC = P(score of a clean candidate > score of a swapped one); seed of the first row):", "",
+               "| variant | window (steps) | AUC | mean score clean | mean score swapped | score std | swapped in selected (%) |",
+               "|---|---|---|---|---|---|---|"]
+        for variant, seeds in state["dev"].items():
+            first = next(iter(seeds.values()))
+            for w in first.get("separation", []):
+                md.append(f"| {variant} | {w['steps']} | {w['auc_clean_vs_noisy']:.3f} | {w['score_clean']:.4f} | "
+                          f"{w['score_noisy']:.4f} | {w['score_std']:.4f} | {100 * w['noisy_frac_selected']:.1f} |")
+    write_report(args.name, {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                             "machine": machine(), **state}, "\n".join(md) + "\n")
