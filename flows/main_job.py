@@ -148,12 +148,14 @@ def summarize(root: Path, students: dict[str, Path], others: dict[str, Path]) ->
         tail = max(1, len(metrics["step"]) // 5)  # last 20% of steps
         sel = [v for v in metrics.get("noisy_frac_selected", [])[-tail:] if v is not None]
         row = dict(head)
-        if sel:
-            row["noisy_frac_trained"] = sum(sel) / len(sel)
+        # None (shown as n/a) when the training data records no noise flags: unknown, not 0.
+        row["noisy_frac_trained"] = sum(sel) / len(sel) if sel else None
         rows[name] = row
         if name.startswith("student-"):
             evals[name] = head
-    table = markdown_table(rows)
+    # Evaluations first (in the order the runs report them), the trained batches' noise last.
+    columns = [*dict.fromkeys(k for r in rows.values() for k in r if k != "noisy_frac_trained"), "noisy_frac_trained"]
+    table = markdown_table(rows, columns=columns)
     png = plot_runs(students and {f"student-{m}": d for m, d in students.items()}, root / "curves.png", evals=evals)
     text = f"# Main job\n\n{table}\n\nCurves: {png}\n"
     atomic_write_bytes(root / "report.md", text.encode())
