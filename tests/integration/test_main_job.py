@@ -127,7 +127,7 @@ def test_aced_run_tiny_prints_the_comparison_and_reruns_idempotently(tmp_path):
     names = ["reference", "teacher", "student-iid", "student-h-acid", "student-aced-acidistill"]
     assert table_rows(first.stdout) == names, first.stdout
     assert first.stdout == (root / "report.md").read_text()
-    assert "test-retrieval:mean_recall" in first.stdout and "noisy_frac_trained" in first.stdout
+    assert "test: retrieval mean R@1/5/10" in first.stdout and "noisy in trained batch" in first.stdout
     assert (root / "curves.png").read_bytes()[:8] == PNG_MAGIC
     assert (root / "state" / "prefect" / "prefect.db").is_file()  # the workspace's own Prefect state
     for name in names:
