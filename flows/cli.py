@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 # Areas in the order they appear in `aced --help`. A module that is missing is an error, not a skip.
-_AREAS = ("flows.cmd_data", "flows.cmd_model", "flows.cmd_eval", "flows.cmd_train", "flows.cmd_flows")
+_AREAS = ("flows.cmd_data", "flows.cmd_model", "flows.cmd_eval", "flows.cmd_train", "flows.cmd_flows",
+          "flows.cmd_report")
 
 
 def expected_errors() -> tuple[type[BaseException], ...]:

@@ -1,4 +1,4 @@
-"""`aced import ...`, `aced data synth`, `aced sql`, `aced inspect`: data in, and a look at what is on disk.
+"""`aced import ...`, `aced data synth|corrupt`, `aced sql`, `aced inspect`: data in, and a look at what is on disk.
 
 Thin layer over `storage.importers`, `storage.shards`, `storage.sql` and `storage.inspect`
 (`aced cache verify` lives with `aced cache` in flows/cmd_flows.py and calls `storage.cache.verify_cache`).
@@ -13,6 +13,8 @@ import logging
 import sys
 import time
 from pathlib import Path
+
+from storage import fs
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +42,23 @@ def add_commands(subparsers) -> None:
     _common(k)
     k.set_defaults(func=_cmd_import_coco)
 
+    kp = kinds.add_parser("karpathy", help="one split of a Karpathy-split JSON (dataset_coco.json, dataset_flickr30k.json) "
+                                           "as a retrieval set",
+                          description="JSON: Karpathy's caption file ({'images': [{'filepath', 'filename', 'split', "
+                                      "'sentences': [{'raw'}], 'cocoid'}]}); the images of --split, one pair per "
+                                      "sentence, captions grouped by image for recall@k.")
+    kp.add_argument("annotations", type=Path, metavar="JSON", help="dataset_coco.json / dataset_flickr30k.json / ...")
+    kp.add_argument("--images", type=Path, required=True, help="folder the filepath/filename entries are relative to")
+    kp.add_argument("--split", default="test", help="Karpathy split to import (default test: the field's 1k/5k test sets)")
+    _common(kp)
+    kp.set_defaults(func=_cmd_import_karpathy)
+
     w = kinds.add_parser("webdataset", help="existing webdataset / img2dataset tars (re-packed, images copied "
                                             "untouched; --in-place: used where they are)",
                          description="Re-packs the tars into the project's shard layout (image bytes untouched), or "
                                      "with --in-place registers them where they are: only metadata Parquet and "
                                      "_dataset.json are written, no image byte is copied.")
-    w.add_argument("src", type=Path, help="folder of *.tar (+ optional <shard>.parquet sidecars) or one tar")
+    w.add_argument("src", type=fs.as_path, help="folder (or s3://bucket/prefix) of *.tar (+ optional <shard>.parquet sidecars) or one tar")
     w.add_argument("--in-place", action="store_true",
                    help="register the tars where they are (no copy); each reader checks their sha256")
     _in_place_opts(w)
@@ -58,7 +71,7 @@ def add_commands(subparsers) -> None:
                                      "checked) and never copied or changed; <root>/datasets/NAME gets one metadata "
                                      "Parquet per tar and _dataset.json pointing at the tars. Every sample needs "
                                      "DataComp's 32-hex uid; failed downloads are counted and skipped.")
-    d.add_argument("src", type=Path, help="img2dataset output folder (or one tar)")
+    d.add_argument("src", type=fs.as_path, help="img2dataset output folder, s3://bucket/prefix, or one tar")
     _in_place_opts(d)
     d.add_argument("--name", required=True, help="dataset name under <root>/datasets (may contain '/')")
     d.add_argument("--skip-bad", action="store_true",
@@ -71,7 +84,7 @@ def add_commands(subparsers) -> None:
     _common(f)
     f.set_defaults(func=_cmd_import_classes)
 
-    data = subparsers.add_parser("data", help="generate data (synthetic pairs / classes)")
+    data = subparsers.add_parser("data", help="generate data (synthetic pairs / classes, noisy copies of pair sets)")
     dsub = data.add_subparsers(dest="data_cmd", required=True, metavar="ACTION")
     s = dsub.add_parser("synth", help="synthetic pairs with known caption noise (pipeline.synthetic)",
                         description="Writes generate_pairs(N, seed, noise_frac) as dataset NAME; with --classes, "
@@ -86,6 +99,21 @@ def add_commands(subparsers) -> None:
     s.add_argument("--samples-per-shard", type=int, default=1000)
     s.add_argument("--overwrite", action="store_true", help="replace an existing dataset of that name")
     s.set_defaults(func=_cmd_synth)
+
+    x = dsub.add_parser("corrupt", help="copy of a pair dataset with a fraction of captions swapped (noisy=True)",
+                        description="Writes dataset NAME: the pairs of SRC (a dataset name, or with --split one "
+                                    "split of it) in which round(F * n) captions, chosen by --seed, are replaced by "
+                                    "captions of other images of the same split (each chosen caption used once, "
+                                    "never by a pair of its own image) and flagged noisy. The image bytes are not "
+                                    "copied: NAME reads SRC's tars in place (their sha256 still checked).")
+    x.add_argument("src", help="source dataset name under <root>/datasets (or a dataset folder)")
+    x.add_argument("--name", required=True, help="name of the new dataset under <root>/datasets")
+    x.add_argument("--swap-frac", type=float, required=True, help="fraction F of captions to swap, in [0, 1]")
+    x.add_argument("--seed", type=int, default=0)
+    x.add_argument("--split", default=None,
+                   help="only this split: the dataset SRC/SPLIT if there is one, else SRC's pairs whose split is SPLIT")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing dataset of that name")
+    x.set_defaults(func=_cmd_corrupt)
 
     q = subparsers.add_parser("sql", help="read-only SQL (DuckDB) over pairs, datasets, cache, manifest, metrics, selections",
                               description="Views: pairs, datasets, cache, manifest, metrics, selections "
@@ -187,6 +215,14 @@ def _cmd_import_coco(args) -> int:
                                                  split=args.split, **_opts(args))}, t0))
 
 
+def _cmd_import_karpathy(args) -> int:
+    from storage.importers import import_karpathy
+
+    t0 = time.perf_counter()
+    return _run(lambda: _report({"": import_karpathy(args.annotations, args.images, args.root, args.name,
+                                                     split=args.split, **_opts(args))}, t0))
+
+
 def _cmd_import_webdataset(args) -> int:
     from storage.importers import import_webdataset
 
@@ -238,6 +274,22 @@ def _cmd_synth(args) -> int:
     return _run(lambda: _report({"": write_shards(samples, dataset_dir(args.root, args.name), name=args.name,
                                                   source=source, samples_per_shard=args.samples_per_shard,
                                                   overwrite=args.overwrite, extra=extra)}, t0))
+
+
+def _cmd_corrupt(args) -> int:
+    from storage.corrupt import corrupt_dataset
+
+    def run() -> int:
+        t0 = time.perf_counter()
+        info = corrupt_dataset(args.root, args.src, name=args.name, swap_frac=args.swap_frac, seed=args.seed,
+                               split=args.split, overwrite=args.overwrite)
+        swapped = info.extra["swapped"]
+        print(f"{info.name}: {info.rows} pairs, {swapped} captions swapped ({100.0 * swapped / info.rows:.1f}%) "
+              f"from {info.extra['corrupted_from']}, in {len(info.shards)} shard(s) -> {info.path} (the source's "
+              f"tars, no image copied) in {time.perf_counter() - t0:.1f} s")
+        return 0
+
+    return _run(run)
 
 
 def _cmd_sql(args) -> int:

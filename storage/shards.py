@@ -68,6 +68,13 @@ METADATA_SCHEMA = pa.schema([
     pa.field("split", pa.string()),                     # train/dev/test/other where known
 ])
 
+# Columns a metadata Parquet may carry beyond METADATA_SCHEMA: a pair made from another pair's tar members
+# (`storage.corrupt`: the image of one pair, the caption of another). `tar_uid` is the uid of the pair whose
+# members (`<key>.jpg/.txt/.json`) the row reads, `caption_uid` the uid of the pair its caption comes from.
+# Readers keep METADATA_SCHEMA's columns (`read_metadata`); `iter_samples` reads `tar_uid` for its checks.
+PROVENANCE_FIELDS = (pa.field("tar_uid", pa.string(), nullable=False), pa.field("caption_uid", pa.string(), nullable=False))
+PROVENANCE_SCHEMA = pa.schema([*METADATA_SCHEMA, *PROVENANCE_FIELDS])
+
 # Image members a reader accepts; writers produce "jpg" for JPEG data (the contract's `<key>.jpg`).
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 _UID_RE = re.compile(r"^[0-9a-f]{32}$")
@@ -582,7 +589,8 @@ def _uid_bytes(uids: list[str]) -> np.ndarray:
 
 def register_shards(shards: Iterable[ExternalShard], out_dir: str | os.PathLike, *, name: str, source: str,
                     relative: bool = False, on_error: OnError = "raise", overwrite: bool = False,
-                    extra: dict[str, Any] | Callable[[], dict[str, Any]] | None = None) -> DatasetInfo:
+                    extra: dict[str, Any] | Callable[[], dict[str, Any]] | None = None,
+                    schema: pa.Schema = METADATA_SCHEMA) -> DatasetInfo:
     """Write the dataset folder `out_dir` for tars that stay where they are: one metadata Parquet per
     tar (`NNNNNNNN.parquet`, labelled with the tar's sha256 as `_write_shard` labels its own) and
     `_dataset.json`, whose shard entries carry `"tar"`: the tar's path, absolute, or with `relative`
@@ -593,7 +601,10 @@ def register_shards(shards: Iterable[ExternalShard], out_dir: str | os.PathLike,
     (found by sorting 16-byte uids at the end, not with a set of strings). on_error="raise" stops at
     the first; "skip" logs and counts each (`DatasetInfo.skipped`; for a uid seen twice, the later
     rows). A tar with no row left is not listed (logged). Same work-folder protocol as `write_shards`.
+    schema: METADATA_SCHEMA, or PROVENANCE_SCHEMA for rows that record `tar_uid`/`caption_uid` (`storage.corrupt`).
     """
+    if schema not in (METADATA_SCHEMA, PROVENANCE_SCHEMA):
+        raise ValueError("schema must be METADATA_SCHEMA or PROVENANCE_SCHEMA")
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     out_dir = Path(out_dir)
@@ -633,7 +644,7 @@ def register_shards(shards: Iterable[ExternalShard], out_dir: str | os.PathLike,
             tar = Path(os.path.abspath(ext.tar))
             recorded = os.path.relpath(tar.resolve(), out_dir.parent.resolve() / out_dir.name) if relative else str(tar)
             refs.append(ShardRef(out_dir, shard_name(len(refs)), len(rows), ext.sha256, recorded))
-            tables.append(pa.Table.from_pylist(rows, schema=METADATA_SCHEMA))
+            tables.append(pa.Table.from_pylist(rows, schema=schema))
         if not refs:
             raise ShardError(f"{out_dir}: no samples to register" + (f" (all {skipped} skipped)" if skipped else ""))
         # A uid twice in the dataset: sort 16-byte uids once (O(n log n), 24 bytes a row), no set of strings.
@@ -827,14 +838,15 @@ def read_metadata(shard: ShardRef) -> pa.Table:
         raise ShardError(f"{path}: missing metadata Parquet of shard {shard.name}") from None
     except Exception as e:  # pyarrow raises ArrowInvalid/OSError for corrupt files
         raise ShardError(f"{path}: unreadable Parquet ({type(e).__name__}: {e})") from None
+    kv = table.schema.metadata  # before the cast below, which drops it
     if not table.schema.equals(METADATA_SCHEMA, check_metadata=False):
-        try:
+        try:  # (extra columns, e.g. PROVENANCE_FIELDS, are left out)
             table = table.select(METADATA_SCHEMA.names).cast(METADATA_SCHEMA)
         except Exception as e:
             raise ShardError(f"{path}: schema does not match METADATA_SCHEMA ({e})") from None
     if table.num_rows != shard.rows:
         raise ShardError(f"{path}: {table.num_rows} rows, but _dataset.json says {shard.rows}")
-    check_metadata_owner(shard, table.schema.metadata)
+    check_metadata_owner(shard, kv)
     return table
 
 
@@ -893,6 +905,12 @@ def iter_samples(shard: ShardRef, *, on_error: OnError = "raise", decode: bool =
     An external tar (a pool registered in place, `ShardRef.external`) may hold samples the metadata
     leaves out (failed or bad at registration, counted there): they are passed over. Its `.json`
     members need not carry a uid (one made at registration then lives only in the metadata).
+
+    The caption rule (one for training, caching, evaluation and SQL): a pair's caption is its metadata
+    Parquet's `caption` column. The tar's `.txt` must equal it, except in a row whose `tar_uid`
+    (PROVENANCE_FIELDS) differs from its `uid`: that pair reads another pair's members (a caption
+    swapped in by `storage.corrupt`), so its `.json` uid must be `tar_uid` and the `.txt`, the other
+    pair's caption, is not compared.
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -901,6 +919,8 @@ def iter_samples(shard: ShardRef, *, on_error: OnError = "raise", decode: bool =
     stats = stats if stats is not None else {}
     stats.setdefault("skipped", 0)
     rows = read_metadata(shard).to_pylist()
+    provenance = read_provenance(shard)
+    tar_uids = provenance.column("tar_uid").to_pylist() if provenance is not None else None
     path = shard.tar_path
     pending = {r["key"]: i for i, r in enumerate(rows)}
     if len(pending) != len(rows):
@@ -948,7 +968,8 @@ def iter_samples(shard: ShardRef, *, on_error: OnError = "raise", decode: bool =
                     bad(rows[j], "missing from the tar")
             next_row = i + 1
             row = rows[i]
-            sample = _sample_from(row, members, bad, decode, external=shard.external)
+            sample = _sample_from(row, members, bad, decode, external=shard.external,
+                                  tar_uid=tar_uids[i] if tar_uids is not None else None)
             if sample is not None:
                 yield sample
     for j in range(next_row, len(rows)):
@@ -956,7 +977,20 @@ def iter_samples(shard: ShardRef, *, on_error: OnError = "raise", decode: bool =
             bad(rows[j], "missing from the tar (truncated tar?)")
 
 
-def _sample_from(row: dict, members: dict[str, bytes], bad, decode: bool, *, external: bool = False) -> Sample | None:
+def read_provenance(shard: ShardRef) -> pa.Table | None:
+    """The PROVENANCE_FIELDS columns (`tar_uid`, `caption_uid`) of the shard's metadata Parquet, in its row
+    order, or None for a shard without them (every dataset but a `storage.corrupt` copy)."""
+    names = [f.name for f in PROVENANCE_FIELDS]
+    try:
+        if not set(names) <= set(pq.read_schema(shard.meta_path).names):
+            return None
+        return pq.read_table(shard.meta_path, columns=names)
+    except Exception as e:  # pyarrow raises ArrowInvalid/OSError for corrupt files
+        raise ShardError(f"{shard.meta_path}: unreadable Parquet ({type(e).__name__}: {e})") from None
+
+
+def _sample_from(row: dict, members: dict[str, bytes], bad, decode: bool, *, external: bool = False,
+                 tar_uid: str | None = None) -> Sample | None:
     exts = [e for e in IMAGE_EXTS if e in members]
     if not exts:
         bad(row, f"no image member (found {sorted(members)})")
@@ -973,8 +1007,9 @@ def _sample_from(row: dict, members: dict[str, bytes], bad, decode: bool, *, ext
     if (w, h) != (row["width"], row["height"]):
         bad(row, f"image is {w}x{h} but metadata says {row['width']}x{row['height']}")
         return None
+    swapped = tar_uid is not None and tar_uid != row["uid"]  # the caption rule (iter_samples)
     caption = members["txt"].decode("utf-8", errors="replace")
-    if caption != row["caption"]:
+    if caption != row["caption"] and not swapped:
         bad(row, "caption in .txt differs from the metadata Parquet")
         return None
     if "json" in members:
@@ -984,8 +1019,10 @@ def _sample_from(row: dict, members: dict[str, bytes], bad, decode: bool, *, ext
         except ValueError:
             bad(row, ".json member is not valid JSON")
             return None
-        if uid != row["uid"] and not (external and uid is None):
-            bad(row, f".json uid {uid!r} differs from the metadata Parquet")
+        want = tar_uid if swapped else row["uid"]
+        if uid != want and not (external and uid is None):
+            bad(row, f".json uid {uid!r} differs from the metadata Parquet"
+                     + (f"'s tar_uid {want}" if swapped else ""))
             return None
     return Sample(key=row["key"], uid=row["uid"], image_bytes=image, caption=row["caption"],
                   image_id=row["image_id"], width=row["width"], height=row["height"], source=row["source"],
