@@ -14,8 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-from storage import fs
-
 log = logging.getLogger(__name__)
 
 
@@ -42,23 +40,12 @@ def add_commands(subparsers) -> None:
     _common(k)
     k.set_defaults(func=_cmd_import_coco)
 
-    kp = kinds.add_parser("karpathy", help="one split of a Karpathy-split JSON (dataset_coco.json, dataset_flickr30k.json) "
-                                           "as a retrieval set",
-                          description="JSON: Karpathy's caption file ({'images': [{'filepath', 'filename', 'split', "
-                                      "'sentences': [{'raw'}], 'cocoid'}]}); the images of --split, one pair per "
-                                      "sentence, captions grouped by image for recall@k.")
-    kp.add_argument("annotations", type=Path, metavar="JSON", help="dataset_coco.json / dataset_flickr30k.json / ...")
-    kp.add_argument("--images", type=Path, required=True, help="folder the filepath/filename entries are relative to")
-    kp.add_argument("--split", default="test", help="Karpathy split to import (default test: the field's 1k/5k test sets)")
-    _common(kp)
-    kp.set_defaults(func=_cmd_import_karpathy)
-
     w = kinds.add_parser("webdataset", help="existing webdataset / img2dataset tars (re-packed, images copied "
                                             "untouched; --in-place: used where they are)",
                          description="Re-packs the tars into the project's shard layout (image bytes untouched), or "
                                      "with --in-place registers them where they are: only metadata Parquet and "
                                      "_dataset.json are written, no image byte is copied.")
-    w.add_argument("src", type=fs.as_path, help="folder (or s3://bucket/prefix) of *.tar (+ optional <shard>.parquet sidecars) or one tar")
+    w.add_argument("src", type=Path, help="folder of *.tar (+ optional <shard>.parquet sidecars) or one tar")
     w.add_argument("--in-place", action="store_true",
                    help="register the tars where they are (no copy); each reader checks their sha256")
     _in_place_opts(w)
@@ -71,7 +58,7 @@ def add_commands(subparsers) -> None:
                                      "checked) and never copied or changed; <root>/datasets/NAME gets one metadata "
                                      "Parquet per tar and _dataset.json pointing at the tars. Every sample needs "
                                      "DataComp's 32-hex uid; failed downloads are counted and skipped.")
-    d.add_argument("src", type=fs.as_path, help="img2dataset output folder, s3://bucket/prefix, or one tar")
+    d.add_argument("src", type=Path, help="img2dataset output folder (or one tar)")
     _in_place_opts(d)
     d.add_argument("--name", required=True, help="dataset name under <root>/datasets (may contain '/')")
     d.add_argument("--skip-bad", action="store_true",
@@ -213,14 +200,6 @@ def _cmd_import_coco(args) -> int:
     t0 = time.perf_counter()
     return _run(lambda: _report({"": import_coco(args.annotations, args.images, args.root, args.name,
                                                  split=args.split, **_opts(args))}, t0))
-
-
-def _cmd_import_karpathy(args) -> int:
-    from storage.importers import import_karpathy
-
-    t0 = time.perf_counter()
-    return _run(lambda: _report({"": import_karpathy(args.annotations, args.images, args.root, args.name,
-                                                     split=args.split, **_opts(args))}, t0))
 
 
 def _cmd_import_webdataset(args) -> int:
