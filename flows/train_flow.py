@@ -1,9 +1,10 @@
-"""Prefect flow for stage 2: train (resuming), evaluate, publish a table and training curves.
+"""Prefect flow for stage 2: train (resuming), evaluate, publish a table, training curves and the HTML report.
 
-train -> evaluate -> publish. The trainer owns resumption (its run folder's latest checkpoint), so
-re-running a crashed or cancelled flow run with the same run folder continues from the last
-checkpoint instead of starting over; Prefect's result caching is off for the same reason as in the
-cache flow: the run folder, not Prefect, says what is done.
+train -> evaluate -> publish (Markdown artifact + curves) -> html report (a link artifact to the run's
+report.html: what the curation selected, pipeline/html_report.py). The trainer owns resumption (its
+run folder's latest checkpoint), so re-running a crashed or cancelled flow run with the same run folder
+continues from the last checkpoint instead of starting over; Prefect's result caching is off for the
+same reason as in the cache flow: the run folder, not Prefect, says what is done.
 """
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import json
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from pipeline.evaluate import evaluate, write_results
+from pipeline.html_report import write_html_report
 from pipeline.models import load_model
 from pipeline.recipes import TrainConfig
 from pipeline.report import markdown_table, plot_runs, read_metrics, summary_metrics
@@ -48,7 +50,8 @@ def publish_task(run_dir: str, results: dict) -> str:
     """Markdown table of final metrics + PNG of the curves, as Prefect artifacts and files in the run folder."""
     run = Path(run_dir)
     table = read_metrics(run).to_pydict()
-    last = {k: float(table[k][-1]) for k in _CURVE_KEYS if k in table and table[k][-1] is not None}
+    # None (unknown noise) stays in: the table says n/a rather than leaving the column out.
+    last = {k: table[k][-1] for k in _CURVE_KEYS if k in table}
     flat = summary_metrics(results) if results else {}
     md = ["## " + run.name, "", "Final training step", "", markdown_table({run.name: last}), ""]
     if flat:
@@ -60,6 +63,18 @@ def publish_task(run_dir: str, results: dict) -> str:
     atomic_write_bytes(run / "report.md", text.encode())
     create_markdown_artifact(markdown=text, key=_artifact_key(run.name), description=f"training run {run.name}")
     return text
+
+
+@task(name="html-report", cache_policy=NO_CACHE)
+def html_report_task(run_dir: str) -> str:
+    """<run>/report.html (rewritten on every flow run: the flow owns it) and a link artifact to it."""
+    run = Path(run_dir)
+    out = write_html_report([run], run / "report.html", overwrite=True)
+    uri = out.resolve().as_uri()
+    create_link_artifact(link=uri, link_text=f"{run.name}: report.html", key=_artifact_key(run.name) + "-report",
+                         description=f"what the curation of {run.name} did (self-contained HTML)")
+    get_run_logger().info("report: %s", uri)
+    return uri
 
 
 def _artifact_key(name: str) -> str:
@@ -74,4 +89,5 @@ def train_flow(config: dict, run_dir: str, evals: dict[str, list[str]] | None = 
     model_dir = train_task(config, run_dir)
     results = evaluate_task(model_dir, evals, str(Path(run_dir) / "eval")) if evals else {}
     publish_task(run_dir, results)
+    html_report_task(run_dir)
     return {"model_dir": model_dir, "eval": json.loads(json.dumps(results))}
