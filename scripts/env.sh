@@ -17,3 +17,14 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   echo "$WANT" > "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"
+
+# Headless Chromium renders the HTML run report in tests/integration/test_report.py (which skips
+# without /usr/bin/chromium). Best effort, tried once per .venv: only when missing, only as root with
+# apt-get; a failure is one line here, never a failed environment.
+CHROMIUM_TRIED="$VENV/.chromium-tried"
+if [ ! -x /usr/bin/chromium ] && [ ! -f "$CHROMIUM_TRIED" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  touch "$CHROMIUM_TRIED"
+  if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null 2>&1; then
+    echo "scripts/env.sh: could not install chromium with apt-get (the HTML report test will be skipped)" >&2
+  fi
+fi
