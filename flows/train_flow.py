@@ -71,15 +71,16 @@ def html_report_task(run_dir: str) -> str:
     run = Path(run_dir)
     out = write_html_report([run], run / "report.html", overwrite=True)
     uri = out.resolve().as_uri()
-    create_link_artifact(link=uri, link_text=f"{run.name}: report.html", key=_artifact_key(run.name) + "-report",
+    create_link_artifact(link=uri, link_text=f"{run.name}: report.html", key=_artifact_key(run.name, "report"),
                          description=f"what the curation of {run.name} did (self-contained HTML)")
     get_run_logger().info("report: %s", uri)
     return uri
 
 
-def _artifact_key(name: str) -> str:
-    # Prefect artifact keys: lowercase letters, numbers and dashes only.
-    return "train-" + "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+def _artifact_key(name: str, kind: str = "train") -> str:
+    # Prefect artifact keys: lowercase letters, numbers and dashes only; `kind` first, so the keys of
+    # two kinds never collide whatever the run names.
+    return f"{kind}-" + "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
 
 
 @flow(name="train", log_prints=True)

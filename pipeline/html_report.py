@@ -212,15 +212,22 @@ def thumbnail(image_bytes: bytes, where: str = "") -> tuple[str, int, int]:
     return _data_uri(buf.getvalue(), "image/jpeg"), w, h
 
 
-def _figure_uri(fig) -> tuple[str, int, int]:
-    import matplotlib.pyplot as plt
+PAGE_PX = 1180
+"""Widest image on the page, in CSS pixels: a wider plot is shown scaled down to it."""
 
-    dpi = 96  # one figure inch = 96 CSS pixels: the PNG is shown at its own size
+
+def _figure_uri(fig) -> tuple[str, int, int]:
+    """(PNG data: URI, display width, height) of a matplotlib figure, which is closed."""
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    w, h = fig.get_size_inches() * dpi
+    fig.savefig(buf, format="png", dpi=96)  # one figure inch = 96 CSS pixels: most plots show at their own size
     plt.close(fig)
-    return _data_uri(buf.getvalue(), "image/png"), int(round(w)), int(round(h))
+    w, h = Image.open(io.BytesIO(buf.getvalue())).size
+    if w > PAGE_PX:
+        w, h = PAGE_PX, round(h * PAGE_PX / w)
+    return _data_uri(buf.getvalue(), "image/png"), w, h
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,7 +320,7 @@ th { background: #f4f4f4; text-align: left; } td.num { text-align: right; font-v
 .cards { display: flex; flex-wrap: wrap; gap: 8px; margin-bottom: 6px; }
 .card { width: 150px; border: 1px solid #ddd; border-radius: 4px; padding: 4px; font-size: 11px; background: #fafafa; }
 .card .img { width: 150px; height: 112px; display: flex; align-items: center; justify-content: center; background: #eee; }
-.card img { display: block; }
+img { display: block; }  /* block boxes: an image's place is its own size, nothing from the line box */
 .cap { margin-top: 3px; line-height: 1.25; max-height: 5em; overflow: hidden; }
 .badge { display: inline-block; padding: 0 4px; border-radius: 3px; margin: 2px 2px 0 0; font-size: 10px; }
 .sel { background: #d4edda; } .unsel { background: #eee; } .noisy { background: #f8d7da; } .clean { background: #e2ecf7; }
