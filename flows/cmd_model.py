@@ -1,4 +1,6 @@
-"""`aced model info|create`: model sizes and inference cost (the paper's Table 2 axis), fresh models."""
+"""`aced model info|create|import`: model sizes and inference cost (the paper's Table 2 axis), fresh
+models, and pretrained weights from disk (pipeline.pretrained: the local Hugging Face cache, open_clip,
+OpenAI and big_vision checkpoints) registered as workspace models."""
 from __future__ import annotations
 
 import argparse
@@ -23,12 +25,28 @@ def _forward_seconds(bundle, batch: int, repeats: int = 3) -> float:
     return best
 
 
+def _info_model(root: Path, name: str):
+    """A workspace model id (`<root>/models/ID`) first, else whatever create_model takes (a ladder/open_clip
+    name, JSON config, model folder, hf-hub name from the local cache)."""
+    from pipeline.models import create_model, load_model
+    from storage.workspace import Workspace
+
+    if not name.startswith(("hf-hub:", "hf_hub:")) and not Path(name).exists():
+        try:
+            folder = Workspace(root).model(name)
+        except ValueError:  # not a valid workspace name (e.g. a path): not a workspace model
+            folder = None
+        if folder is not None and folder.is_dir():
+            return load_model(folder)
+    return create_model(name)
+
+
 def _info(args: argparse.Namespace) -> int:
-    from pipeline.models import count_flops, create_model, fingerprint
+    from pipeline.models import count_flops, fingerprint
 
     rows = {}
     for name in args.models:
-        bundle = create_model(name)  # also takes a model folder
+        bundle = _info_model(args.root, name)
         row = {**count_flops(bundle), "embed_dim": bundle.embed_dim, "image_size": bundle.image_size,
                "context_length": bundle.context_length, "logit_scale": bundle.logit_scale,
                "logit_bias": bundle.logit_bias, "fingerprint": fingerprint(bundle)}
@@ -60,12 +78,31 @@ def _create(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import(args: argparse.Namespace) -> int:
+    from pipeline.models import count_params, fingerprint, load_model, save_model
+    from pipeline.pretrained import describe, import_model, source_json
+    from storage.workspace import Workspace
+
+    out = Workspace(args.root).model(args.name)  # the name is checked before anything is read
+    imported = import_model(args.source, arch=args.arch, name=args.name)
+    bundle = imported.bundle
+    print(f"read {describe(imported)}")
+    save_model(bundle, out, overwrite=args.overwrite, source=source_json(imported.source))
+    load_model(out)  # read back as every stage will: weights + config + preprocessing checked against the fingerprint
+    fp = fingerprint(bundle)
+    params = count_params(bundle)["params"]
+    print(f"wrote {out} ({params:,} parameters, {bundle.image_size} px, embed_dim {bundle.embed_dim}, "
+          f"fingerprint {fp[:16]}); use it as --models/--teacher/--reference {args.name}")
+    return 0
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("model", help="model info (params, GFLOPs) and creation")
     msub = p.add_subparsers(dest="model_command", required=True, metavar="ACTION")
     i = msub.add_parser("info", help="parameters and inference GFLOPs per image-text pair")
-    i.add_argument("models", nargs="+", metavar="NAME_OR_DIR",
-                   help="ladder/open_clip name, JSON config or model folder")
+    i.add_argument("models", nargs="+", metavar="MODEL",
+                   help="workspace model id, ladder/open_clip name, JSON config, model folder or hf-hub:org/name "
+                        "(local cache)")
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
     i.add_argument("--time-batch", type=int, default=0, metavar="N",
                    help="also time one forward of N images + N texts on this machine")
@@ -78,3 +115,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--overwrite", action="store_true",
                    help="replace an existing model folder (only ever one this project wrote)")
     c.set_defaults(func=_create)
+    m = msub.add_parser(
+        "import", help="register pretrained weights from disk as a workspace model (offline)",
+        description="SOURCE: hf-hub:org/name (read from the local Hugging Face cache, HF_HUB_CACHE or HF_HOME), an "
+                    "open_clip checkpoint file (--arch, or its open_clip_config.json beside it), an open_clip model "
+                    "folder, an OpenAI CLIP checkpoint (TorchScript archive or state dict; architecture inferred) or a "
+                    "big_vision SigLIP .npz (--arch). Writes <root>/models/NAME (safetensors + config + fingerprint). "
+                    "Nothing is downloaded and nothing read can run code.")
+    m.add_argument("source", metavar="SOURCE")
+    m.add_argument("--name", required=True, help="model id: the folder <root>/models/NAME")
+    m.add_argument("--arch", default=None,
+                   help="open_clip architecture or JSON config of a checkpoint file that names none (open_clip, big_vision)")
+    m.add_argument("--overwrite", action="store_true",
+                   help="replace an existing model folder (only ever one this project wrote)")
+    m.set_defaults(func=_import)

@@ -4,9 +4,11 @@
   built-in ladder of small 64x64 configs (`aced-vit-t` < `aced-vit-s` < `aced-vit-b` < `aced-vit-l`,
   `pipeline/model_configs/*.json`) that train on a CPU, so the reference and teacher can be larger
   than the student as in the paper.
-- Offline only: open_clip's bundled BPE tokenizer; pretrained weights only from a local file or
-  folder. A hub tag, an `hf-hub:` name, a hub tokenizer or a tower that would fetch base weights
-  fails at once with `HubAccessError` (checked before open_clip is asked for anything).
+- Offline only: pretrained weights from a local file or folder, or an `hf-hub:org/name` model read
+  from the local Hugging Face cache (`pipeline.pretrained`, which also imports OpenAI and big_vision
+  checkpoints); open_clip's bundled BPE tokenizer, or a Hugging Face tokenizer found in that cache.
+  A pretrained tag, anything missing from the cache, or a tower that would fetch base weights fails
+  at once with `HubAccessError` (checked before open_clip is asked for anything).
 - Weights as safetensors + JSON config in open_clip's `local-dir` layout (`open_clip_config.json`,
   `open_clip_model.safetensors`) plus `aced_model.json` (name, fingerprint, params, created).
 - `fingerprint` hashes weights + model config + preprocessing: the cache stage records it so a cache
@@ -56,9 +58,10 @@ from safetensors import SafetensorError
 
 from storage.atomic import replace_dir, temp_sibling
 
-# Belt and braces (the checks below are the real guard): should anything still reach for the HF
-# hub, it fails instead of waiting on a network this system does not have.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Belt and braces (the checks below are the real guard: hub files are resolved from the local cache
+# by path): should anything still reach for the HF hub, it fails instead of waiting on a network this
+# system does not have. Forced, not defaulted: a user's HF_HUB_OFFLINE=0 must not open a connection.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 import open_clip  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count  # noqa: E402
@@ -169,28 +172,22 @@ def resolve_device(requested: str = "auto") -> torch.device:
 
 # --------------------------------------------------------------------------- offline guards
 
-def _refuse_hub_name(name: str) -> None:
-    if name.startswith(_HUB_PREFIXES):
-        raise HubAccessError(f"model {name!r} lives on a hub; this system runs offline: pass a ladder name "
-                             f"({', '.join(LADDER)}), an open_clip architecture with pretrained=<local weights file>, "
-                             "a local JSON config or a model folder")
-
-
-def _local_pretrained(pretrained: str) -> Path:
+def _local_pretrained(pretrained: str, arch: str) -> Path:
     path = Path(pretrained.removeprefix("local-dir:"))
     if not path.exists():
+        from pipeline.pretrained import pretrained_tag_hint
+
         raise HubAccessError(f"pretrained={pretrained!r} is not a local file or folder. Pretrained tags download "
                              "from a hub, which this system never does: weights must be a local file "
-                             "(.pt/.bin/.safetensors/.npz) or a model folder written by save_model")
+                             "(.pt/.bin/.safetensors/.npz) or a model folder written by save_model"
+                             + pretrained_tag_hint(arch, pretrained))
     return path
 
 
 def _refuse_hub_cfg(model_cfg: dict, where: str) -> None:
-    """Configs whose construction alone would fetch something (tokenizer, HF text tower, timm weights)."""
+    """Configs whose construction alone would fetch something (HF text tower, timm weights). A Hugging
+    Face tokenizer is looked up in the local cache by `_tokenizer`."""
     text, vision = model_cfg.get("text_cfg", {}), model_cfg.get("vision_cfg", {})
-    if text.get("hf_tokenizer_name"):
-        raise HubAccessError(f"{where}: the text tower uses the hub tokenizer {text['hf_tokenizer_name']!r}, "
-                             "unavailable offline; use a config with open_clip's bundled BPE tokenizer")
     if text.get("hf_model_name"):
         raise HubAccessError(f"{where}: the text tower is the Hugging Face model {text['hf_model_name']!r}, whose "
                              "config and weights come from a hub; unavailable offline")
@@ -505,10 +502,14 @@ def _folder_config(folder: Path) -> tuple[dict, Path]:
 
 def model_config(name: str) -> dict:
     """The model config (`model_cfg`) of a ladder/open_clip name, JSON config path or model folder,
-    read and checked without building the model."""
-    _refuse_hub_name(name)
+    read and checked without building the model (an `hf-hub:` name from the local cache)."""
     folder = Path(name.removeprefix("local-dir:"))
-    if name.startswith("local-dir:") or folder.is_dir():
+    if name.startswith(_HUB_PREFIXES):
+        from pipeline.pretrained import hub_config
+
+        _, config, cfg = hub_config(name)
+        model_cfg, where = cfg["model_cfg"], str(config)
+    elif name.startswith("local-dir:") or folder.is_dir():
         cfg, cfg_file = _folder_config(folder)
         model_cfg, where = cfg["model_cfg"], str(cfg_file)
     else:
@@ -537,6 +538,7 @@ def _build(name: str, model_cfg: dict, preprocess_cfg: dict | None, seed: int, w
     check_model_cfg(model_cfg, where)
     _refuse_hub_cfg(model_cfg, where)
     pre = _preprocess_cfg(model_cfg, preprocess_cfg, where)  # checked before anything is allocated
+    tokenizer = _tokenizer(model_cfg, where)  # a tokenizer missing from the local cache also fails before
     kwargs = {k: v for k, v in model_cfg.items() if k != "custom_text"}
     # Initial weights depend only on `seed`; fork_rng keeps the caller's RNG stream untouched
     # (the trainer's exact resume depends on it).
@@ -547,18 +549,48 @@ def _build(name: str, model_cfg: dict, preprocess_cfg: dict | None, seed: int, w
     preprocess = open_clip.image_transform(pre["size"], is_train=False, mean=pre["mean"], std=pre["std"],
                                            interpolation=pre["interpolation"], resize_mode=pre["resize_mode"],
                                            fill_color=pre.get("fill_color", 0))
-    tokenizer = open_clip.tokenizer.SimpleTokenizer(
-        context_length=int(model_cfg["text_cfg"].get("context_length", open_clip.tokenizer.DEFAULT_CONTEXT_LENGTH)))
     if isinstance(model, (ShortTextCLIP, ShortTextCustomTextCLIP)):
         tokenizer = TrimmingTokenizer(tokenizer)
     config = {"model_cfg": model_cfg, "preprocess_cfg": pre, "name": name}
     return ModelBundle(model=model, preprocess=preprocess, tokenizer=tokenizer, name=name, config=config)
 
 
+def _tokenizer(model_cfg: dict, where: str):
+    """open_clip's bundled BPE tokenizer, or the config's Hugging Face tokenizer read from the local cache
+    (pipeline.pretrained.hf_tokenizer: HubAccessError when it is not there)."""
+    text = model_cfg["text_cfg"]
+    context = int(text.get("context_length", open_clip.tokenizer.DEFAULT_CONTEXT_LENGTH))
+    if text.get("hf_tokenizer_name"):
+        from pipeline.pretrained import hf_tokenizer
+
+        return hf_tokenizer(text["hf_tokenizer_name"], context, dict(text.get("tokenizer_kwargs") or {}), where)
+    return open_clip.tokenizer.SimpleTokenizer(context_length=context)
+
+
+def tokenizer_info(model_cfg: dict) -> dict:
+    """Which tokenizer a model config uses (recorded in aced_model.json)."""
+    name = model_cfg["text_cfg"].get("hf_tokenizer_name")
+    return {"kind": "hf", "name": name, "source": "local Hugging Face cache"} if name else {"kind": "open_clip-bpe"}
+
+
 def _load_weights(bundle: ModelBundle, path: Path) -> None:
     """Local open_clip checkpoint (state dict .pt/.bin, {"state_dict": ...}, safetensors, big_vision
     .npz) through open_clip's own loader (prefix stripping, 3rd-party conversion, position-embedding
-    resize), strictly: a checkpoint of another architecture is an error, not a partial load."""
+    resize), strictly: a checkpoint of another architecture is an error, not a partial load. A
+    TorchScript archive (OpenAI's checkpoints) is read by pipeline.pretrained's tensor-only reader."""
+    from pipeline import pretrained
+
+    if pretrained.is_torchscript(path):
+        pretrained.load_tensors(bundle, pretrained.read_torchscript_tensors(path), path, extra_ok=True)
+        return
+    big_vision = path.suffix in (".npz", ".npy")
+    if big_vision:
+        _check_npz(path)
+        # open_clip's converter copies tensor by tensor and ignores what the model has but the file lacks:
+        # NaN everywhere first, so any parameter it leaves untouched is found below (not silently random).
+        with torch.no_grad():
+            for p in bundle.model.parameters():
+                p.fill_(float("nan"))
     try:
         # weights_only=True: torch's restricted unpickler refuses anything but tensors and plain values,
         # so a planted pickle cannot run code; .npz goes through numpy without pickle support.
@@ -568,7 +600,26 @@ def _load_weights(bundle: ModelBundle, path: Path) -> None:
                          "something other than plain tensors (which is never unpickled)") from e
     except (RuntimeError, KeyError, ValueError, AssertionError) as e:  # open_clip asserts on shape changes
         raise ValueError(f"{path}: weights do not fit model {bundle.name!r}: {_load_error_summary(e)}") from e
+    if big_vision:
+        untouched = [n for n, p in bundle.model.named_parameters() if torch.isnan(p).any()]
+        if untouched:
+            raise ValueError(f"{path}: the big_vision checkpoint does not cover {len(untouched)} parameter(s) of "
+                             f"{bundle.name!r} ({', '.join(untouched[:3])}{', ...' if len(untouched) > 3 else ''}): "
+                             "another architecture, or a non-finite value in the file")
     bundle.model.eval()
+
+
+def _check_npz(path: Path) -> None:
+    """A numpy archive of plain arrays: opened without pickle support (an object array is refused by numpy)."""
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            for key in z.files:
+                z[key]
+    except (ValueError, OSError, EOFError) as e:  # object arrays, truncated or not an archive
+        raise ValueError(f"{path}: not a numpy archive of plain arrays ({' '.join(str(e).split())[:200]}); "
+                         "arrays needing pickle are never loaded") from e
 
 
 def _load_error_summary(err: BaseException) -> str:
@@ -591,12 +642,19 @@ def _load_error_summary(err: BaseException) -> str:
 def create_model(name: str, *, pretrained: str | None = None, seed: int = 0) -> ModelBundle:
     """A model by ladder/open_clip name, JSON config path or model folder.
 
+    name may also be `hf-hub:org/name`, read from the local Hugging Face cache (pipeline.pretrained).
     pretrained: None (fresh weights from `seed`), a local weights file (open_clip checkpoint: .pt,
-      .bin, .safetensors, .npz) or a model folder written by `save_model`. Anything else (a tag
-      such as "laion2b_s34b_b79k", an hf-hub name) raises HubAccessError at once.
+      .bin, .safetensors, big_vision .npz, an OpenAI TorchScript archive) or a model folder written by
+      `save_model`. A tag such as "laion2b_s34b_b79k" raises HubAccessError at once (naming the
+      hf-hub repo that holds it, to be read from the cache instead).
     """
-    _refuse_hub_name(name)
-    local = _local_pretrained(pretrained) if pretrained is not None else None
+    if name.startswith(_HUB_PREFIXES):
+        if pretrained is not None:
+            raise ValueError(f"{name}: an hf-hub model carries its own weights; do not also pass pretrained=")
+        from pipeline.pretrained import hub_model
+
+        return hub_model(name)[0]
+    local = _local_pretrained(pretrained, name) if pretrained is not None else None
     if name.startswith("local-dir:") or Path(name).is_dir():
         if local is not None:
             raise ValueError(f"{name}: a model folder already holds weights; do not also pass pretrained=")
@@ -648,12 +706,14 @@ def _check_model_target(out: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{out} already holds a model; pass --overwrite to replace it")
 
 
-def save_model(bundle: ModelBundle, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
+def save_model(bundle: ModelBundle, out_dir: str | os.PathLike, *, overwrite: bool = False,
+               source: dict | None = None) -> Path:
     """Write open_clip's local-dir layout + aced_model.json into `out_dir`, atomically: everything
     goes to a temp folder beside it (files fsynced), which then replaces `out_dir` by rename.
     Readers see the old folder or the new one, never a mix. An existing folder is replaced only with
     `overwrite` and only if it holds nothing but a model's own files (nothing else is ever deleted); a
-    folder that already holds this very model (same fingerprint) is left as it is."""
+    folder that already holds this very model (same fingerprint) is left as it is. `source` (where
+    imported weights came from, pipeline.pretrained) is recorded in aced_model.json."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -676,6 +736,8 @@ def save_model(bundle: ModelBundle, out_dir: str | os.PathLike, *, overwrite: bo
         meta = {"name": bundle.name, "fingerprint": fingerprint(bundle), **count_params(bundle),
                 "embed_dim": bundle.embed_dim, "image_size": bundle.image_size,
                 "logit_scale": bundle.logit_scale, "logit_bias": bundle.logit_bias,
+                "tokenizer": tokenizer_info(bundle.config["model_cfg"]),
+                **({"source": source} if source else {}),
                 "open_clip": open_clip.__version__, "torch": torch.__version__,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         (tmp / ACED_FILE).write_text(json.dumps(meta, indent=2))
