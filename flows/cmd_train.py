@@ -165,7 +165,12 @@ def _run(args: argparse.Namespace) -> int:
     from flows.main_job import main_job
 
     root = args.root.resolve()
-    main_job(str(root), size=args.size, seed=args.seed, data=args.data, engine=args.engine)
+    if args.reference or args.teacher:  # a bad model id is one line before Prefect starts
+        from flows.main_job import given_models
+
+        given_models(str(root), args.reference, args.teacher)
+    main_job(str(root), size=args.size, seed=args.seed, data=args.data, engine=args.engine,
+             reference=args.reference, teacher=args.teacher)
     # The flow's own prints go to the run log (stderr, the UI); the comparison goes to stdout.
     print((root / "report.md").read_text(), end="", flush=True)
     return 0
@@ -224,6 +229,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--data", help="a real folder of images + captions (e.g. ../shared/data/flickr8k) instead of synthetic data")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--engine", default="ray", choices=("ray", "plain"), help="cache engine (default ray)")
+    r.add_argument("--reference", metavar="MODEL", default=None,
+                   help="use this model (workspace id, e.g. from `aced model import`, or model folder) as the "
+                        "reference instead of training one")
+    r.add_argument("--teacher", metavar="MODEL", default=None,
+                   help="use this model (workspace id or model folder) as the teacher instead of training one")
     r.set_defaults(func=_run)
 
     e = sub.add_parser("export", help="export a run's latest weights as a model folder")

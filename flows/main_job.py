@@ -4,6 +4,12 @@ data -> train reference and teacher on clean pairs -> cache flow (both models, o
 train students (iid, h-acid, aced-acidistill) on noisy pairs -> evaluate on held-out sets ->
 comparison table + curves plot. Every stage is idempotent: re-running the job skips finished data,
 models and caches and resumes unfinished training runs.
+
+`reference=` / `teacher=` (`aced run --reference ID --teacher ID`): a workspace model id or model folder,
+e.g. pretrained weights brought in with `aced model import`. That role is then not trained: the model
+is cached under its own id and evaluated once on the job's held-out sets (results in
+`<root>/eval/<role>/`, reused while the model's fingerprint and the sets are the same); the students
+still train with the paper's method against it.
 """
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.cache_flow import cache_flow
-from flows.train_flow import train_flow
+from flows.train_flow import evaluate_task, train_flow
 from pipeline.recipes import recipe
 from pipeline.report import markdown_table, plot_runs
 from pipeline.workspace import eval_specs, prepare_real, prepare_synthetic
@@ -93,22 +99,61 @@ def export_task(run_dir: str, out_dir: str) -> str:
     return out_dir
 
 
+def given_models(root: str, reference: str | None, teacher: str | None) -> dict[str, str]:
+    """{role: model folder} of the roles given as workspace model ids or folders, checked (a readable
+    model config) before anything else runs."""
+    from pipeline.models import model_config
+
+    ws = Workspace(root)
+    out = {}
+    for role, arg in (("reference", reference), ("teacher", teacher)):
+        if arg:
+            folder = ws.resolve_model(arg).resolve()
+            model_config(str(folder))
+            out[role] = str(folder)
+    return out
+
+
+@task(name="evaluate-given-model", cache_policy=NO_CACHE)
+def evaluate_given(model_dir: str, evals: dict[str, list[str]], out_dir: str) -> dict:
+    """Results of a given (imported) model on the job's held-out sets, evaluated once: a rerun reuses them
+    while the model's fingerprint and the evaluation sets are unchanged."""
+    from storage.atomic import atomic_write_json
+
+    fp = json.loads((Path(model_dir) / "aced_model.json").read_text()).get("fingerprint")
+    stamp = {"model": model_dir, "fingerprint": fp, "evals": evals}
+    out = Path(out_dir)
+    if (out / "inputs.json").is_file() and (out / "results.json").is_file():
+        if json.loads((out / "inputs.json").read_text()) == stamp:
+            return json.loads((out / "results.json").read_text())
+    results = evaluate_task.fn(model_dir, evals, out_dir)
+    atomic_write_json(out / "inputs.json", stamp)
+    return results
+
+
 @flow(name="main-job", log_prints=True)
 def main_job(root: str, size: str = "default", seed: int = 0, data: str | None = None,
-             engine: str = "ray") -> dict:
-    """Run the whole pipeline in workspace `root`; returns {run name: headline metrics}."""
+             engine: str = "ray", reference: str | None = None, teacher: str | None = None) -> dict:
+    """Run the whole pipeline in workspace `root`; returns {run name: headline metrics}. `reference` /
+    `teacher`: model ids or folders used as they are instead of training that role."""
     job = SIZES[size]
     ws = Workspace(root)
+    given = given_models(root, reference, teacher)
     sets = prepare_data(root, job, seed, data)
     evals = eval_specs(sets)
     cache_root = str(ws.cache)
 
-    # Stage 0: the paper trains its own reference/teacher on cleaner data; so does the main job.
-    models = {}
+    # Stage 0: the paper trains its own reference/teacher on cleaner data; so does the main job, unless
+    # the user gives pretrained ones.
+    models, given_results = {}, {}
     # Two models trained on the clean pairs with different seeds; the paper's reference and teacher also
     # differ only in their training (WebLI-curated++ vs WebLI), not in architecture.
     for role, model, steps, offset in (("reference", job.reference_model, job.reference_steps, 100),
                                        ("teacher", job.teacher_model, job.teacher_steps, 200)):
+        if role in given:
+            models[role] = given[role]
+            given_results[role] = evaluate_given(given[role], evals, str(ws.root / "eval" / role))
+            continue
         cfg = recipe("reference", model=model, steps=steps, batch_size=job.reference_batch_size, seed=seed + offset,
                      train_data=tuple(sets["clean"]), checkpoint_every=max(1, steps // 4),
                      num_workers=job.num_workers)
@@ -117,29 +162,38 @@ def main_job(root: str, size: str = "default", seed: int = 0, data: str | None =
         models[role] = export_task(str(run_dir), str(ws.model(role)))
 
     # Stage 1: both models embed the students' data in one pass.
-    cache_flow(root, datasets=[str(Path(d)) for d in sets["student"]], models=[models["reference"], models["teacher"]],
-               engine=engine)
+    # (one model given for both roles is cached once)
+    cache_flow(root, datasets=[str(Path(d)) for d in sets["student"]],
+               models=list(dict.fromkeys([models["reference"], models["teacher"]])), engine=engine)
+    cache_ids = {role: Path(folder).name for role, folder in models.items()}  # the cache files models by folder name
 
     # Stage 2: students.
     runs = {}
     for method in job.methods:
         cfg = recipe("student", method=method, model=job.student_model, steps=job.student_steps,
                      batch_size=job.batch_size, seed=seed, train_data=tuple(sets["student"]),
-                     cache_root=cache_root, reference="reference", teacher=("teacher",),
+                     cache_root=cache_root, reference=cache_ids["reference"], teacher=(cache_ids["teacher"],),
                      checkpoint_every=max(1, job.student_steps // 4),
                      n_chunks=min(16, job.batch_size // 4), num_workers=job.num_workers)
         run_dir = ws.run(f"student-{method}")
         train_flow(dataclasses.asdict(cfg), str(run_dir), evals)
         runs[method] = run_dir
-    return summarize(ws.root, runs, {"reference": ws.run("reference"), "teacher": ws.run("teacher")})
+    trained = {role: ws.run(role) for role in ("reference", "teacher") if role not in given}
+    return summarize(ws.root, runs, trained, {role: (given[role], given_results[role]) for role in given})
 
 
-def summarize(root: Path, students: dict[str, Path], others: dict[str, Path]) -> dict:
+def summarize(root: Path, students: dict[str, Path], others: dict[str, Path],
+              given: dict[str, tuple[str, dict]] | None = None) -> dict:
     """Comparison table (<root>/report.md and the Prefect artifact `main-job`) and the curves plot.
+    `given`: {role: (model folder, evaluation results)} of roles used as given instead of trained.
     `aced run` prints the report when the flow returns (a print here would only reach the log)."""
     from pipeline.report import read_metrics, summary_metrics
 
     rows, evals = {}, {}
+    given = given or {}
+    for role in ("reference", "teacher"):  # table order: reference, teacher, students
+        if role in given:
+            rows[role] = {**summary_metrics(given[role][1]), "noisy_frac_trained": None}  # not trained here
     for name, run_dir in {**others, **{f"student-{m}": d for m, d in students.items()}}.items():
         res_file = run_dir / "eval" / "results.json"
         results = json.loads(res_file.read_text()) if res_file.exists() else {}
@@ -153,11 +207,15 @@ def summarize(root: Path, students: dict[str, Path], others: dict[str, Path]) ->
         rows[name] = row
         if name.startswith("student-"):
             evals[name] = head
+    roles = [r for r in ("reference", "teacher") if r in rows]
+    rows = {k: rows[k] for k in roles + [k for k in rows if k not in roles]}
     # Evaluations first (in the order the runs report them), the trained batches' noise last.
     columns = [*dict.fromkeys(k for r in rows.values() for k in r if k != "noisy_frac_trained"), "noisy_frac_trained"]
     table = markdown_table(rows, columns=columns)
     png = plot_runs(students and {f"student-{m}": d for m, d in students.items()}, root / "curves.png", evals=evals)
-    text = f"# Main job\n\n{table}\n\nCurves: {png}\n"
+    notes = "".join(f"{role}: given model `{Path(folder).name}` ({folder}), not trained here\n\n"
+                    for role, (folder, _) in given.items())
+    text = f"# Main job\n\n{table}\n\n{notes}Curves: {png}\n"
     atomic_write_bytes(root / "report.md", text.encode())
     create_markdown_artifact(markdown=text, key="main-job", description=f"main job comparison ({root})")
     get_run_logger().info("report: %s, curves: %s", root / "report.md", png)
