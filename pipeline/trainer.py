@@ -17,12 +17,14 @@ uninterrupted run's per-step losses exactly on the CPU.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import math
 import os
 import sys
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +39,8 @@ from pipeline.data import CacheSpec, PairIndex, SuperBatch, SuperBatches, cached
 from pipeline.distributed import SINGLE, Dist
 from pipeline.distributed import setup as setup_distributed
 from pipeline.flexi import at_resolution
-from pipeline.models import ModelBundle, create_model, load_model, resolve_device, save_model
+from pipeline.models import (TEXT_MULTIPLE, ModelBundle, create_model, encode_text_by_length, load_model,
+                             resolve_device, save_model)
 from pipeline.recipes import TrainConfig
 from pipeline.selection import SelectionResult, select
 from storage.atomic import atomic_write_json
@@ -187,28 +190,57 @@ def _eval_mode(model: torch.nn.Module):
         model.train(was_training)
 
 
+_SCORING_COPIES: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def scoring_model(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """The module the scoring forward runs: `model` itself for float32; for bf16, a copy of it with bf16
+    weights, made once per model (and dtype/device) and refreshed from the model's current weights at
+    every call (one cast-copy of the parameters: ~2 ms for aced-vit-t on the CPU).
+
+    Why a bf16 copy and not autocast: autocast casts around every op and turns off torch's fused
+    attention path, so on this CPU it saved only ~20% of the image tower's time; running the weights in
+    bf16 saves ~50%, with the same embedding error against float32 (both ~3e-3 on L2-normalised rows;
+    benchmarks/results/step_cost.md measures it and how often it changes the selected sub-batch)."""
+    if dtype == torch.float32:
+        return model
+    source = [*model.parameters(), *model.buffers()]
+    key = (dtype, source[0].device, len(source))
+    entry = _SCORING_COPIES.get(model)
+    if entry is None or entry[0] != key:
+        shadow = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
+        entry = (key, shadow, [*shadow.parameters(), *shadow.buffers()])
+        _SCORING_COPIES[model] = entry
+    with torch.no_grad():
+        torch._foreach_copy_(entry[2], source)  # cast-copies in one call (the optimizers' own primitive)
+    return entry[1]
+
+
 def score_superbatch(bundle: ModelBundle, sb: SuperBatch, *, resolution: int | None, chunk: int,
                      dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Student embeddings of every candidate (L2-normalised; bf16 when scored in bf16), under inference mode, in `dtype`
-    (autocast), optionally at a lower image resolution. `sb` lives on the scoring device already."""
-    model = bundle.model
+    """Student embeddings of every candidate (L2-normalised, in `dtype`: float32, or bf16 from the
+    `scoring_model` copy), under inference mode, optionally at a lower image resolution. `sb` lives on
+    the scoring device already.
+
+    Images in chunks of `chunk` rows: measured 1.3-1.4x faster than one B=320 forward on the CPU
+    (cache-sized activations; benchmarks/results/step_cost.md); on a GPU pass chunk=B. Captions in
+    chunks of `chunk` rows of similar length, each at its own longest caption
+    (`encode_text_by_length`: the same embeddings, about half the text tower's work)."""
+    model = scoring_model(bundle.model, dtype)
     images = bundle.normalize(sb.images)
     lowres = resolution is not None and resolution != images.shape[-1]
     if lowres:
         images = torch.nn.functional.interpolate(images, size=(resolution, resolution), mode="bilinear",
                                                  antialias=True, align_corners=False)
-    precision = (torch.autocast(images.device.type, dtype=dtype) if dtype != torch.float32
-                 else contextlib.nullcontext())
-    # In chunks of `chunk` rows: measured 1.3-1.4x faster than one B=320 forward on the CPU (cache-sized
-    # activations; benchmarks/results/step_cost.md); on a GPU pass chunk=B.
-    imgs, txts = [], []
-    with torch.inference_mode(), precision, _eval_mode(model), (
-            at_resolution(model, resolution) if lowres else contextlib.nullcontext()):
-        for start in range(0, images.shape[0], chunk):
-            i, t = embed(model, images[start:start + chunk], sb.tokens[start:start + chunk])
-            imgs.append(i)  # in the dtype they were produced in: the kernel reads bf16 and accumulates in fp32
-            txts.append(t)
-    return torch.cat(imgs), torch.cat(txts)
+    images = images.to(dtype)
+    with torch.inference_mode(), _eval_mode(model):
+        with at_resolution(model, resolution) if lowres else contextlib.nullcontext():
+            img = torch.cat([model.encode_image(images[i:i + chunk], normalize=True)
+                             for i in range(0, images.shape[0], chunk)])
+        txt = encode_text_by_length(model, sb.tokens, rows=chunk,
+                                    multiple=TEXT_MULTIPLE if sb.tokens.is_cuda else 1)
+    # in the dtype they were produced in: the kernel reads bf16 and accumulates in fp32
+    return img, txt
 
 
 def select_subbatch(run: Run, stu: tuple[torch.Tensor, torch.Tensor], sb: SuperBatch) -> SelectionResult:

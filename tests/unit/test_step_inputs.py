@@ -1,8 +1,9 @@
 """Issue 10 item 1: cheaper step inputs with the same results.
 
-Text at the batch's length (exact for causal, end-of-text-pooled towers), uint8 pixels normalised on the
-device (exactly torchvision's ToTensor + Normalize), selection knobs nested in TrainConfig (old flat names
-still read), selection records every k steps or sampled."""
+Text at the batch's length (exact for causal, end-of-text-pooled towers), and in groups of similar length
+(the same embeddings), uint8 pixels normalised on the device (exactly torchvision's ToTensor + Normalize),
+the bf16 scoring copy of the student (follows its weights), selection knobs nested in TrainConfig (old flat
+names still read), selection records every k steps or sampled."""
 from __future__ import annotations
 
 import json
@@ -12,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.models import TrimmingTokenizer, create_model, exact_short_text, trim_tokens
+from pipeline.models import (TrimmingTokenizer, caption_lengths, create_model, encode_text_by_length,
+                             exact_short_text, trim_tokens)
 from pipeline.recipes import TrainConfig, recipe
 from pipeline.selection import SelectionConfig
 
@@ -55,6 +57,86 @@ def test_a_tower_that_sees_the_padding_gets_the_full_context(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(bundle.model.encode_text(full[:, :24]), bundle.model.encode_text(full),
                                    rtol=0, atol=0)
+
+
+LONG_CAPTIONS = [" ".join(["red", "circle", "above", "a", "blue", "star"][: 1 + i % 6] * (1 + i % 3)) for i in range(37)]
+
+
+@pytest.mark.parametrize("kind", ["clip", "custom_text"])
+def test_text_grouped_by_length_equals_one_forward_at_the_batch_length(tmp_path, kind):
+    """encode_text_by_length sorts the captions by length, runs each chunk at its own longest caption and
+    puts the rows back: the same embeddings as one forward over the batch (float rounding of another
+    batch shape aside), in the input order, whatever the chunk size."""
+    bundle = create_model("aced-vit-t" if kind == "clip" else _custom_text_cfg(tmp_path), seed=3)
+    tokens = bundle.tokenizer(LONG_CAPTIONS)
+    lengths = caption_lengths(tokens)
+    assert lengths.min() < 6 and lengths.max() > 16  # chunks of very different lengths
+    embedding = (bundle.model if kind == "clip" else bundle.model.text).token_embedding
+    seen = []
+    with torch.no_grad():
+        want = bundle.model.encode_text(tokens, normalize=True)
+        for rows, multiple in ((5, 1), (8, 8), (64, 1)):
+            seen.clear()
+            hook = embedding.register_forward_hook(lambda m, a, out: seen.append(tuple(a[0].shape)))
+            got = encode_text_by_length(bundle.model, tokens, rows=rows, multiple=multiple)
+            hook.remove()
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+            assert [r for r, _ in seen] == [min(rows, len(tokens) - i) for i in range(0, len(tokens), rows)]
+            widths = [w for _, w in seen]
+            assert widths == sorted(widths) and all(w % multiple == 0 or w == tokens.shape[1] for w in widths)
+            if rows < len(tokens):
+                assert widths[0] < tokens.shape[1]  # the short captions ran at their own length
+        assert torch.equal(bundle.encode_text(tokens), encode_text_by_length(bundle.model, tokens, rows=64))
+
+
+def test_caption_lengths_count_up_to_the_end_of_text_token():
+    t = torch.zeros(3, 10, dtype=torch.long)
+    t[0, :4] = torch.tensor([49406, 5, 6, 49407])
+    t[1, :2] = torch.tensor([49406, 49407])
+    assert caption_lengths(t).tolist() == [4, 2, 0]
+
+
+def test_a_tower_that_sees_the_padding_is_not_grouped_by_length(tmp_path):
+    bundle = create_model(_custom_text_cfg(tmp_path, no_causal_mask=True, pool_type="argmax"), seed=1)
+    full = bundle.tokenizer.inner(LONG_CAPTIONS)
+    with torch.no_grad():
+        torch.testing.assert_close(encode_text_by_length(bundle.model, full, rows=7),
+                                   bundle.model.encode_text(full, normalize=True), rtol=0, atol=1e-6)
+
+
+def test_bf16_scoring_copy_follows_the_students_weights_and_stays_close_to_float32():
+    """The bf16 scoring forward runs a bf16 copy of the student, refreshed at every call: after a
+    change of the student's weights it scores with the new ones; its embeddings stay within bf16
+    rounding of the float32 ones (the trained model itself is never cast)."""
+    from pipeline.data import SuperBatch
+    from pipeline.trainer import score_superbatch, scoring_model
+
+    bundle = create_model("aced-vit-t", seed=0)
+    model = bundle.model.train()
+    torch.manual_seed(0)
+    n = 11
+    sb = SuperBatch(step=0, images=torch.randint(0, 256, (n, 3, 64, 64), dtype=torch.uint8),
+                    tokens=bundle.tokenizer(LONG_CAPTIONS[:n]), uids=np.arange(n).astype(str).astype(object),
+                    noisy=torch.zeros(n, dtype=torch.bool), reference=None, teachers=[])
+    assert scoring_model(model, torch.float32) is model
+    for resolution in (None, 32):
+        fp32 = score_superbatch(bundle, sb, resolution=resolution, chunk=4)
+        bf16 = score_superbatch(bundle, sb, resolution=resolution, chunk=4, dtype=torch.bfloat16)
+        for a, b in zip(fp32, bf16):
+            assert a.dtype == torch.float32 and b.dtype == torch.bfloat16
+            assert (a - b.float()).abs().max() < 2e-2 and (a - b.float()).abs().mean() < 2e-3
+    before = score_superbatch(bundle, sb, resolution=None, chunk=4)
+    copy = scoring_model(model, torch.bfloat16)
+    assert copy is not model and scoring_model(model, torch.bfloat16) is copy  # one copy per model
+    assert model.training and all(p.dtype == torch.float32 for p in model.parameters())
+    with torch.no_grad():
+        model.visual.proj.mul_(-1.0)  # the student's weights change (an optimizer step, in place)
+        model.text_projection.mul_(-1.0)
+    new_fp32 = score_superbatch(bundle, sb, resolution=None, chunk=4)
+    new_bf16 = score_superbatch(bundle, sb, resolution=None, chunk=4, dtype=torch.bfloat16)
+    for a, b, old in zip(new_fp32, new_bf16, before):
+        assert (a - old).abs().max() > 0.1  # the change matters ...
+        assert (a - b.float()).abs().max() < 2e-2  # ... and the copy scored with the new weights
 
 
 def test_trim_tokens_rounds_up_and_keeps_empty_batches():
