@@ -30,6 +30,7 @@ import urllib.request
 from pathlib import Path
 from typing import Iterator
 
+from storage import fs
 from storage.workspace import Workspace
 
 SERVER_FILE = "server.json"
@@ -49,7 +50,7 @@ class StateDiskFull(OSError):
 
 def prefect_home(root: str | os.PathLike) -> Path:
     """`<root>/state/prefect` (created)."""
-    home = Workspace(Path(root).resolve()).state / "prefect"
+    home = Workspace(fs.resolve(root)).state / "prefect"
     try:
         home.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -108,7 +109,7 @@ def state_errors(root: str | os.PathLike) -> Iterator[None]:
     except StateDiskFull:
         raise
     except Exception as e:
-        db = Workspace(Path(root).resolve()).state / "prefect" / "prefect.db"
+        db = Workspace(fs.resolve(root)).state / "prefect" / "prefect.db"
         if is_disk_full(e):
             raise StateDiskFull(db) from e
         try:

@@ -12,13 +12,13 @@ off (NO_CACHE): a deleted cache file must be recomputed, not answered from a sta
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from pipeline.ray_embed import (CachePlan, ShardWritten, cache_lock, embed_shards_plain, embed_shards_ray,
                                 plan_cache, ray_session, verify_plan)
+from storage import fs
 
 ENGINES = ("ray", "plain")
 
@@ -92,7 +92,7 @@ def cache_flow(root: str, datasets: list[str] | None = None, models: list[str] |
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     if not models:
         raise ValueError("cache_flow: give at least one model (id under <root>/models, or a model folder)")
-    plan = plan_task(str(Path(root)), datasets, list(models), dtype)
+    plan = plan_task(str(fs.as_path(root)), datasets, list(models), dtype)  # a folder or s3://bucket/prefix
     result = embed_task(plan, engine, chunk_size, actors, actor_cpus, torch_threads, ray_address, num_cpus,
                         object_store_mb) if plan.items else {"engine": engine, "shards": 0, "pairs": 0}
     checked = verify_task(plan)

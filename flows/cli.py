@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+from storage import fs
+
 # Areas in the order they appear in `aced --help`. A module that is missing is an error, not a skip.
 _AREAS = ("flows.cmd_data", "flows.cmd_model", "flows.cmd_eval", "flows.cmd_train", "flows.cmd_flows",
           "flows.cmd_report")
@@ -50,7 +52,7 @@ positive_float = _bounded(float, 0, inclusive=False)
 
 def default_root() -> Path:
     """Workspace folder: $ACED_ROOT, else ./aced-work (see docs/interfaces.md)."""
-    return Path(os.environ.get("ACED_ROOT", "aced-work"))
+    return fs.as_path(os.environ.get("ACED_ROOT", "aced-work"))
 
 
 class _Parser(argparse.ArgumentParser):
@@ -63,8 +65,8 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="aced", description=__doc__.splitlines()[0])
-    parser.add_argument("--root", type=Path, default=None,
-                        help="workspace folder (default: $ACED_ROOT or ./aced-work)")
+    parser.add_argument("--root", type=fs.as_path, default=None,
+                        help="workspace folder or object-store URL s3://bucket/prefix (default: $ACED_ROOT or ./aced-work)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in _AREAS:

@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from storage import fs
+
 log = logging.getLogger(__name__)
 
 
@@ -45,7 +47,7 @@ def add_commands(subparsers) -> None:
                          description="Re-packs the tars into the project's shard layout (image bytes untouched), or "
                                      "with --in-place registers them where they are: only metadata Parquet and "
                                      "_dataset.json are written, no image byte is copied.")
-    w.add_argument("src", type=Path, help="folder of *.tar (+ optional <shard>.parquet sidecars) or one tar")
+    w.add_argument("src", type=fs.as_path, help="folder (or s3://bucket/prefix) of *.tar (+ optional <shard>.parquet sidecars) or one tar")
     w.add_argument("--in-place", action="store_true",
                    help="register the tars where they are (no copy); each reader checks their sha256")
     _in_place_opts(w)
@@ -58,7 +60,7 @@ def add_commands(subparsers) -> None:
                                      "checked) and never copied or changed; <root>/datasets/NAME gets one metadata "
                                      "Parquet per tar and _dataset.json pointing at the tars. Every sample needs "
                                      "DataComp's 32-hex uid; failed downloads are counted and skipped.")
-    d.add_argument("src", type=Path, help="img2dataset output folder (or one tar)")
+    d.add_argument("src", type=fs.as_path, help="img2dataset output folder, s3://bucket/prefix, or one tar")
     _in_place_opts(d)
     d.add_argument("--name", required=True, help="dataset name under <root>/datasets (may contain '/')")
     d.add_argument("--skip-bad", action="store_true",

@@ -24,6 +24,7 @@ import signal
 import sys
 from pathlib import Path
 
+from storage import fs
 from flows.cli import expected_errors, positive_float, positive_int
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ def _cache_params(args: argparse.Namespace) -> dict:
     if args.ray_address and (args.num_cpus is not None or args.object_store_mb is not None):
         raise SystemExit(f"aced {args.command}: --num-cpus/--object-store-mb size a local Ray; "
                          "a cluster joined with --ray-address keeps its own")
-    return {"root": str(Path(args.root).resolve()), "datasets": args.datasets, "models": args.models,
+    return {"root": str(fs.resolve(args.root)), "datasets": args.datasets, "models": args.models,
             "engine": args.engine, "chunk_size": args.chunk_size, "dtype": args.dtype, "actors": args.actors,
             "actor_cpus": args.actor_cpus, "torch_threads": args.torch_threads, "ray_address": args.ray_address,
             "num_cpus": args.num_cpus, "object_store_mb": args.object_store_mb}

@@ -17,6 +17,9 @@ refused with CheckpointError before anything in it is read.
 A checkpoint is written into a hidden temporary folder, fsynced, renamed into place, and only then
 published by an atomic rewrite of the `latest` pointer file. A crash at any moment leaves either the
 old or the new checkpoint as `latest`, never a partial one. The last `keep` checkpoints are kept.
+In an object store (a run folder `s3://...`, storage/fs.py) the folder is uploaded file by file (not
+atomic: there is no rename), then `latest` is rewritten in one atomic object write: resume follows
+`latest`, so it still never sees a partial checkpoint.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from storage import fs
 from storage.atomic import atomic_write_bytes, fsync_dir, is_temp_name, replace_dir, temp_sibling
 
 LATEST = "latest"
@@ -45,6 +49,10 @@ class CheckpointError(ValueError):
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     """A safetensors file as {name: tensor}; a truncated or foreign file is a CheckpointError naming it."""
     try:
+        if fs.is_url(path):
+            from safetensors.torch import load
+
+            return load(fs.read_bytes(path))
         return load_file(str(path))
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         raise CheckpointError(f"{path}: not a complete safetensors file ({str(e)[:200]}); the file is truncated "
@@ -116,7 +124,9 @@ def _fsync_file(path: Path) -> None:
 def save_checkpoint(folder: Path, step: int, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: Any, state: dict[str, Any], keep: int) -> Path:
     """Write checkpoint `step` atomically, point `latest` at it, prune older ones beyond `keep`."""
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = fs.as_path(folder)
+    if not fs.is_url(folder):
+        folder.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:08d}"
     final = folder / name
     tmp = temp_sibling(final, mkdir=True)
@@ -150,16 +160,17 @@ def _prune(folder: Path, keep: int) -> None:
     done = sorted(p for p in folder.glob("step-*") if p.is_dir())
     for old in done[:-keep]:
         if old.name != current:
-            shutil.rmtree(old)
+            fs.remove_tree(old)
     for stale in folder.iterdir():  # left by a crashed writer (this run's folder is locked: nobody else writes)
         if is_temp_name(stale.name) and stale.name.startswith(".step-"):
-            shutil.rmtree(stale, ignore_errors=True)
+            fs.remove_tree(stale)
 
 
 # --------------------------------------------------------------------------- read
 
 def latest_checkpoint(folder: Path) -> Path | None:
     """The published checkpoint, or None. A pointer to a missing folder is an error, not a silent restart."""
+    folder = fs.as_path(folder)
     pointer = folder / LATEST
     if not pointer.exists():
         return None

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from storage import fs
 from storage.cache import ModelMeta, read_cache_shard
 from storage.workspace import dataset_identity
 from storage.shards import (ImageError, ShardError, ShardRef, decode_image, iter_samples,
@@ -60,10 +61,10 @@ def cached_model_meta(cache_root: Path, model_id: str, dataset_dirs: Sequence[st
     """
     found: ModelMeta | None = None
     for d in dataset_dirs:
-        d = Path(d)
+        d = fs.as_path(d)
         name = dataset_name(d)
         refs = list_shards(d)
-        folder = Path(cache_root) / model_id / name
+        folder = fs.as_path(cache_root) / model_id / name
         if not folder.exists():
             raise FileNotFoundError(f"no cache of model {model_id!r} for dataset {name!r} (expected {folder}); "
                                     "run `aced cache` first")
@@ -184,7 +185,7 @@ class PairIndex:
         self.shards: list[ShardRef] = []
         self.datasets: list[str] = []
         for d in dataset_dirs:
-            d = Path(d)
+            d = fs.as_path(d)
             name = dataset_name(d)
             refs = list_shards(d)
             if not refs:

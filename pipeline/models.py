@@ -56,6 +56,7 @@ import torch
 
 from safetensors import SafetensorError
 
+from storage import fs
 from storage.atomic import replace_dir, temp_sibling
 
 # Belt and braces (the checks below are the real guard: hub files are resolved from the local cache
@@ -770,7 +771,7 @@ def save_model(bundle: ModelBundle, out_dir: str | os.PathLike, *, overwrite: bo
     imported weights came from, pipeline.pretrained) is recorded in aced_model.json."""
     from safetensors.torch import save_file
 
-    out = Path(out_dir)
+    out = fs.as_path(out_dir)  # local, or an object-store URL (storage/fs.py: uploaded, aced_model.json last)
     if not overwrite and (out / ACED_FILE).is_file() and set(p.name for p in out.iterdir()) <= set(MODEL_FILES):
         try:
             same = _read_json(out / ACED_FILE).get("fingerprint") == fingerprint(bundle)

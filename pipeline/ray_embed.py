@@ -51,6 +51,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 
+from storage import fs
 from storage.cache import CacheError, CacheWriter, ModelMeta, cache_dir, read_cache_shard
 from storage.shards import ShardRef, decode_image, iter_samples, list_shards
 from storage.workspace import Workspace, dataset_identity
@@ -181,7 +182,7 @@ def resolve_datasets(root: Path, datasets: Sequence[str] | None) -> dict[str, Pa
     same check the trainer makes).
     """
     ws = Workspace(root)
-    base = ws.datasets.resolve()
+    base = fs.resolve(ws.datasets)
     found = ws.find_datasets()
     if datasets is None:
         if not found:
@@ -190,10 +191,10 @@ def resolve_datasets(root: Path, datasets: Sequence[str] | None) -> dict[str, Pa
     else:
         wanted = []
         for d in datasets:
-            name, p = str(d), Path(d)
+            name, p = str(d), fs.as_path(d)
             if name not in found and p.is_dir():
                 try:
-                    name = p.resolve().relative_to(base).as_posix()
+                    name = fs.posix_parts(p).relative_to(fs.posix_parts(base)).as_posix()
                 except ValueError:
                     raise ValueError(f"dataset folder {p} is not under {base}: the cache names datasets by "
                                      f"their path below <root>/datasets") from None
@@ -224,7 +225,7 @@ def model_meta(model_dir: Path) -> ModelMeta:
 def plan_cache(root: str | os.PathLike, datasets: Sequence[str] | None, models: Sequence[str | os.PathLike],
                *, dtype: str = "float16") -> CachePlan:
     """Pair every shard of `datasets` with every model whose `_manifest.json` lacks it (`CacheWriter.done`)."""
-    root = Path(root)
+    root = fs.as_path(root)
     specs = tuple(ModelSpec(d, model_meta(d)) for d in resolve_models(root, models))
     folders = resolve_datasets(root, datasets)
     draft = CachePlan(root, specs, tuple(folders), (), dtype)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from storage import fs
 from pipeline.selection import SelectionConfig
 
 
@@ -275,7 +276,7 @@ class TrainConfig:
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """The JSON object of TrainConfig fields in `path` (a run's config.json, `aced train --config`);
     ValueError naming the file when it is not UTF-8 JSON or not an object."""
-    path = Path(path)
+    path = fs.as_path(path)  # a run's config.json may be in an object store (storage/fs.py)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError

@@ -46,6 +46,7 @@ from pipeline.selection import SelectionResult, select
 from storage.atomic import atomic_write_json
 from storage.runlog import SELECTIONS_SCHEMA, ParquetLog
 from storage.shards import load_dataset
+from storage import fs
 from storage.workspace import FolderLock, held_by
 
 log = logging.getLogger(__name__)
@@ -137,7 +138,7 @@ def cache_specs(cfg: TrainConfig) -> tuple[CacheSpec | None, list[CacheSpec]]:
     """Reference and teacher caches, with the model metadata every shard must match."""
     if not cfg.cache_root:
         return None, []
-    root = Path(cfg.cache_root)
+    root = fs.as_path(cfg.cache_root)  # local, or an object-store URL (storage/fs.py)
 
     def spec(model_id: str) -> CacheSpec:
         return CacheSpec(model_id=model_id, cache_root=root, meta=cached_model_meta(root, model_id, cfg.train_data))
@@ -455,7 +456,7 @@ def train(cfg: TrainConfig, run_dir: Path, *, progress: bool | None = None) -> T
 
     Under torchrun (WORLD_SIZE > 1) this is one rank of a data-parallel run (pipeline.distributed):
     every rank calls it with the same config and run folder; rank 0 owns and writes the folder."""
-    run_dir = Path(run_dir)
+    run_dir = fs.as_path(run_dir)
     device = resolve_device(cfg.device)
     group = setup_distributed(device)
     device = group.device(device)
@@ -559,8 +560,8 @@ def _checkpoint(run: Run, done: int) -> None:
 def export_model(run_dir: Path, out_dir: Path, *, overwrite: bool = False) -> Path:
     """Write the run's latest weights as a model folder that the cache stage and `aced eval` load.
     Reads only the config and the checkpoint's weights (never optimizer or RNG state)."""
-    cfg = _saved_config(Path(run_dir) / "config.json")
-    ckpt = latest_checkpoint(Path(run_dir) / "checkpoints")
+    cfg = _saved_config(fs.as_path(run_dir) / "config.json")
+    ckpt = latest_checkpoint(fs.as_path(run_dir) / "checkpoints")
     if ckpt is None:
         raise FileNotFoundError(f"{run_dir}: no checkpoint to export")
     bundle = create_model(cfg.model, seed=cfg.seed)
@@ -569,8 +570,7 @@ def export_model(run_dir: Path, out_dir: Path, *, overwrite: bool = False) -> Pa
         load_weights(ckpt, model=bundle.model, drop_prefix="kd_projection.")
     else:
         load_weights(ckpt, model=bundle.model)
-    save_model(bundle, out_dir, overwrite=overwrite)
-    return Path(out_dir)
+    return save_model(bundle, out_dir, overwrite=overwrite)
 
 
 RUN_LOCK_ENV = "ACED_RUN_LOCK_PID"  # set by a launcher that holds the run's lock for its torchrun ranks

@@ -8,6 +8,11 @@ then fsync the folder so the rename itself survives a power loss.
 
 Temporary names start with a dot and end in `.tmp` (`.<name>.<random>.tmp`), so readers that list
 `*.tar` / `*.parquet` or `[0-9]*` never pick one up, even one left behind by a killed process.
+
+A target in an object store (`s3://...`, storage/fs.py) has no rename: the temporary file is local,
+and the exit uploads it in one object write, which is atomic (the reader sees the old object or the
+new one); a folder swap there is write-all-then-commit (`replace_dir`, storage/fs.py says what that
+does and does not guarantee).
 """
 from __future__ import annotations
 
@@ -16,8 +21,11 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
 from pathlib import Path
 from typing import Any, Iterator
+
+from storage import fs
 
 TMP_SUFFIX = ".tmp"
 
@@ -42,8 +50,20 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
     The caller writes the temporary file completely (and closes it). On exit it is fsynced and
     renamed over `path`, and the folder is fsynced. On an exception the temporary file is
-    removed and `path` is left untouched.
+    removed and `path` is left untouched. For an object-store `path` the temporary file is local and
+    is uploaded in one atomic object write.
     """
+    if fs.is_url(path):
+        staging = fs.local_temp_dir()
+        try:
+            tmp = staging / f".{fs.as_path(path).name}{TMP_SUFFIX}"
+            yield tmp
+            if not tmp.exists():
+                raise FileNotFoundError(f"atomic write of {path}: nothing was written")
+            fs.put_file(tmp, path)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}{TMP_SUFFIX}"
@@ -75,6 +95,8 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 def sha256_file(path: str | os.PathLike, *, chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file's bytes (the checksum used in `_dataset.json` and manifests)."""
+    if fs.is_url(path):
+        return fs.sha256(path)
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -83,7 +105,13 @@ def sha256_file(path: str | os.PathLike, *, chunk: int = 1 << 20) -> str:
 
 
 def temp_sibling(path: str | os.PathLike, *, mkdir: bool = False) -> Path:
-    """A hidden temporary name beside `path` (`.<name>.<random>.tmp`, see `is_temp_name`)."""
+    """A hidden temporary name beside `path` (`.<name>.<random>.tmp`, see `is_temp_name`); for an
+    object-store `path`, a fresh local folder's path instead (staging for `replace_dir`)."""
+    if fs.is_url(path):
+        staging = fs.local_temp_dir()
+        if not mkdir:
+            staging.rmdir()
+        return staging
     path = Path(path)
     tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}{TMP_SUFFIX}"
     if mkdir:
@@ -100,9 +128,14 @@ def replace_dir(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     (if that fails, the old folder is put back), then the old copy is deleted. A crash in between
     leaves the old folder under its hidden name, which `aced inspect` reports and the next writer of
     `dst` removes. The caller has fsynced `src`'s files; this fsyncs the folders around the renames.
-    """
-    import shutil
 
+    An object-store `dst` (a local `src` from `temp_sibling`): write-all-then-commit, not atomic
+    (storage.fs.upload_dir); `src` is removed once uploaded.
+    """
+    if fs.is_url(dst):
+        fs.upload_dir(src, dst)
+        shutil.rmtree(src, ignore_errors=True)
+        return
     src, dst = Path(src), Path(dst)
     fsync_dir(src)
     if dst.exists():

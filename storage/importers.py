@@ -45,8 +45,10 @@ from typing import Iterable, Iterator
 
 import pyarrow.parquet as pq
 
+from storage import fs
 from storage.shards import (IMAGE_EXTS, DatasetInfo, ExternalShard, ImageError, OnError, Sample, ShardError,
-                            decode_image, image_format, image_size, make_uid, register_shards, tar_groups, write_shards)
+                            decode_image, image_format, image_size, make_uid, read_parquet, register_shards, tar_groups,
+                            write_shards)
 from storage.workspace import area_path
 
 log = logging.getLogger(__name__)
@@ -523,7 +525,7 @@ def _sidecar(tar: Path) -> dict[str, dict]:
     if not p.exists():
         return {}
     try:
-        t = pq.read_table(p)
+        t = read_parquet(p)  # local, or in the same object store as the tar
     except Exception as e:
         raise ShardError(f"{p}: unreadable Parquet sidecar ({type(e).__name__}: {e})") from None
     if "key" not in t.column_names:
@@ -751,10 +753,10 @@ def _registered_rows(tar: Path, *, source: str, skips: _Skips, failed: _Skips, d
     side = _sidecar(tar)
     rows: list[dict] = []
     keys: set[str] = set()
-    if os.path.isfile(tar):
+    if not fs.is_url(tar) and os.path.isfile(tar):  # (an object-store tar is read once, as a stream: no seeks)
         _check_whole_tar(tar)
     try:
-        f = open(tar, "rb")
+        f = fs.open_read(tar, stream=True)
     except OSError as e:
         raise ShardError(f"{tar}: cannot open ({e})") from None
     with f:
@@ -849,7 +851,7 @@ def register_webdataset(src: str | os.PathLike, root: str | os.PathLike, name: s
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    src = Path(src)
+    src = fs.as_path(src)  # a folder or an object-store prefix (s3://bucket/pool)
     skips = _Skips(on_error)
     failed = _Skips("skip")  # downloads that failed are part of every pool: counted, never an error
     source = name.split("/")[0]
@@ -883,7 +885,7 @@ def register_webdataset(src: str | os.PathLike, root: str | os.PathLike, name: s
         return {"skipped_at_import": skips.count + failed.count, "skip_reasons": reasons,
                 "in_place": True, "tars": len(tars)}
 
-    info = register_shards(shards(), dataset_dir(root, name), name=name, source=f"in-place:{src.resolve()}",
+    info = register_shards(shards(), dataset_dir(root, name), name=name, source=f"in-place:{fs.resolve(src)}",
                            relative=relative, on_error=on_error, overwrite=overwrite, extra=extra)
     log.info("registered %s in place: %d pairs in %d tars (%d failed downloads, %d other samples skipped)",
              name, info.rows, len(tars), failed.count, skips.count)

@@ -4,7 +4,7 @@
 `<root>/runs/<run>/metrics/part-<tag>.parquet` and `.../selections/part-<tag>.parquet`: the trainer
 appends rows and flushes a part now and then (each part written atomically); at resume,
 `truncate_after(step)` drops what was logged after the checkpoint so the replayed steps are not
-logged twice.
+logged twice. The folder may be in an object store (storage/fs.py): each part is one atomic object write.
 
 Row conventions: every row has an integer `step`. Selection rows (section 3.2, one per candidate of
 a super-batch): step int64, uid string, score float32, selected bool, noisy bool (nullable).
@@ -21,7 +21,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from storage import fs
 from storage.atomic import atomic_path
+from storage.shards import read_parquet
 
 _TAG_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -39,11 +41,13 @@ class ParquetLog:
 
     folder: where the parts live (created on the first flush).
     schema: optional fixed schema (e.g. SELECTIONS_SCHEMA); without one the schema is inferred per
-        part from the rows, with `step` cast to int64 (the SQL views union parts by column name).
+        part from the rows, with `step` cast to int64 (the SQL views union parts by column name), and a
+        column with no value in a part (a metric that is null, e.g. an unknown noisy fraction) written as
+        float64 nulls, not as Arrow's null type, so every part types a metric alike.
     """
 
     def __init__(self, folder: str | os.PathLike, schema: pa.Schema | None = None):
-        self.folder = Path(folder)
+        self.folder = fs.as_path(folder)
         self.schema = schema
         self._rows: list[dict[str, Any]] = []
         self._tables: list[pa.Table] = []  # columnar appends (need a fixed schema)
@@ -91,8 +95,10 @@ class ParquetLog:
             names = list(dict.fromkeys(k for r in self._rows for k in r))
             cols = {}
             for k in names:
+                values = [r.get(k) for r in self._rows]
+                kind = pa.int64() if k == "step" else pa.float64() if all(v is None for v in values) else None
                 try:
-                    cols[k] = pa.array([r.get(k) for r in self._rows], type=pa.int64() if k == "step" else None)
+                    cols[k] = pa.array(values, type=kind)
                 except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
                     raise ValueError(f"{path}: column {k!r} has values of mixed types ({e})") from None
             table = pa.table(cols)
@@ -116,13 +122,13 @@ class ParquetLog:
         self._rows = [r for r in self._rows if int(r["step"]) <= step]
         self._tables = [t.filter(pc.less_equal(t.column("step"), step)) for t in self._tables]
         for p in self.parts():
-            steps = pq.read_table(p, columns=["step"]).column("step")
+            steps = read_parquet(p, columns=["step"]).column("step")
             if len(steps) == 0 or pc.max(steps).as_py() <= step:
                 continue
             if pc.min(steps).as_py() > step:
                 p.unlink()
             else:
-                table = pq.read_table(p)
+                table = read_parquet(p)
                 table = table.filter(pc.less_equal(table.column("step"), step))
                 with atomic_path(p) as tmp:
                     pq.write_table(table, tmp, compression="zstd")

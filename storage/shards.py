@@ -19,6 +19,11 @@ A whole dataset is written into a hidden sibling folder and renamed into place a
 reader sees either no dataset, the previous one, or the complete new one. The writer holds a flock on
 that folder; one left by a killed writer is unlocked, and the next write of the same dataset removes it.
 
+A dataset folder, and the tars it points at, may live in an object store (`s3://bucket/prefix`,
+storage/fs.py): tars are read in one streaming pass (the sha256 check too), Parquet files whole; a
+dataset written there is uploaded from a local work folder with `_dataset.json` last (its commit
+file: a folder without one is no dataset), since an object store has no folder rename.
+
 `decode_image` is the project's one image decoder (import checks, shard verification, training,
 evaluation, stage-1 embedding): 8-bit RGB, 16-bit greyscale scaled, a pixel limit against
 decompression bombs, and an ImageError naming the sample.
@@ -47,6 +52,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from storage import fs
 from storage.atomic import atomic_path, atomic_write_json, is_temp_name, replace_dir, sha256_file, temp_sibling
 from storage.workspace import check_name, check_placement
 
@@ -172,8 +178,8 @@ class ShardRef:
         if self.tar is None:
             return self.dataset_dir / f"{self.name}.tar"
         # No normpath: "<dataset>/../pool/x.tar" must go through the real parent of a symlinked folder,
-        # as the relative path was computed between resolved paths (an absolute `tar` stays as it is).
-        return self.dataset_dir / self.tar
+        # as the relative path was computed between resolved paths (an absolute `tar` or a URL stays as it is).
+        return fs.join(self.dataset_dir, self.tar)
 
     @property
     def meta_path(self) -> Path:
@@ -464,6 +470,14 @@ def _dataset_work(out_dir: Path, *, overwrite: bool, name: str) -> Iterator[Path
     a DiskFullError naming `out_dir`. Stale work folders of `out_dir` are removed first."""
     check_placement(out_dir, name)  # a dataset's name is its path below datasets/ (storage.workspace)
     _check_target(out_dir, overwrite)
+    if fs.is_url(out_dir):  # no rename, no flock: a local work folder, uploaded with _dataset.json last
+        work = temp_sibling(out_dir, mkdir=True)
+        try:
+            yield work
+            replace_dir(work, out_dir)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_work_dirs(out_dir)
     work = temp_sibling(out_dir)
@@ -530,7 +544,7 @@ def write_shards(samples: Iterable[Sample], out_dir: str | os.PathLike, *, name:
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    out_dir = Path(out_dir)
+    out_dir = fs.as_path(out_dir)
     with _dataset_work(out_dir, overwrite=overwrite, name=name) as work:
         shards: list[ShardRef] = []
         seen_uid: dict[str, str] = {}
@@ -607,7 +621,9 @@ def register_shards(shards: Iterable[ExternalShard], out_dir: str | os.PathLike,
         raise ValueError("schema must be METADATA_SCHEMA or PROVENANCE_SCHEMA")
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    out_dir = Path(out_dir)
+    out_dir = fs.as_path(out_dir)
+    if relative and fs.is_url(out_dir):
+        raise ValueError(f"{out_dir}: relative tar paths are for local dataset folders only")
     with _dataset_work(out_dir, overwrite=overwrite, name=name) as work:
         refs: list[ShardRef] = []
         tables: list[pa.Table] = []
@@ -641,7 +657,10 @@ def register_shards(shards: Iterable[ExternalShard], out_dir: str | os.PathLike,
             if not rows:
                 log.warning("%s: no usable sample: shard not listed", ext.tar)
                 continue
-            tar = Path(os.path.abspath(ext.tar))
+            tar = fs.as_path(ext.tar) if fs.is_url(ext.tar) else Path(os.path.abspath(ext.tar))
+            if relative and fs.is_url(tar):
+                raise ValueError(f"{tar}: relative tar paths are for local tars only (an object-store tar is "
+                                 f"recorded by its URL)")
             recorded = os.path.relpath(tar.resolve(), out_dir.parent.resolve() / out_dir.name) if relative else str(tar)
             refs.append(ShardRef(out_dir, shard_name(len(refs)), len(rows), ext.sha256, recorded))
             tables.append(pa.Table.from_pylist(rows, schema=schema))
@@ -735,14 +754,15 @@ def dataset_file_problems(info: DatasetInfo) -> list[str]:
     Temporary files of interrupted writes (hidden) are not counted."""
     path = info.path / DATASET_FILE
     try:
-        present = {e.name for e in os.scandir(info.path) if e.is_file() and not e.name.startswith(".")}
+        present = {n for n in fs.list_files(info.path) if not n.startswith(".")}
     except OSError as e:
         return [f"{info.path}: cannot list the dataset folder ({e})"]
     listed = {f"{s.name}.parquet" for s in info.shards} | {f"{s.name}.tar" for s in info.shards if not s.external}
     missing = [str(info.path / n) for n in sorted(listed - present)]
-    missing += [str(s.tar_path) for s in info.shards if s.external and not os.path.isfile(s.tar_path)]
+    missing += [str(s.tar_path) for s in info.shards if s.external and not fs.is_file(s.tar_path)]
+    here = fs.posix_parts(info.path)
     external_here = {s.tar_path.name for s in info.shards
-                     if s.external and os.path.dirname(os.path.abspath(s.tar_path)) == os.path.abspath(info.path)}
+                     if s.external and fs.posix_parts(s.tar_path).parent == here}
     extra = sorted(n for n in present - listed - external_here if n.endswith((".tar", ".parquet")))
     out = []
     if missing:
@@ -761,7 +781,7 @@ def load_dataset(dataset_dir: str | os.PathLike, *, check_files: bool = True) ->
     missing, not JSON, or malformed (missing keys, wrong types); with `check_files` (every reader),
     also if the folder's shard files differ from the listing (`dataset_file_problems`), so that a
     shard dropped from the listing or a missing file is an error, never a smaller dataset."""
-    dataset_dir = Path(dataset_dir)
+    dataset_dir = fs.as_path(dataset_dir)
     path = dataset_dir / DATASET_FILE
     try:
         doc = json.loads(path.read_text("utf-8"))
@@ -791,18 +811,19 @@ def list_shards(dataset_dir: str | os.PathLike) -> list[ShardRef]:
 
 
 @functools.lru_cache(maxsize=1 << 16)
-def _tar_sha256(path: str, size: int, mtime_ns: int, ino: int) -> str:
+def _tar_sha256(path: str, version: tuple) -> str:
     return sha256_file(path)
 
 
 def tar_sha256(shard: ShardRef) -> str:
     """The actual sha256 of the shard's tar, hashed once per process per file version: memoised by
-    (path, size, mtime, inode), so a reader may call it every time it opens the shard."""
+    (path, size, mtime, inode), in an object store (URL, size, ETag), so a reader may call it every time
+    it opens the shard. An object-store tar is hashed in one streaming pass (storage.fs.sha256)."""
     try:
-        st = os.stat(shard.tar_path)
+        version = fs.version(shard.tar_path)
     except FileNotFoundError:
         raise ShardError(f"{shard.tar_path}: missing tar of shard {shard.name}") from None
-    return _tar_sha256(str(shard.tar_path), st.st_size, st.st_mtime_ns, st.st_ino)
+    return _tar_sha256(str(shard.tar_path), version)
 
 
 def check_tar_sha256(shard: ShardRef) -> None:
@@ -817,15 +838,14 @@ def check_tar_sha256(shard: ShardRef) -> None:
 
 def find_datasets(datasets_root: str | os.PathLike) -> dict[str, Path]:
     """Every dataset below `datasets_root` ({relative name: folder}), hidden folders skipped."""
-    root = Path(datasets_root)
+    root = fs.as_path(datasets_root)
     found: dict[str, Path] = {}
     if not root.is_dir():
         return found
-    for dirpath, dirnames, filenames in os.walk(root):
+    for p, dirnames, filenames in fs.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         if DATASET_FILE in filenames:
-            p = Path(dirpath)
-            found[p.relative_to(root).as_posix()] = p
+            found[fs.posix_parts(p).relative_to(fs.posix_parts(root)).as_posix()] = p
     return dict(sorted(found.items()))
 
 
@@ -833,7 +853,7 @@ def read_metadata(shard: ShardRef) -> pa.Table:
     """The shard's metadata table (METADATA_SCHEMA), checked against its ShardRef."""
     path = shard.meta_path
     try:
-        table = pq.read_table(path)
+        table = read_parquet(path)
     except FileNotFoundError:
         raise ShardError(f"{path}: missing metadata Parquet of shard {shard.name}") from None
     except Exception as e:  # pyarrow raises ArrowInvalid/OSError for corrupt files
@@ -848,6 +868,14 @@ def read_metadata(shard: ShardRef) -> pa.Table:
         raise ShardError(f"{path}: {table.num_rows} rows, but _dataset.json says {shard.rows}")
     check_metadata_owner(shard, kv)
     return table
+
+
+def read_parquet(path, columns: list[str] | None = None) -> pa.Table:
+    """A Parquet file, local or in an object store (fetched as one object: metadata, cache files and log
+    parts are megabytes)."""
+    if fs.is_url(path):
+        return pq.read_table(pa.BufferReader(fs.read_bytes(path)), columns=columns)
+    return pq.read_table(path, columns=columns)
 
 
 def check_metadata_owner(shard: ShardRef, kv: dict[bytes, bytes] | None) -> None:
@@ -935,7 +963,9 @@ def iter_samples(shard: ShardRef, *, on_error: OnError = "raise", decode: bool =
         log.warning("skipping %s", msg)
 
     try:
-        tf = tarfile.open(path, mode="r:")
+        # An object-store tar is read in one sequential pass ("r|": no seeks, no ranged re-reads).
+        tf = (tarfile.open(fileobj=fs.open_read(path, stream=True), mode="r|") if fs.is_url(path)
+              else tarfile.open(path, mode="r:"))
     except FileNotFoundError:
         raise ShardError(f"{path}: missing tar of shard {shard.name}") from None
     except (tarfile.TarError, OSError) as e:
@@ -982,6 +1012,9 @@ def read_provenance(shard: ShardRef) -> pa.Table | None:
     order, or None for a shard without them (every dataset but a `storage.corrupt` copy)."""
     names = [f.name for f in PROVENANCE_FIELDS]
     try:
+        if fs.is_url(shard.meta_path):  # one GET of a small object, not a footer read and a second GET
+            table = read_parquet(shard.meta_path)
+            return table.select(names) if set(names) <= set(table.column_names) else None
         if not set(names) <= set(pq.read_schema(shard.meta_path).names):
             return None
         return pq.read_table(shard.meta_path, columns=names)

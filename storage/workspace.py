@@ -20,17 +20,21 @@ under another.
 `FolderLock` is an advisory `flock` on `<folder>/.lock`: the kernel releases it when its holder dies
 (SIGKILL included), so a stale lock of a dead process is taken over without any clean-up, and a
 live holder is named (pid, host, command, since when) in the error of the second process.
+
+A root (or any folder here) may be an object-store URL (`s3://bucket/prefix`, storage/fs.py): the
+layout is the same, `state/` excepted (Prefect's SQLite database and process records need a POSIX
+folder: `Workspace.state` is then local), and `FolderLock` is a conditionally created lock object
+(storage/fs.py says what that guarantees).
 """
 from __future__ import annotations
 
 import fcntl
 import json
 import os
-import socket
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from storage import fs
 
 AREAS = ("datasets", "cache", "models", "runs", "state")
 LOCK_NAME = ".lock"
@@ -60,7 +64,7 @@ def area_path(root: str | os.PathLike, area: str, name: str, what: str | None = 
     """`<root>/<area>/<name>` for a checked `name`."""
     if area not in AREAS:
         raise ValueError(f"unknown workspace area {area!r}; one of {AREAS}")
-    return Path(root) / area / check_name(name, what or area.rstrip("s") + " name")
+    return fs.as_path(root) / area / check_name(name, what or area.rstrip("s") + " name")
 
 
 class DatasetIdentityError(ValueError):
@@ -69,7 +73,7 @@ class DatasetIdentityError(ValueError):
 
 def placed_name(folder: str | os.PathLike) -> str | None:
     """The path of `folder` below the nearest `datasets/` folder above it, or None if there is none."""
-    resolved = Path(folder).resolve()
+    resolved = fs.posix_parts(folder)  # a URL: its bucket/key parts
     for parent in resolved.parents:
         if parent.name == "datasets":
             return resolved.relative_to(parent).as_posix()
@@ -103,7 +107,7 @@ class Workspace:
     root: Path
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "root", Path(self.root))
+        object.__setattr__(self, "root", fs.as_path(self.root))
 
     @property
     def datasets(self) -> Path:
@@ -123,7 +127,16 @@ class Workspace:
 
     @property
     def state(self) -> Path:
-        return self.root / "state"
+        """`<root>/state`; for a URL root a local folder: $ACED_STATE_DIR, else
+        ~/.cache/aced/state/<16 hex of the root URL> (module docstring)."""
+        if not fs.is_url(self.root):
+            return self.root / "state"
+        import hashlib
+
+        base = os.environ.get("ACED_STATE_DIR")
+        if base:
+            return Path(base)
+        return Path.home() / ".cache" / "aced" / "state" / hashlib.sha256(str(self.root).encode()).hexdigest()[:16]
 
     def dataset(self, name: str) -> Path:
         return area_path(self.root, "datasets", name, "dataset name")
@@ -151,10 +164,10 @@ class Workspace:
     def _resolve(arg, by_name, found, what: str, test: tuple[str, str]) -> Path:
         """`arg` as a path if `found(path)`, else (a relative `arg`) `by_name(arg)` if found; otherwise an
         error naming every place tried."""
-        path = Path(arg)
+        path = fs.as_path(arg)
         if found(path):
             return path
-        if str(arg).startswith("/"):
+        if fs.is_absolute(arg):
             raise FileNotFoundError(f"{what} {str(arg)!r}: {path} {test[1]}")
         candidate = by_name(str(arg))
         if found(candidate):
@@ -181,12 +194,21 @@ class FolderLock:
     """
 
     def __init__(self, folder: str | os.PathLike, what: str = "folder"):
-        self.folder = Path(folder)
+        self.folder = fs.as_path(folder)
         self.path = self.folder / LOCK_NAME
         self.what = what
         self._fd: int | None = None
+        self._object: dict | None = None  # this process's holder record, while it holds an object-store lock
 
     def acquire(self) -> "FolderLock":
+        if fs.is_url(self.folder):
+            taken, holder = fs.acquire_object_lock(self.path)
+            if not taken:
+                raise LockedError(f"{self.what} {self.folder} is in use by {_describe(holder)}; wait for it to finish "
+                                  f"or stop it (in an object store a killed holder on another host leaves its lock: "
+                                  f"delete {self.path} once you know it is gone)")
+            self._object = holder
+            return self
         self.folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -197,12 +219,15 @@ class FolderLock:
             raise LockedError(f"{self.what} {self.folder} is in use by {holder}; wait for it to finish or stop "
                               "it (the lock is released when that process exits)") from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(holder_info()).encode(), 0)
+        os.pwrite(fd, json.dumps(fs.holder_info()).encode(), 0)
         os.fsync(fd)
         self._fd = fd
         return self
 
     def release(self) -> None:
+        if self._object is not None:
+            fs.release_object_lock(self.path, self._object)
+            self._object = None
         if self._fd is not None:
             os.ftruncate(self._fd, 0)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
@@ -218,6 +243,9 @@ class FolderLock:
 
 def held_by(folder: str | os.PathLike) -> int | None:
     """pid recorded by the live holder of `folder`'s lock, or None when nobody holds it."""
+    if fs.is_url(folder):
+        info = fs.read_lock(fs.as_path(folder) / LOCK_NAME)
+        return None if info is None else info.get("pid")
     path = Path(folder) / LOCK_NAME
     if not path.exists():
         return None
@@ -236,16 +264,15 @@ def held_by(folder: str | os.PathLike) -> int | None:
         os.close(fd)
 
 
-def holder_info() -> dict:
-    return {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "command": " ".join(sys.argv)[:300]}
-
-
 def _read_holder(fd: int) -> str:
     try:
         info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
     except (ValueError, OSError):
         info = {}
+    return _describe(info)
+
+
+def _describe(info: dict) -> str:
     if not info:
         return "another process"
     return f"pid {info.get('pid')} on {info.get('host')} since {info.get('since')} ({info.get('command', '?')})"

@@ -1,0 +1,257 @@
+"""Object storage end to end against a real S3 API on 127.0.0.1 (moto's server mode, started here):
+a pool registered in place from s3:// (tars and sidecars stay in the bucket), the Prefect cache flow
+reading pairs from S3 and writing its cache to S3, a tiny training run reading dataset + cache from S3
+and writing its run folder there, its resume, the run lock, the manifest compare-and-swap, and
+interrupted writes that leave nothing visible as complete (storage/fs.py says what is atomic there).
+
+Networking stays on loopback; credentials are dummies.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from tests.integration.conftest import REFERENCE, SHARD_ROWS, TEACHER, aced_env, write_synthetic
+
+moto_server = pytest.importorskip("moto.server")
+MODELS = [REFERENCE, TEACHER]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A moto S3 server on 127.0.0.1 (a free port) and the environment that points botocore at it."""
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "ACED_STATE_DIR": str(tmp_path_factory.mktemp("state"))}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import fsspec
+
+    fs = fsspec.filesystem("s3", use_listings_cache=False)
+    yield fs, env
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3, request):
+    """A fresh bucket per test: `s3://<name>`."""
+    fs, _ = s3
+    name = request.node.name.lower().replace("_", "-")[:50].strip("-")
+    fs.mkdir(name)
+    return name
+
+
+def _pool_on_s3(fs, bucket: str, tmp_path: Path, n: int = 4 * SHARD_ROWS) -> tuple[str, list[str]]:
+    """A DataComp-style pool (tars of key.jpg/.txt/.json with a 32-hex uid, `<shard>.parquet` sidecars)
+    uploaded to s3://<bucket>/pool; returns the prefix URL and the tar keys."""
+    local = write_synthetic(tmp_path / "src", "pool", n)
+    keys = []
+    for p in sorted(local.iterdir()):
+        if p.suffix in (".tar", ".parquet"):
+            fs.put_file(str(p), f"{bucket}/pool/{p.name}")
+            keys.append(f"{bucket}/pool/{p.name}")
+    return f"s3://{bucket}/pool", [k for k in keys if k.endswith(".tar")]
+
+
+def test_register_cache_train_resume_on_s3(s3, bucket, tmp_path, workspace_template, prefect_harness):
+    """The fast default test: every read and write path against the server, small."""
+    from flows.cache_flow import cache_flow
+    from pipeline.recipes import recipe
+    from pipeline.trainer import train
+    from storage.cache import read_cache_shard, read_manifest
+    from storage.shards import iter_samples, load_dataset
+    from tests.conftest import data_cli
+
+    fs, _ = s3
+    pool, tars = _pool_on_s3(fs, bucket, tmp_path)
+    sizes = {k: fs.info(k)["size"] for k in tars}
+    root = f"s3://{bucket}/ws"
+
+    # 1. register in place: only metadata Parquet + _dataset.json are written, the tars stay put.
+    assert data_cli(root, "import", "datacomp", pool, "--name", "synth") == 0
+    ds = f"{root}/datasets/synth"
+    written = sorted(p.rsplit("/", 1)[-1] for p in fs.find(f"{bucket}/ws"))
+    assert written == ["00000000.parquet", "00000001.parquet", "00000002.parquet", "00000003.parquet",
+                       "_dataset.json"]
+    assert {k: fs.info(k)["size"] for k in tars} == sizes  # untouched, not copied
+    info = load_dataset(ds)
+    assert info.rows == 4 * SHARD_ROWS and all(str(s.tar_path).startswith(pool) for s in info.shards)
+    assert len(list(iter_samples(info.shards[0]))) == SHARD_ROWS  # streamed, sha256 checked
+
+    # 2. the Prefect cache flow reads pairs from S3 and writes the cache there (models: local folders).
+    models = [str(workspace_template / "models" / m) for m in MODELS]
+    out = cache_flow(root, None, models, engine="plain", chunk_size=8, torch_threads=1)
+    assert out["result"]["shards"] == 4 and out["verified_files"] == 8
+    for m in MODELS:
+        doc = read_manifest(f"{root}/cache/{m}/synth")
+        assert sorted(doc["shards"]) == [s.name for s in info.shards]
+        c = read_cache_shard(f"{root}/cache/{m}/synth", info.shards[1])
+        assert list(c.uids) == pq.read_table(fs.open(f"{bucket}/ws/datasets/synth/00000001.parquet")).column(
+            "uid").to_pylist()
+    assert cache_flow(root, ["synth"], models, engine="plain")["plan"]["shards"] == 0  # the manifests say done
+
+    # 3. a tiny run reads dataset + cache from S3 and writes its run folder to S3 ...
+    run = f"{root}/runs/r1"
+    cfg = recipe("tiny", method="aced-acidistill", train_data=(ds,), cache_root=f"{root}/cache", reference=REFERENCE,
+                 teacher=(TEACHER,), batch_size=8, steps=4, checkpoint_every=2, keep_checkpoints=2)
+    assert train(cfg, run, progress=False).step == 4
+    r1 = f"{bucket}/ws/runs/r1"
+    names = {p.split("/ws/runs/r1/", 1)[1] for p in fs.find(r1)}
+    assert {"config.json", "checkpoints/latest", "checkpoints/step-00000002/state.json",
+            "checkpoints/step-00000004/model.safetensors", "model/aced_model.json",
+            "model/open_clip_model.safetensors"} <= names
+    assert not fs.exists(f"{r1}/.lock")  # released
+    assert fs.cat(f"{r1}/checkpoints/latest").decode() == "step-00000004"
+    uninterrupted = _losses(run)
+    assert [s for s, _ in uninterrupted] == [0, 1, 2, 3]
+
+    # ... and resumes from S3: a run stopped after its step-2 checkpoint (its `latest` still there, the
+    # steps after it logged) replays steps 2-3 from that checkpoint to the very same losses.
+    fs.pipe_file(f"{r1}/checkpoints/latest", b"step-00000002")
+    fs.rm(f"{r1}/checkpoints/step-00000004", recursive=True)
+    assert train(cfg, run, progress=False).step == 4
+    assert _losses(run) == uninterrupted
+    assert fs.cat(f"{r1}/checkpoints/latest").decode() == "step-00000004"
+
+
+def _losses(run_dir) -> list[tuple[int, float]]:
+    """(step, total loss) of every metrics row of a run folder (local or URL)."""
+    from storage import fs as sfs
+    from storage.shards import read_parquet
+
+    parts = sorted((sfs.as_path(run_dir) / "metrics").glob("part-*.parquet"), key=str)
+    return sorted((r["step"], r["total"]) for p in parts for r in read_parquet(p).to_pylist())
+
+
+def test_run_lock_is_a_conditional_write(s3, bucket):
+    from storage.workspace import FolderLock, LockedError, held_by
+
+    folder = f"s3://{bucket}/runs/x"
+    with FolderLock(folder, "run"):
+        assert held_by(folder) == os.getpid()
+        with pytest.raises(LockedError, match=f"pid {os.getpid()}"):
+            FolderLock(folder, "run").acquire()
+    assert held_by(folder) is None
+    # a lock left by a dead process of this host (SIGKILL: no release) is taken over
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    fs, _ = s3
+    fs.pipe_file(f"{bucket}/runs/x/.lock", json.dumps({"pid": int(dead.stdout), "host": os.uname().nodename}).encode())
+    assert held_by(folder) is None
+    with FolderLock(folder, "run"):
+        assert held_by(folder) == os.getpid()
+    # one held on another host cannot be judged: refused, naming the object to delete
+    fs.pipe_file(f"{bucket}/runs/x/.lock", json.dumps({"pid": 1, "host": "elsewhere"}).encode())
+    with pytest.raises(LockedError, match=r"elsewhere.*delete s3://.*/runs/x/\.lock"):
+        FolderLock(folder, "run").acquire()
+
+
+def test_manifest_updates_from_concurrent_writers_are_not_lost(s3, bucket, tmp_path):
+    """Eight threads commit eight shards of one cache folder at once: the If-Match compare-and-swap
+    keeps every entry (a plain read-modify-write would drop some)."""
+    import numpy as np
+
+    from storage.cache import CacheWriter, ModelMeta, read_manifest
+    from storage.shards import write_shards
+    from tests.conftest import samples
+
+    ds = f"s3://{bucket}/ws/datasets/d"
+    info = write_shards(samples(16), ds, name="d", source="test", samples_per_shard=2)
+    meta = ModelMeta("m", "f" * 64, 4, 10.0, 0.0)
+    errors = []
+
+    def commit(shard):
+        try:
+            w = CacheWriter(f"s3://{bucket}/ws/cache", "d", meta)
+            n = shard.rows
+            w.write_shard(shard, [s.uid for s in samples(16)][int(shard.name) * 2:int(shard.name) * 2 + n],
+                          np.ones((n, 4)), np.ones((n, 4)))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=commit, args=(s,)) for s in info.shards]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert sorted(read_manifest(f"s3://{bucket}/ws/cache/m/d")["shards"]) == [s.name for s in info.shards]
+    assert CacheWriter(f"s3://{bucket}/ws/cache", "d", meta).done(info.shards[3])
+
+
+def test_interrupted_writes_leave_nothing_visible_as_complete(s3, bucket, tmp_path):
+    from pipeline.checkpoint import latest_checkpoint
+    from storage.atomic import atomic_path, atomic_write_bytes, atomic_write_json, replace_dir, temp_sibling
+    from storage.shards import ShardError, load_dataset, write_shards
+    from tests.conftest import samples
+
+    fs, env = s3
+    # a single-object write that fails mid-way: the old object stays, no partial one appears
+    target = f"s3://{bucket}/a/config.json"
+    atomic_write_json(target, {"v": 1})
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text('{"v": 2, "trunc')
+            raise RuntimeError("killed")
+    assert json.loads(fs.cat(f"{bucket}/a/config.json")) == {"v": 1}
+    assert fs.find(f"{bucket}/a") == [f"{bucket}/a/config.json"]
+
+    # a process SIGKILLed during a multipart upload (it kills itself once the first part is stored, so
+    # the cut is deterministic): the object never appears, only an unfinished upload the store holds
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(12 << 20))
+    code = ("import os, signal, sys, fsspec\n"
+            "fs = fsspec.filesystem('s3', use_listings_cache=False)\n"
+            "call = fs._call_s3\n"
+            "async def cut(method, *a, **k):\n"
+            "    out = await call(method, *a, **k)\n"
+            "    if method == 'upload_part':\n"
+            "        os.kill(os.getpid(), signal.SIGKILL)\n"
+            "    return out\n"
+            "fs._call_s3 = cut\n"
+            "from storage.fs import put_file\n"
+            "fs.put_file(sys.argv[1], sys.argv[2], chunksize=5 * 2**20)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(big), f"{bucket}/a/big.bin"], env=aced_env(**env),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert not fs.exists(f"{bucket}/a/big.bin")
+    pending = fs.call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads", [])
+    assert [u["Key"] for u in pending] == ["a/big.bin"]
+
+    # a folder upload cut before its commit file: no dataset is seen, only an incomplete one
+    ds = f"s3://{bucket}/ws/datasets/d"
+    write_shards(samples(6), ds, name="d", source="test", samples_per_shard=3)
+    fs.rm_file(f"{bucket}/ws/datasets/d/_dataset.json")  # what an upload killed before its last file leaves
+    with pytest.raises(ShardError, match="_dataset.json: missing"):
+        load_dataset(ds)
+    # ... and the next write of that folder replaces it whole (refused without overwrite: not a dataset)
+    with pytest.raises(FileExistsError, match="holds no _dataset.json"):
+        write_shards(samples(6), ds, name="d", source="test", samples_per_shard=3)
+
+    # a checkpoint folder uploaded without its pointer update: resume follows `latest`, the old one
+    ckpts = f"s3://{bucket}/run/checkpoints"
+    for step in (1, 2):
+        tmp = temp_sibling(f"{ckpts}/step-{step:08d}", mkdir=True)
+        (tmp / "state.json").write_text(json.dumps({"step": step}))
+        replace_dir(tmp, f"{ckpts}/step-{step:08d}")
+        if step == 1:  # step 2's pointer update never happened
+            atomic_write_bytes(f"{ckpts}/latest", b"step-00000001")
+    assert latest_checkpoint(ckpts).name == "step-00000001"
