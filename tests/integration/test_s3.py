@@ -72,41 +72,71 @@ def _pool_on_s3(fs, bucket: str, tmp_path: Path, n: int = 4 * SHARD_ROWS) -> tup
     return f"s3://{bucket}/pool", [k for k in keys if k.endswith(".tar")]
 
 
-def test_register_cache_train_resume_on_s3(s3, bucket, tmp_path, workspace_template, prefect_harness):
-    """The fast default test: every read and write path against the server, small."""
+def _register(fs, bucket: str, tmp_path: Path):
+    """The pool on S3 registered in place as dataset `synth` of the workspace s3://<bucket>/ws."""
+    from tests.conftest import data_cli
+
+    pool, tars = _pool_on_s3(fs, bucket, tmp_path)
+    root = f"s3://{bucket}/ws"
+    assert data_cli(root, "import", "datacomp", pool, "--name", "synth") == 0
+    return pool, tars, root, f"{root}/datasets/synth"
+
+
+def test_register_in_place_read_and_cache_on_s3(s3, bucket, tmp_path, workspace_template):
+    """The fast default test: registration in place, streamed reads with the sha256 check, and a cache
+    written to and read back from S3 (plain engine, no Prefect)."""
+    from pipeline.ray_embed import embed_shards_plain, plan_cache
+    from storage.cache import read_cache_shard, read_manifest, verify_cache
+    from storage.shards import ShardError, iter_samples, load_dataset
+
+    fs, _ = s3
+    pool, tars, root, ds = _register(fs, bucket, tmp_path)
+    written = sorted(p.rsplit("/", 1)[-1] for p in fs.find(f"{bucket}/ws"))
+    assert written == ["00000000.parquet", "00000001.parquet", "00000002.parquet", "00000003.parquet",
+                       "_dataset.json"]  # metadata only: the tars stay in the pool, untouched
+    info = load_dataset(ds)
+    assert info.rows == 4 * SHARD_ROWS and [str(s.tar_path) for s in info.shards] == [f"s3://{t}" for t in tars]
+    got = list(iter_samples(info.shards[0]))  # streamed, sha256 checked on the way
+    assert [s.uid for s in got] == pq.read_table(fs.open(f"{bucket}/ws/datasets/synth/00000000.parquet")).column(
+        "uid").to_pylist()
+
+    models = [str(workspace_template / "models" / REFERENCE)]
+    embed_shards_plain(plan_cache(root, None, models), chunk_size=8, torch_threads=1)
+    doc = read_manifest(f"{root}/cache/{REFERENCE}/synth")
+    assert sorted(doc["shards"]) == [s.name for s in info.shards]
+    c = read_cache_shard(f"{root}/cache/{REFERENCE}/synth", info.shards[2])
+    assert list(c.uids) == [s.uid for s in iter_samples(info.shards[2])] and c.image_emb.shape[1] == doc["dim"]
+    assert verify_cache(root).ok, verify_cache(root).format()
+    assert not plan_cache(root, None, models).items  # the manifest on S3 says done
+
+    # a tar replaced in the bucket after registration: every reader refuses it (and the cache made from it)
+    fs.pipe_file(tars[1], fs.cat(tars[0]))
+    with pytest.raises(ShardError, match="sha256 is .* records"):
+        list(iter_samples(info.shards[1]))
+    rep = verify_cache(root)
+    assert not rep.ok and any("changed after caching" in p for p in rep.problems)
+
+
+@pytest.mark.slow
+def test_cache_flow_training_and_resume_on_s3(s3, bucket, tmp_path, workspace_template, prefect_harness):
+    """The Prefect cache flow reads pairs from S3 and writes its cache there; a tiny run reads dataset and
+    cache from S3, writes its run folder there, and resumes from it (~2-3 min on 2 busy cores)."""
     from flows.cache_flow import cache_flow
     from pipeline.recipes import recipe
     from pipeline.trainer import train
-    from storage.cache import read_cache_shard, read_manifest
-    from storage.shards import iter_samples, load_dataset
-    from tests.conftest import data_cli
+    from storage.cache import read_manifest
+    from storage.shards import load_dataset
 
     fs, _ = s3
-    pool, tars = _pool_on_s3(fs, bucket, tmp_path)
-    sizes = {k: fs.info(k)["size"] for k in tars}
-    root = f"s3://{bucket}/ws"
-
-    # 1. register in place: only metadata Parquet + _dataset.json are written, the tars stay put.
-    assert data_cli(root, "import", "datacomp", pool, "--name", "synth") == 0
-    ds = f"{root}/datasets/synth"
-    written = sorted(p.rsplit("/", 1)[-1] for p in fs.find(f"{bucket}/ws"))
-    assert written == ["00000000.parquet", "00000001.parquet", "00000002.parquet", "00000003.parquet",
-                       "_dataset.json"]
-    assert {k: fs.info(k)["size"] for k in tars} == sizes  # untouched, not copied
+    pool, tars, root, ds = _register(fs, bucket, tmp_path)
     info = load_dataset(ds)
-    assert info.rows == 4 * SHARD_ROWS and all(str(s.tar_path).startswith(pool) for s in info.shards)
-    assert len(list(iter_samples(info.shards[0]))) == SHARD_ROWS  # streamed, sha256 checked
 
     # 2. the Prefect cache flow reads pairs from S3 and writes the cache there (models: local folders).
     models = [str(workspace_template / "models" / m) for m in MODELS]
     out = cache_flow(root, None, models, engine="plain", chunk_size=8, torch_threads=1)
     assert out["result"]["shards"] == 4 and out["verified_files"] == 8
     for m in MODELS:
-        doc = read_manifest(f"{root}/cache/{m}/synth")
-        assert sorted(doc["shards"]) == [s.name for s in info.shards]
-        c = read_cache_shard(f"{root}/cache/{m}/synth", info.shards[1])
-        assert list(c.uids) == pq.read_table(fs.open(f"{bucket}/ws/datasets/synth/00000001.parquet")).column(
-            "uid").to_pylist()
+        assert sorted(read_manifest(f"{root}/cache/{m}/synth")["shards"]) == [s.name for s in info.shards]
     assert cache_flow(root, ["synth"], models, engine="plain")["plan"]["shards"] == 0  # the manifests say done
 
     # 3. a tiny run reads dataset + cache from S3 and writes its run folder to S3 ...
