@@ -42,6 +42,17 @@ def add_commands(subparsers) -> None:
     _common(k)
     k.set_defaults(func=_cmd_import_coco)
 
+    kp = kinds.add_parser("karpathy", help="one split of a Karpathy-split JSON (dataset_coco.json, dataset_flickr30k.json) "
+                                           "as a retrieval set",
+                          description="JSON: Karpathy's caption file ({'images': [{'filepath', 'filename', 'split', "
+                                      "'sentences': [{'raw'}], 'cocoid'}]}); the images of --split, one pair per "
+                                      "sentence, captions grouped by image for recall@k.")
+    kp.add_argument("annotations", type=Path, metavar="JSON", help="dataset_coco.json / dataset_flickr30k.json / ...")
+    kp.add_argument("--images", type=Path, required=True, help="folder the filepath/filename entries are relative to")
+    kp.add_argument("--split", default="test", help="Karpathy split to import (default test: the field's 1k/5k test sets)")
+    _common(kp)
+    kp.set_defaults(func=_cmd_import_karpathy)
+
     w = kinds.add_parser("webdataset", help="existing webdataset / img2dataset tars (re-packed, images copied "
                                             "untouched; --in-place: used where they are)",
                          description="Re-packs the tars into the project's shard layout (image bytes untouched), or "
@@ -202,6 +213,14 @@ def _cmd_import_coco(args) -> int:
     t0 = time.perf_counter()
     return _run(lambda: _report({"": import_coco(args.annotations, args.images, args.root, args.name,
                                                  split=args.split, **_opts(args))}, t0))
+
+
+def _cmd_import_karpathy(args) -> int:
+    from storage.importers import import_karpathy
+
+    t0 = time.perf_counter()
+    return _run(lambda: _report({"": import_karpathy(args.annotations, args.images, args.root, args.name,
+                                                     split=args.split, **_opts(args))}, t0))
 
 
 def _cmd_import_webdataset(args) -> int:

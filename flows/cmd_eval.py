@@ -1,4 +1,5 @@
-"""`aced eval` and `aced stable-eval`: evaluate a saved model; pick the StableEval subset from seeds.
+"""`aced eval`, `aced eval compare` and `aced stable-eval`: evaluate a saved model (datasets given one by one
+or in a suite file), put several models' results side by side, pick the StableEval subset from seeds.
 
 Thin layer over `pipeline.evaluate` (paper section 4.1 and Appendix A).
 """
@@ -14,15 +15,29 @@ log = logging.getLogger(__name__)
 
 def add_commands(subparsers) -> None:
     p = subparsers.add_parser(
-        "eval", help="zero-shot classification and image-text retrieval of a saved model",
+        "eval", help="zero-shot classification and image-text retrieval of a saved model; `eval compare` tables",
         description="Evaluate MODEL_DIR (a folder written by save_model, or a model id under <root>/models). "
-                    "DATASET arguments are pair-shard folders, or dataset names under <root>/datasets.")
-    p.add_argument("model", metavar="MODEL_DIR")
+                    "DATASET arguments are pair-shard folders, or dataset names under <root>/datasets. "
+                    "`aced eval compare RESULTS...` instead puts results (results.json, CLIP_benchmark JSON files, "
+                    "or folders of them) of several models side by side.")
+    p.add_argument("model", metavar="MODEL_DIR", help="model folder or id (or `compare`, then RESULTS...)")
+    p.add_argument("results", metavar="RESULTS", nargs="*", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--suite", type=Path, default=None,
+                   help="JSON list of {\"dataset\", \"task\": \"zeroshot_classification\"|\"zeroshot_retrieval\", "
+                        "\"classnames\"?, \"templates\"?, \"name\"?} (standard sets such as cifar10, imagenet1k)")
+    p.add_argument("--classnames", default=None, metavar="SET",
+                   help="standard class-name set for every --zeroshot dataset (e.g. cifar10, imagenet1k)")
+    p.add_argument("--templates", default=None, metavar="SET",
+                   help="standard template set for every --zeroshot dataset (default: the --classnames set's, else "
+                        "the dataset's own, else CLIP's 80 ImageNet templates)")
+    p.add_argument("--pretrained", default=None,
+                   help="the \"pretrained\" field of the CLIP_benchmark results (default: the model id as given)")
     p.add_argument("--zeroshot", metavar="DATASET", nargs="+", action="extend", default=[],
                    help="class-folder datasets (labels + classnames) for zero-shot top-1/top-5")
     p.add_argument("--retrieval", metavar="DATASET", nargs="+", action="extend", default=[],
                    help="caption datasets (captions grouped by image_id) for recall@1/5/10 both ways")
-    p.add_argument("--out", type=Path, default=None, help="folder for results.json + results.md")
+    p.add_argument("--out", type=Path, default=None,
+                   help="folder for results.json + results.md + clip_benchmark/*.json (CLIP_benchmark's schema)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where the model runs (auto: cuda when available)")
@@ -40,18 +55,32 @@ def add_commands(subparsers) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from pipeline.evaluate import evaluate, format_markdown, write_results
+    from pipeline.evaluate import (evaluate, format_markdown, load_suite, suite_evals, write_clip_benchmark,
+                                   write_results)
     from pipeline.models import load_model, resolve_device
     from storage.shards import ShardError, load_dataset
     from storage.workspace import Workspace
 
+    if args.model == "compare":
+        return _cmd_compare(args)
+    if args.results:
+        raise SystemExit(f"aced eval: unexpected argument(s) {[str(r) for r in args.results]} (one MODEL_DIR; "
+                         f"`aced eval compare RESULTS...` compares results)")
     ws = Workspace(args.root)
 
-    if not args.zeroshot and not args.retrieval:
-        raise SystemExit("aced eval: give at least one --zeroshot or --retrieval dataset")
+    if not args.zeroshot and not args.retrieval and args.suite is None:
+        raise SystemExit("aced eval: give --suite FILE or at least one --zeroshot or --retrieval dataset")
     if args.batch_size < 1:
         raise SystemExit(f"aced eval: --batch-size must be >= 1, got {args.batch_size}")
-    evals: dict[str, tuple[str, Path]] = {}
+    options = {k: v for k, v in (("classnames", args.classnames), ("templates", args.templates)) if v is not None}
+    if options and not args.zeroshot:
+        raise SystemExit("aced eval: --classnames/--templates apply to --zeroshot datasets (a suite names its own)")
+    evals: dict[str, tuple] = {}
+    if args.suite is not None:
+        try:
+            evals.update(suite_evals(load_suite(args.suite), ws.resolve_dataset))
+        except (ValueError, ShardError, FileNotFoundError) as e:
+            raise SystemExit(f"aced eval: {e}") from None
     for kind, names in (("zeroshot", args.zeroshot), ("retrieval", args.retrieval)):
         for name in names:
             path = ws.resolve_dataset(name)
@@ -63,7 +92,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                 label = f"{label} ({kind})"
             if label in evals:
                 raise SystemExit(f"aced eval: dataset {name!r} given twice")
-            evals[label] = (kind, path)
+            evals[label] = (kind, path, options) if kind == "zeroshot" and options else (kind, path)
 
     device = resolve_device(args.device)
     model_dir = ws.resolve_model(args.model)
@@ -71,12 +100,30 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     bundle.model.to(device)
     log.info("eval: model %s from %s on %s", bundle.name, model_dir, device)
 
-    results = evaluate(bundle, evals, batch_size=args.batch_size, faiss_device=args.faiss)
+    try:
+        results = evaluate(bundle, evals, batch_size=args.batch_size, faiss_device=args.faiss)
+    except ValueError as e:  # a class-name set that does not fit a dataset, a bad sample: one line
+        raise SystemExit(f"aced eval: {e}") from None
     results["model_dir"] = str(model_dir)
+    results["pretrained"] = args.pretrained or str(args.model)
     print(format_markdown(results))
     if args.out is not None:
         json_path, md_path = write_results(results, args.out)
-        print(f"wrote {json_path} and {md_path}")
+        bench = write_clip_benchmark(results, args.out / "clip_benchmark", model=bundle.name,
+                                     pretrained=results["pretrained"])
+        print(f"wrote {json_path}, {md_path} and {len(bench)} CLIP_benchmark result(s) in {args.out / 'clip_benchmark'}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from pipeline.evaluate import compare_markdown, load_comparable
+
+    if not args.results:
+        raise SystemExit("aced eval compare: give result files or folders (results.json, CLIP_benchmark JSON)")
+    try:
+        print(compare_markdown(load_comparable(args.results)), end="")
+    except ValueError as e:
+        raise SystemExit(f"aced eval compare: {e}") from None
     return 0
 
 

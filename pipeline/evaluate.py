@@ -12,16 +12,25 @@ Datasets are pair-shard folders (docs/interfaces.md, read with `storage.shards`)
 has a ``label`` per sample and ``classnames`` in its ``_dataset.json``. The metric arithmetic is
 kept apart from the model (`retrieval_from_embeddings`, `zero_shot_from_embeddings`) so it can be
 checked on constructed embeddings. Metrics are fractions in [0, 1]; tables print percentages.
+
+Comparable with the field's tables: class names and prompts can be the standard sets of open_clip and
+CLIP_benchmark (`pipeline.zeroshot_data`; the default prompts are CLIP's 80 ImageNet templates, which
+CLIP_benchmark also falls back to), a suite file (`load_suite`) lists the evaluations, and
+`clip_benchmark_records` writes each result in CLIP_benchmark's JSON schema (its ``build`` reads them);
+`compare_markdown` puts several models' results side by side.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import math
 import queue
+import re
 import threading
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
@@ -35,35 +44,29 @@ import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from pipeline import zeroshot_data
 from storage.atomic import atomic_write_bytes, atomic_write_json
 from storage.shards import decode_image
 from storage.shards import ShardError, ShardRef, iter_samples, list_shards, load_dataset
 
 log = logging.getLogger(__name__)
 
-# A short CLIP-style template set (a subset of the 80 ImageNet prompts of CLIP, Radford et al. 2021):
-# averaging a few phrasings makes the class weight less sensitive to any one wording.
-DEFAULT_TEMPLATES: tuple[str, ...] = (
-    "a photo of a {}.",
-    "a blurry photo of a {}.",
-    "a photo of the large {}.",
-    "a photo of the small {}.",
-    "a bad photo of a {}.",
-    "a good photo of a {}.",
-    "a low resolution photo of a {}.",
-    "a close-up photo of a {}.",
-    "itap of a {}.",
-    "art of the {}.",
-)
+# Prompts for a set that names none: CLIP's 80 ImageNet templates (Radford et al. 2021), from open_clip,
+# the set open_clip's zero-shot evaluation uses and CLIP_benchmark falls back to for any dataset.
+DEFAULT_TEMPLATES: tuple[str, ...] = zeroshot_data.templates("openai_imagenet")
 
 KINDS = ("zeroshot", "retrieval")
 RETRIEVAL_KS: tuple[int, ...] = (1, 5, 10)
+# CLIP_benchmark's task names (its result JSON) <-> ours
+TASKS = {"zeroshot_classification": "zeroshot", "zeroshot_retrieval": "retrieval"}
 
 __all__ = [
-    "DEFAULT_TEMPLATES", "KINDS", "RETRIEVAL_KS",
-    "zero_shot", "zero_shot_from_embeddings", "class_weights",
+    "DEFAULT_TEMPLATES", "KINDS", "RETRIEVAL_KS", "TASKS",
+    "zero_shot", "zero_shot_from_embeddings", "class_weights", "zero_shot_prompts",
     "retrieval", "retrieval_from_embeddings", "select_faiss_device",
     "evaluate", "headline_metrics", "format_markdown", "write_results",
+    "SuiteEntry", "load_suite", "suite_evals", "clip_benchmark_records", "write_clip_benchmark",
+    "load_comparable", "compare_markdown",
     "stable_eval", "stable_eval_table", "collect_seeds",
 ]
 
@@ -162,13 +165,14 @@ def _encode_tokens(bundle, tokens: torch.Tensor, device: torch.device) -> torch.
 def class_weights(bundle, classnames: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES,
                   *, batch_size: int = 256) -> torch.Tensor:
     """Zero-shot classifier W[C, d]: for each class, the mean over templates of the normalised text
-    embeddings of ``template.format(classname)``, renormalised (CLIP's prompt ensembling)."""
+    embeddings of the template filled with the class name, renormalised (CLIP's prompt ensembling, as
+    open_clip's ``build_zero_shot_classifier``). A template's placeholder is ``{}`` or CLIP_benchmark's ``{c}``."""
     if not classnames:
         raise ValueError("class_weights: no class names")
-    if not templates or any("{}" not in t for t in templates):
+    if not templates or any("{}" not in t and "{c}" not in t for t in templates):
         raise ValueError(f"class_weights: every template needs a '{{}}' placeholder, got {list(templates)!r}")
     device = _device_of(bundle)
-    texts = [t.format(c) for c in classnames for t in templates]
+    texts = [t.format(c, c=c) for c in classnames for t in templates]
     embs = torch.cat([_encode_tokens(bundle, bundle.tokenizer(texts[i:i + batch_size]), device)
                       for i in range(0, len(texts), batch_size)])
     # encode_text already normalises each prompt; normalise again anyway so a bundle that returns
@@ -202,12 +206,13 @@ def zero_shot_from_embeddings(img_emb: torch.Tensor, labels: torch.Tensor, weigh
     counts = torch.bincount(labels, minlength=c)
     correct = torch.bincount(labels[hit1], minlength=c)
     present = counts > 0
+    # hits / n in float64 (as CLIP_benchmark and open_clip report them), not a float32 mean
     out = {
-        "top1": hit1.float().mean().item(),
-        "top5": hit5.float().mean().item(),
+        "top1": int(hit1.sum()) / n,
+        "top5": int(hit5.sum()) / n,
         "n": n,
         "n_classes": c,
-        "mean_per_class_top1": (correct[present].float() / counts[present].float()).mean().item(),
+        "mean_per_class_top1": (correct[present].double() / counts[present].double()).mean().item(),
     }
     if classnames is not None:
         if len(classnames) != c:
@@ -234,16 +239,20 @@ def _labelled_batches(dataset_dir: Path, n_classes: int, preprocess, batch_size:
 
 
 def zero_shot(bundle, dataset_dir: str | Path, *, templates: Sequence[str] | None = None,
-              batch_size: int = 256) -> dict:
+              classnames: Sequence[str] | None = None, batch_size: int = 256) -> dict:
     """Zero-shot classification of a class-folder pair-shard dataset (every sample has ``label``;
     ``_dataset.json["classnames"]`` names the classes). Prompt templates: `templates` when given,
-    else the set's own (``_dataset.json["templates"]``), else `DEFAULT_TEMPLATES`.
+    else the set's own (``_dataset.json["templates"]``), else `DEFAULT_TEMPLATES`. `classnames`, when
+    given, is the name to prompt for each label instead (e.g. a standard set's, `zero_shot_prompts`).
     Returns `zero_shot_from_embeddings`' dict plus "templates" (how many were averaged)."""
     dataset_dir = Path(dataset_dir)
     info = load_dataset(dataset_dir)
-    classnames = info.classnames
-    if not classnames or not all(isinstance(c, str) for c in classnames):
+    own = info.classnames
+    if not own or not all(isinstance(c, str) for c in own):
         raise ValueError(f"{dataset_dir / '_dataset.json'}: no 'classnames' list: not a zero-shot classification set")
+    if classnames is not None and len(classnames) != len(own):
+        raise ValueError(f"{dataset_dir}: {len(classnames)} class names given for its {len(own)} classes")
+    classnames = list(classnames) if classnames is not None else own
     if templates is None:
         templates = info.templates or DEFAULT_TEMPLATES
     device = _device_of(bundle)
@@ -420,29 +429,73 @@ def retrieval(bundle, dataset_dir: str | Path, *, batch_size: int = 256, ks: Seq
 # a suite of evaluations, results files
 
 
-def evaluate(bundle, evals: Mapping[str, tuple[str, str | Path]], *, batch_size: int = 256,
+def zero_shot_prompts(dataset_dir: str | Path, classnames: str | None = None,
+                      templates: str | None = None) -> tuple[list[str] | None, tuple[str, ...] | None, dict]:
+    """(class names per label or None = the set's own, templates or None = the set's own / default,
+    {"classnames": source, "templates": source}) for a zero-shot set and optional standard set names
+    (`pipeline.zeroshot_data`). `classnames` maps the set's class folders onto that set's names;
+    ImageNet-style folders (WordNet synset ids) get ImageNet's names without being asked (an id is no
+    prompt). `templates` defaults to the class-name set's templates when it has some."""
+    info = load_dataset(Path(dataset_dir))
+    folders = info.extra.get("class_folders") or info.classnames
+    if not folders:
+        raise ValueError(f"{Path(dataset_dir) / '_dataset.json'}: no 'classnames' list: not a zero-shot "
+                         f"classification set")
+    names_set = classnames
+    if names_set is None and zeroshot_data.is_synset_folders(folders):
+        names_set = "imagenet1k"
+    names = None
+    if names_set is not None:
+        try:
+            names = zeroshot_data.classnames_for_folders(names_set, folders)
+        except ValueError as e:
+            raise ValueError(f"{dataset_dir}: {e}") from None
+    # a named class-name set brings its prompts; one found by itself (synset folders) only where the set has none
+    temps_set = templates if templates is not None else (
+        names_set if names_set in zeroshot_data.set_names() and (classnames is not None or not info.templates)
+        else None)
+    temps = zeroshot_data.templates(temps_set) if temps_set is not None else None
+    source = {"classnames": names_set or "dataset",
+              "templates": temps_set or ("dataset" if info.templates else "openai_imagenet")}
+    return names, temps, source
+
+
+def evaluate(bundle, evals: Mapping[str, tuple], *, batch_size: int = 256,
              templates: Sequence[str] | None = None, faiss_device: str = "auto") -> dict:
-    """Run named evaluations: ``evals = {name: (kind, dataset_dir)}`` with kind 'zeroshot' or 'retrieval'.
-    `templates` (None = each set's own, else CLIP-style defaults) applies to every zero-shot set.
+    """Run named evaluations: ``evals = {name: (kind, dataset_dir)}`` or ``(kind, dataset_dir, options)``
+    with kind 'zeroshot' or 'retrieval' and options ``{"classnames": set, "templates": set}`` naming
+    standard sets for a zero-shot eval (`zero_shot_prompts`). `templates` (None = each set's own, else
+    `DEFAULT_TEMPLATES`) applies to every zero-shot set without a named template set.
 
     Returns {"model": bundle.name, "created": ISO time, "evals": {name: {"kind", "dataset",
-    "seconds", "metrics"}}, "headline": `headline_metrics`}.
+    "seconds", "metrics"[, "prompts"]}}, "headline": `headline_metrics`}.
     """
     for name, spec in evals.items():
-        if not isinstance(spec, (tuple, list)) or len(spec) != 2 or spec[0] not in KINDS:
-            raise ValueError(f"eval {name!r}: expected (kind, dataset_dir) with kind in {KINDS}, got {spec!r}")
+        if (not isinstance(spec, (tuple, list)) or len(spec) not in (2, 3) or spec[0] not in KINDS
+                or (len(spec) == 3 and (not isinstance(spec[2], Mapping)
+                                        or set(spec[2]) - {"classnames", "templates"}))):
+            raise ValueError(f"eval {name!r}: expected (kind, dataset_dir[, {{'classnames', 'templates'}}]) with kind "
+                             f"in {KINDS}, got {spec!r}")
     out: dict = {"model": getattr(bundle, "name", None),
                  "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "evals": {}}
-    for name, (kind, dataset_dir) in evals.items():
+    for name, spec in evals.items():
+        kind, dataset_dir = spec[0], spec[1]
+        options = dict(spec[2]) if len(spec) == 3 else {}
         t0 = time.perf_counter()
+        record: dict = {"kind": kind, "dataset": str(dataset_dir)}
         if kind == "zeroshot":
-            metrics = zero_shot(bundle, dataset_dir, templates=templates, batch_size=batch_size)
+            names, temps, source = zero_shot_prompts(dataset_dir, options.get("classnames"), options.get("templates"))
+            if temps is None and templates is not None:
+                temps, source["templates"] = templates, "given"
+            metrics = zero_shot(bundle, dataset_dir, templates=temps, classnames=names, batch_size=batch_size)
+            record["prompts"] = source
         else:
+            if options:
+                raise ValueError(f"eval {name!r}: class names / templates apply to zero-shot sets only")
             metrics = retrieval(bundle, dataset_dir, batch_size=batch_size, faiss_device=faiss_device)
         seconds = time.perf_counter() - t0
         log.info("eval %s (%s, %s): %.1f s", name, kind, dataset_dir, seconds)
-        out["evals"][name] = {"kind": kind, "dataset": str(dataset_dir), "seconds": round(seconds, 3),
-                              "metrics": metrics}
+        out["evals"][name] = {**record, "seconds": round(seconds, 3), "metrics": metrics}
     out["headline"] = headline_metrics(out)
     return out
 
@@ -501,6 +554,180 @@ def write_results(results: Mapping, out_dir: str | Path, *, stem: str = "results
     atomic_write_json(json_path, results)
     atomic_write_bytes(md_path, format_markdown(results).encode())
     return json_path, md_path
+
+
+# --------------------------------------------------------------------------------------------
+# suites and CLIP_benchmark's result schema
+
+
+@dataclass(frozen=True)
+class SuiteEntry:
+    """One evaluation of a suite file (see `load_suite`)."""
+
+    dataset: str
+    """A workspace dataset name or a dataset folder (resolved by the caller, e.g. `Workspace.resolve_dataset`)."""
+    task: str
+    """CLIP_benchmark's task name: "zeroshot_classification" or "zeroshot_retrieval"."""
+    classnames: str | None = None
+    """Standard class-name set (`pipeline.zeroshot_data`, e.g. "cifar10", "imagenet1k"); zero-shot only."""
+    templates: str | None = None
+    """Standard template set; default: the class-name set's, else the dataset's own, else CLIP's 80."""
+    name: str | None = None
+    """The dataset's name in the results (default: the dataset's own name)."""
+
+    def __post_init__(self):
+        for f in ("dataset", "task"):
+            if not isinstance(getattr(self, f), str) or not getattr(self, f).strip():
+                raise ValueError(f"'{f}' must be a non-empty string, got {getattr(self, f)!r}")
+        if self.task not in TASKS:
+            raise ValueError(f"task {self.task!r} is not one of {sorted(TASKS)}")
+        for f in ("classnames", "templates", "name"):
+            v = getattr(self, f)
+            if v is not None and (not isinstance(v, str) or not v.strip()):
+                raise ValueError(f"'{f}' must be a non-empty string, got {v!r}")
+        if TASKS[self.task] == "retrieval" and (self.classnames or self.templates):
+            raise ValueError("'classnames' / 'templates' apply to zeroshot_classification only")
+        if self.classnames is not None:
+            zeroshot_data.classnames(self.classnames)  # raises naming the known sets
+        if self.templates is not None:
+            zeroshot_data.templates(self.templates)
+
+
+def load_suite(path: str | Path) -> list[SuiteEntry]:
+    """A suite file: a JSON list of objects {"dataset", "task"[, "classnames", "templates", "name"]}
+    (`SuiteEntry`). Errors name the file and the entry."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read a suite ({e})") from None
+    if not isinstance(doc, list) or not doc:
+        raise ValueError(f"{path}: a suite is a non-empty JSON list of {{\"dataset\", \"task\", ...}} objects")
+    entries = []
+    fields = set(SuiteEntry.__dataclass_fields__)
+    for i, item in enumerate(doc):
+        if not isinstance(item, dict):
+            raise ValueError(f"{path}: entry {i} is not an object")
+        unknown = set(item) - fields
+        if unknown:
+            raise ValueError(f"{path}: entry {i}: unknown key(s) {sorted(unknown)} (known: {sorted(fields)})")
+        try:
+            entries.append(SuiteEntry(**item))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: entry {i} ({item.get('dataset')!r}): {e}") from None
+    return entries
+
+
+def suite_evals(entries: Sequence[SuiteEntry], resolve) -> dict[str, tuple]:
+    """`evaluate`'s ``evals`` for suite entries; `resolve(dataset) -> folder`. An eval is named by the
+    entry's "name", else the dataset's own name; two evals of one name are an error."""
+    evals: dict[str, tuple] = {}
+    for e in entries:
+        folder = Path(resolve(e.dataset))
+        name = e.name or load_dataset(folder).name
+        if name in evals:
+            raise ValueError(f"suite: two evaluations named {name!r} (give one a \"name\")")
+        options = {k: v for k, v in (("classnames", e.classnames), ("templates", e.templates)) if v is not None}
+        evals[name] = (TASKS[e.task], folder, options) if options else (TASKS[e.task], folder)
+    return evals
+
+
+def clip_benchmark_records(results: Mapping, *, model: str, pretrained: str) -> list[dict]:
+    """One CLIP_benchmark result object per evaluation, its ``cli.py`` schema: {"dataset", "model",
+    "pretrained", "task", "metrics", "language": "en"}; metrics {"acc1", "acc5", "mean_per_class_recall"}
+    for zero-shot classification, {"image_retrieval_recall@k", "text_retrieval_recall@k"} for retrieval.
+    CLIP_benchmark's "image retrieval" is text -> image (our t2i), "text retrieval" image -> text (i2t);
+    both count a query as found if any of its matches is in the top k, as we do."""
+    out = []
+    for name, ev in results["evals"].items():
+        m = ev["metrics"]
+        if ev["kind"] == "zeroshot":
+            task = "zeroshot_classification"
+            metrics = {"acc1": m["top1"], "acc5": m["top5"], "mean_per_class_recall": m["mean_per_class_top1"]}
+        elif ev["kind"] == "retrieval":
+            task = "zeroshot_retrieval"
+            ks = sorted(int(k[5:]) for k in m if k.startswith("t2i_r"))
+            metrics = {}
+            for k in ks:  # CLIP_benchmark's key order: image then text retrieval, per k
+                metrics[f"image_retrieval_recall@{k}"] = m[f"t2i_r{k}"]
+                metrics[f"text_retrieval_recall@{k}"] = m[f"i2t_r{k}"]
+        else:
+            raise ValueError(f"eval {name!r}: unknown kind {ev['kind']!r}")
+        out.append({"dataset": name, "model": model, "pretrained": pretrained, "task": task,
+                    "metrics": {k: float(v) for k, v in metrics.items()}, "language": "en"})
+    return out
+
+
+def _file_part(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._=+-]+", "-", s).strip("-.") or "x"
+
+
+def write_clip_benchmark(results: Mapping, out_dir: str | Path, *, model: str, pretrained: str) -> list[Path]:
+    """Write `clip_benchmark_records` as ``<out_dir>/<dataset>_<pretrained>_<model>_en_<task>.json`` (CLIP_benchmark's
+    default output name, '/' and other odd characters as '-'), each atomically. Returns the paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for r in clip_benchmark_records(results, model=model, pretrained=pretrained):
+        stem = "_".join(_file_part(x) for x in (r["dataset"], r["pretrained"], r["model"], r["language"], r["task"]))
+        atomic_write_json(out_dir / f"{stem}.json", r)
+        paths.append(out_dir / f"{stem}.json")
+    return paths
+
+
+def _records_of(doc, where: str) -> list[dict]:
+    if isinstance(doc, dict) and "evals" in doc:  # a results.json of `aced eval`
+        model = doc.get("model") or "?"
+        pretrained = doc.get("pretrained") or Path(str(doc.get("model_dir") or "?")).name
+        return clip_benchmark_records(doc, model=model, pretrained=pretrained)
+    if isinstance(doc, dict) and {"dataset", "model", "pretrained", "task", "metrics"} <= set(doc):
+        return [doc]
+    raise ValueError(f"{where}: neither an `aced eval` results.json nor a CLIP_benchmark result")
+
+
+def load_comparable(paths: Sequence[str | Path]) -> list[dict]:
+    """CLIP_benchmark records from result files and folders: a results.json of `aced eval`, a CLIP_benchmark
+    result JSON, or a folder (its results.json if it has one, else every *.json in it)."""
+    records: list[tuple[dict, str]] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files = [p / "results.json"] if (p / "results.json").is_file() else sorted(p.glob("*.json"))
+            if not files:
+                raise ValueError(f"{p}: no results.json or *.json result files")
+        elif p.is_file():
+            files = [p]
+        else:
+            raise ValueError(f"{p}: no such file or folder")
+        for f in files:
+            try:
+                doc = json.loads(f.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ValueError(f"{f}: cannot read ({e})") from None
+            records += [(r, str(f)) for r in _records_of(doc, str(f))]
+    seen: dict[tuple, str] = {}
+    for r, f in records:
+        key = (r["model"], r["pretrained"], r["dataset"], r["task"], r.get("language", "en"))
+        if key in seen:
+            raise ValueError(f"{f}: {r['model']} {r['pretrained']} on {r['dataset']} ({r['task']}) is also in {seen[key]}")
+        seen[key] = f
+    return [r for r, _ in records]
+
+
+def compare_markdown(records: Sequence[Mapping]) -> str:
+    """One table: a row per (dataset, metric), a column per model ("model pretrained", CLIP_benchmark's
+    model_fullname), values in percent; a model without that result shows "-"."""
+    if not records:
+        raise ValueError("nothing to compare")
+    models = list(dict.fromkeys(f"{r['model']} {r['pretrained']}" for r in records))
+    rows: dict[tuple[str, str], dict[str, float]] = {}
+    for r in records:
+        for metric, v in r["metrics"].items():
+            rows.setdefault((r["dataset"], metric), {})[f"{r['model']} {r['pretrained']}"] = v
+    lines = ["| dataset | metric | " + " | ".join(models) + " |", "|---|---|" + "---:|" * len(models)]
+    for (dataset, metric), vals in rows.items():
+        cells = [_pct(vals[m]) if isinstance(vals.get(m), (int, float)) else "-" for m in models]
+        lines.append(f"| {dataset} | {metric} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------------------------

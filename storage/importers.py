@@ -3,6 +3,8 @@
   - `import_captions`: a folder of images + a caption table ("image,caption" CSV/TSV) with optional
     split lists (one image name per line, `splits/<split>.txt`); one pair per caption (Flickr8k/30k).
   - `import_coco`: COCO-captions JSON (images[], annotations[]) + an image folder.
+  - `import_karpathy`: one split of a Karpathy-split JSON (`dataset_coco.json`, `dataset_flickr30k.json`),
+    the retrieval test sets of the field (1k Flickr30k / 5k COCO images, 5 captions each).
   - `import_webdataset`: existing webdataset / img2dataset tars (re-packed in the shard layout with
     the image bytes untouched; uids and metadata taken from the `.json` members or a Parquet sidecar).
   - `register_webdataset` (`import_webdataset(in_place=True)`, `aced import datacomp`): the same
@@ -10,7 +12,8 @@
     only the metadata Parquet and `_dataset.json` are written, whose shard entries point at the tars
     (`storage.shards.register_shards`); samples img2dataset marks as failed are counted and skipped.
   - `import_class_folders`: `<class>/<image>` folders for zero-shot classification (section 4.1):
-    caption = class name, label = index of the class among the sorted folder names.
+    caption = class name, label = index of the class among the sorted folder names (recorded as
+    "class_folders", so evaluation can map them onto a standard class-name set).
 
 Image bytes are kept as they are when they are JPEG (no re-encode: the pixels the reference model
 sees are the originals); other formats are decoded and re-encoded to JPEG for captions/COCO/classes.
@@ -477,35 +480,129 @@ def import_coco(annotations: str | os.PathLike, images: str | os.PathLike, root:
                       f"image folder (absolute or '..'): refused", kind="path outside image folder", n=len(caps[iid]))
             del caps[iid]
 
-    def samples() -> Iterator[Sample]:
-        n = 0
-        images_real = images.resolve()
-        for iid, file_name in files.items():
-            if iid not in caps:
-                continue
-            path = images / file_name
-            real = _outside(path, images_real)
-            if real is not None:
-                skips.bad(f"{path}: leads to {real}, outside the image folder {images} (a symlink): refused (COCO "
-                          f"image_id {iid})", kind="path outside image folder", n=len(caps[iid]))
-                continue
-            try:
-                data, w, h = load_image(path)
-            except FileNotFoundError:
-                skips.bad(f"{path}: missing image (COCO image_id {iid})", kind="missing image", n=len(caps[iid]))
-                continue
-            except (OSError, ValueError) as e:
-                skips.bad(f"{_image_problem(e, path)} (COCO image_id {iid})", kind="bad image", n=len(caps[iid]))
-                continue
-            for ordinal, (caption, _) in enumerate(caps[iid]):
-                yield Sample(key=f"{n:08d}", uid=make_uid(source, iid, caption, ordinal), image_bytes=data,
-                             caption=caption, image_id=iid, width=w, height=h, source=source, split=split)
-                n += 1
-
-    info = write_shards(samples(), dataset_dir(root, name), name=name, source=f"coco:{annotations.resolve()}",
+    info = write_shards(_image_caption_samples(files, caps, images, source=source, split=split, skips=skips,
+                                               ref=lambda iid: f"COCO image_id {iid}"),
+                        dataset_dir(root, name), name=name, source=f"coco:{annotations.resolve()}",
                         samples_per_shard=samples_per_shard, on_error=on_error, overwrite=overwrite,
                         extra=lambda: {**skips.extra(), "duplicate_captions_dropped": len(all_dropped)})
     return info
+
+
+def _image_caption_samples(files: dict[str, str], caps: dict[str, list[tuple[str, int]]], images: Path, *,
+                           source: str, split: str | None, skips: _Skips, ref) -> Iterator[Sample]:
+    """Samples of {image id: file name} (in that order) with captions `caps[image id]` (images without
+    captions are left out); each image read and checked once; `ref(image id)` says in messages where
+    the image was named (COCO's image_id, a Karpathy images[] entry)."""
+    n = 0
+    images_real = images.resolve()
+    for iid, file_name in files.items():
+        if iid not in caps:
+            continue
+        path = images / file_name
+        real = _outside(path, images_real)
+        if real is not None:
+            skips.bad(f"{path}: leads to {real}, outside the image folder {images} (a symlink): refused "
+                      f"({ref(iid)})", kind="path outside image folder", n=len(caps[iid]))
+            continue
+        try:
+            data, w, h = load_image(path)
+        except FileNotFoundError:
+            skips.bad(f"{path}: missing image ({ref(iid)})", kind="missing image", n=len(caps[iid]))
+            continue
+        except (OSError, ValueError) as e:
+            skips.bad(f"{_image_problem(e, path)} ({ref(iid)})", kind="bad image", n=len(caps[iid]))
+            continue
+        for ordinal, (caption, _) in enumerate(caps[iid]):
+            yield Sample(key=f"{n:08d}", uid=make_uid(source, iid, caption, ordinal), image_bytes=data,
+                         caption=caption, image_id=iid, width=w, height=h, source=source, split=split)
+            n += 1
+
+
+# --------------------------------------------------------------------------- Karpathy splits
+
+KARPATHY_SPLITS = ("train", "val", "test", "restval")
+
+
+def import_karpathy(annotations: str | os.PathLike, images: str | os.PathLike, root: str | os.PathLike, name: str, *,
+                    split: str = "test", samples_per_shard: int = 1000, on_error: OnError = "raise",
+                    overwrite: bool = False) -> DatasetInfo:
+    """Import one split of a Karpathy-split caption file (``dataset_coco.json``, ``dataset_flickr30k.json``,
+    ``dataset_flickr8k.json``: ``{"images": [{"filepath"?, "filename", "split", "sentences": [{"raw", ...}],
+    "cocoid"?, ...}], "dataset": ...}``) as the retrieval set `<name>`: the images of `split` (the field
+    reports the 1k Flickr / 5k COCO "test" split), one pair per sentence ("raw", stripped), in file order.
+    Image file = `images`/filepath/filename; image_id = str(cocoid) for COCO (as `import_coco`), else
+    the file path without its suffix (as `import_captions` names Flickr images)."""
+    annotations, images = Path(annotations), Path(images)
+    try:
+        doc = json.loads(read_text(annotations))
+    except ValueError as e:
+        raise ShardError(f"{annotations}: not JSON ({e})") from None
+    entries = doc.get("images") if isinstance(doc, dict) else None
+    if not isinstance(entries, list):
+        raise ShardError(f"{annotations}: not a Karpathy-split file (no 'images' list)")
+    if split not in KARPATHY_SPLITS:
+        log.warning("%s: split %r is none of Karpathy's %s", annotations, split, KARPATHY_SPLITS)
+    skips = _Skips(on_error)
+    source = name.split("/")[0]
+    files: OrderedDict[str, str] = OrderedDict()
+    caps: dict[str, list[tuple[str, int]]] = {}
+    where: dict[str, int] = {}  # image id -> index in images[] (for messages)
+    seen_splits: dict[str, int] = {}
+    all_dropped = []
+    for i, im in enumerate(entries):
+        at = f"{annotations}: images[{i}]"
+        if not isinstance(im, dict):
+            raise ShardError(f"{at} is not an object")
+        s = im.get("split")
+        if not isinstance(s, str):
+            raise ShardError(f"{at}: split {s!r} is not a string")
+        seen_splits[s] = seen_splits.get(s, 0) + 1
+        if s != split:
+            continue
+        filename, filepath, sentences = im.get("filename"), im.get("filepath", ""), im.get("sentences")
+        if not isinstance(filename, str) or not filename.strip() or not isinstance(filepath, str):
+            raise ShardError(f"{at}: filepath/filename {filepath!r}/{filename!r} do not name a file")
+        if not isinstance(sentences, list):
+            raise ShardError(f"{at} ({filename}): 'sentences' is not a list")
+        rel = PurePosixPath(filepath, filename).as_posix() if filepath else PurePosixPath(filename).as_posix()
+        cocoid = im.get("cocoid")
+        if cocoid is not None and (not isinstance(cocoid, (int, str)) or isinstance(cocoid, bool)):
+            raise ShardError(f"{at} ({rel}): cocoid {cocoid!r} is not an integer or a string")
+        iid = str(cocoid) if cocoid is not None else _image_id(rel)
+        if iid in files:  # which image would its captions describe? Refused, as in import_coco
+            raise ShardError(f"{at} ({rel}): image id {iid!r} was already given by images[{where[iid]}] "
+                             f"({files[iid]})")
+        image_caps = []
+        for j, sent in enumerate(sentences):
+            raw = sent.get("raw") if isinstance(sent, dict) else None
+            if not isinstance(raw, str) or not raw.strip():
+                skips.bad(f"{at}.sentences[{j}] ({rel}): empty or missing 'raw' caption", kind="empty caption")
+            else:
+                image_caps.append((raw.strip(), j))
+        if _leaves_folder(rel):
+            skips.bad(f"{at}: image path {rel!r} leaves the image folder (absolute or '..'): refused",
+                      kind="path outside image folder", n=len(image_caps))
+            continue
+        files[iid], where[iid] = rel, i
+        if image_caps:
+            caps[iid], d = _dedupe(image_caps)
+            all_dropped += [(i, k) for k, _ in d]
+        else:
+            log.warning("%s: no caption: image left out", at)
+    if not files:
+        raise ShardError(f"{annotations}: no image has split {split!r} (splits: "
+                         f"{', '.join(f'{k} ({v})' for k, v in sorted(seen_splits.items())) or 'none'})")
+    if all_dropped:
+        i, k = all_dropped[0]
+        log.warning("%s: dropped %d duplicate caption(s) (same image, same text; e.g. images[%d].sentences[%d])",
+                    annotations, len(all_dropped), i, k)
+    samples = _image_caption_samples(files, caps, images, source=source, split=split, skips=skips,
+                                     ref=lambda iid: f"{annotations.name} images[{where[iid]}]")
+    return write_shards(samples, dataset_dir(root, name), name=name,
+                        source=f"karpathy:{annotations.resolve()}#{split}", samples_per_shard=samples_per_shard,
+                        on_error=on_error, overwrite=overwrite,
+                        extra=lambda: {**skips.extra(), "duplicate_captions_dropped": len(all_dropped),
+                                       "karpathy_dataset": doc.get("dataset")})
 
 
 # --------------------------------------------------------------------------- webdataset / img2dataset
@@ -982,4 +1079,5 @@ def import_class_folders(src: str | os.PathLike, root: str | os.PathLike, name: 
 
     return write_shards(samples(), dataset_dir(root, name), name=name, source=f"classes:{src.resolve()}",
                         samples_per_shard=samples_per_shard, on_error=on_error, overwrite=overwrite,
-                        extra=lambda: {**skips.extra(), "classnames": classnames, "images_in_subfolders": nested})
+                        extra=lambda: {**skips.extra(), "classnames": classnames, "class_folders": classes,
+                                       "images_in_subfolders": nested})
