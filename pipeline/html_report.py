@@ -255,10 +255,13 @@ def noise_figure(runs: list[RunView], colours: dict[str, str]):
         if not run.noise_known():
             unknown.append(run.name)
             continue
-        for key, style, label in (("noisy_frac_superbatch", "--", "super-batch"), ("noisy_frac_selected", "-", "selected")):
-            vals = [math.nan if v is None else v for v in m.get(key, [])]
-            ax.plot(m["step"], vals, style, color=colours[run.name], label=f"{run.name}: {label}",
-                    linewidth=1.6 if style == "-" else 1.0)
+        sb, sel = ([math.nan if v is None else v for v in m.get(k, [])] for k in ("noisy_frac_superbatch",
+                                                                                 "noisy_frac_selected"))
+        if sb == sel:  # IID: the trained batch is the super-batch
+            ax.plot(m["step"], sel, color=colours[run.name], label=f"{run.name}: trained batch (no selection)")
+            continue
+        ax.plot(m["step"], sb, "--", color=colours[run.name], label=f"{run.name}: super-batch", linewidth=1.0)
+        ax.plot(m["step"], sel, color=colours[run.name], label=f"{run.name}: selected", linewidth=1.6)
     ax.yaxis.set_major_formatter(PercentFormatter(1.0))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("step")
@@ -431,7 +434,7 @@ def render_html(runs: list[RunView], *, steps: int = 3, per_step: int = 6) -> st
     if with_metrics:
         out.append("<h2>Training curves</h2>")
         evals = {r.name: r.evals for r in with_metrics if r.evals} or None
-        out.append(_img(*_figure_uri(runs_figure({r.name: r.run_dir for r in with_metrics}, evals=evals)),
+        out.append(_img(*_figure_uri(runs_figure({r.name: r.run_dir for r in with_metrics}, evals=evals, ncols=2)),
                         "training curves"))
     out.append("</body></html>")
     return "\n".join(out)

@@ -110,8 +110,10 @@ _PANELS = {"contrastive": "contrastive loss (B_CE)", "kd": "distillation loss (B
            "noisy_frac_selected": "noisy pairs (solid: trained batch, dashed: super-batch)"}
 
 
-def runs_figure(runs: Mapping[str, Path], *, evals: Mapping[str, Mapping[str, float]] | None = None):
-    """The matplotlib Figure of `plot_runs` (each line and bar labelled with its run's name)."""
+def runs_figure(runs: Mapping[str, Path], *, evals: Mapping[str, Mapping[str, float]] | None = None,
+                ncols: int | None = None):
+    """The matplotlib Figure of `plot_runs` (each line and bar labelled with its run's name); the panels
+    in one row, or in rows of `ncols`."""
     import matplotlib
 
     matplotlib.use("Agg")  # headless; never needs a display
@@ -121,8 +123,13 @@ def runs_figure(runs: Mapping[str, Path], *, evals: Mapping[str, Mapping[str, fl
     names = list(runs)
     colours = run_colours(names)
     n = len(_PANELS) + (1 if evals else 0)
-    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.8), squeeze=False)
-    axes = list(axes[0])
+    cols = min(n, ncols or n)
+    rows = math.ceil(n / cols)
+    fig, grid = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows + 0.4), squeeze=False)
+    axes = list(grid.flat)
+    for ax in axes[n:]:
+        ax.remove()
+    axes = axes[:n]
     missing: dict[str, list[str]] = {key: [] for key in _PANELS}
     for name, run_dir in runs.items():
         table = read_metrics(run_dir).to_pydict()
@@ -134,7 +141,8 @@ def runs_figure(runs: Mapping[str, Path], *, evals: Mapping[str, Mapping[str, fl
                 missing[key].append(name)
                 continue
             ax.plot(steps, _smooth(vals, window), label=name, color=colours[name])
-            if key == "noisy_frac_selected" and (sb := _series(table, "noisy_frac_superbatch")) is not None:
+            sb = _series(table, "noisy_frac_superbatch") if key == "noisy_frac_selected" else None
+            if sb is not None and sb != vals:  # (IID: the trained batch is the super-batch; one line)
                 ax.plot(steps, _smooth(sb, window), label=name, color=colours[name], linestyle="--", linewidth=0.9)
     for ax, (key, title) in zip(axes, _PANELS.items()):
         ax.set_title(title, fontsize=9)
@@ -163,7 +171,7 @@ def runs_figure(runs: Mapping[str, Path], *, evals: Mapping[str, Mapping[str, fl
     # One legend for the figure: every run once, in its colour (a run absent from the first panel is still named).
     handles = [matplotlib.lines.Line2D([], [], color=colours[name], label=name) for name in names]
     fig.legend(handles=handles, loc="upper center", ncol=min(len(names), 6), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0, 1, 0.9))
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / (3.6 * rows + 0.4)))
     return fig
 
 
