@@ -120,7 +120,8 @@ def _train(args: argparse.Namespace) -> int:
         last, model_dir = result.metrics, result.model_dir
         print(f"run {run_dir}: {result.step} steps, model at {result.model_dir}")
     keys = ("total", "contrastive", "kd", "noisy_frac_selected", "noisy_frac_superbatch", "pairs_per_s")
-    print("last step: " + ", ".join(f"{k}={last[k]:.4g}" for k in keys if k in last))
+    print("last step: " + ", ".join(f"{k}=" + ("n/a" if last[k] is None else f"{last[k]:.4g}")  # None: noise unknown
+                                    for k in keys if k in last))
     if cfg.eval_zeroshot or cfg.eval_retrieval:
         from pipeline.evaluate import evaluate, write_results
         from pipeline.models import load_model

@@ -9,6 +9,11 @@ samples are shuffled together (webdataset-style shard shuffling: memory stays bo
 the order is still well mixed). Decoding (JPEG -> tensor, tokenisation) runs in DataLoader worker processes.
 Cached reference/teacher rows are zipped by uid and verified against the pair shard (storage.cache raises on
 any mismatch): a stale, partial or foreign cache is never used silently.
+
+A pair's caption is its metadata Parquet's `caption` (storage.shards.iter_samples: the one rule, which lets a
+`storage.corrupt` copy swap captions without copying a tar). Its noise flag is the metadata's nullable `noisy`:
+True/False where the dataset knows it (synthetic data, corrupted copies), null where it does not (imports);
+`SuperBatch.noise_known` carries that, so the trainer reports an unknown noisy fraction as null, never as 0.
 """
 from __future__ import annotations
 
@@ -85,7 +90,9 @@ class SuperBatch:
         model's float input is made on the device (ModelBundle.normalize).
     tokens: int64 [N, L]; the student's tokenizer cuts L to the super-batch's longest caption where that is
         exact (pipeline.models.TrimmingTokenizer); a sub-batch keeps its super-batch's L.
-    uids: the pairs' uids; noisy: bool [N], the known caption-noise flags.
+    uids: the pairs' uids; noisy: bool [N], the caption-noise flags (False where unknown).
+    noise_known: bool [N], True where the dataset records the pair's flag (metadata `noisy` not null);
+        None means every flag is known (a batch built by hand).
     reference: cached reference (image, text) embeddings [N, d_ref] (None without a reference).
     teachers: cached teacher (image, text) embeddings [N, d_t], one pair per teacher.
     """
@@ -97,6 +104,7 @@ class SuperBatch:
     noisy: torch.Tensor
     reference: tuple[torch.Tensor, torch.Tensor] | None
     teachers: list[tuple[torch.Tensor, torch.Tensor]]
+    noise_known: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.uids)
@@ -110,7 +118,8 @@ class SuperBatch:
         return SuperBatch(step=self.step, images=cut(self.images), tokens=cut(self.tokens),
                           uids=self.uids[idx.cpu().numpy()], noisy=cut(self.noisy),
                           reference=None if self.reference is None else (cut(self.reference[0]), cut(self.reference[1])),
-                          teachers=[(cut(i), cut(t)) for i, t in self.teachers])
+                          teachers=[(cut(i), cut(t)) for i, t in self.teachers],
+                          noise_known=None if self.noise_known is None else cut(self.noise_known))
 
     def to(self, device: torch.device) -> "SuperBatch":
         """Tensors on `device` (non-blocking from pinned memory); uids stay on the host."""
@@ -119,7 +128,8 @@ class SuperBatch:
 
         return dataclasses.replace(self, images=move(self.images), tokens=move(self.tokens), noisy=move(self.noisy),
                                    reference=None if self.reference is None else tuple(map(move, self.reference)),
-                                   teachers=[(move(i), move(t)) for i, t in self.teachers])
+                                   teachers=[(move(i), move(t)) for i, t in self.teachers],
+                                   noise_known=None if self.noise_known is None else move(self.noise_known))
 
     def pin_memory(self) -> "SuperBatch":
         """Page-locked copies (the DataLoader calls this with pin_memory=True) for asynchronous copies."""
@@ -128,7 +138,8 @@ class SuperBatch:
 
         return dataclasses.replace(self, images=pin(self.images), tokens=pin(self.tokens), noisy=pin(self.noisy),
                                    reference=None if self.reference is None else tuple(map(pin, self.reference)),
-                                   teachers=[(pin(i), pin(t)) for i, t in self.teachers])
+                                   teachers=[(pin(i), pin(t)) for i, t in self.teachers],
+                                   noise_known=None if self.noise_known is None else pin(self.noise_known))
 
 
 _NIBBLE = np.full(256, 255, dtype=np.uint8)
@@ -318,7 +329,9 @@ class SuperBatches(torch.utils.data.Dataset):
         dataset = self.index.datasets[s]
         meta = read_metadata(ref)
         expected = np.asarray(meta.column("uid").to_pylist(), dtype=object)
-        noisy = np.asarray([bool(x) for x in meta.column("noisy").to_pylist()], dtype=bool)
+        flags = meta.column("noisy").to_pylist()  # null: the dataset does not know (a plain import)
+        noisy = np.asarray([x is True for x in flags], dtype=bool)
+        known = np.asarray([x is not None for x in flags], dtype=bool)
         rows: list[tuple[bytes, str] | None] = [None] * len(expected)
         position = {u: i for i, u in enumerate(expected)}
         # iter_samples checks the tar's sha256 first (a flipped bit in a JPEG may still decode).
@@ -334,7 +347,7 @@ class SuperBatches(torch.utils.data.Dataset):
             if list(c.uids) != list(expected):  # storage checks this too; the trainer must never zip blindly
                 raise ValueError(f"cache {spec.folder(dataset)} shard {ref.name}: uids differ from the pair shard")
             cached.append((c.image_emb, c.text_emb))
-        entry = {"rows": rows, "cached": cached, "ref": ref, "uids": expected, "noisy": noisy}
+        entry = {"rows": rows, "cached": cached, "ref": ref, "uids": expected, "noisy": noisy, "known": known}
         self._open[s] = entry
         if len(self._open) > self._max_open:
             self._open.popitem(last=False)
@@ -353,7 +366,7 @@ class SuperBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, step: int) -> SuperBatch:
         ids = self._ids(step)
-        images, captions, uids, noisy = [], [], [], []
+        images, captions, uids, noisy, known = [], [], [], [], []
         cached: list[tuple[list, list]] = [([], []) for _ in self.caches]
         for gid in ids:
             s, r = self.index.locate(int(gid))
@@ -369,6 +382,7 @@ class SuperBatches(torch.utils.data.Dataset):
             captions.append(row[1])
             uids.append(uid)
             noisy.append(bool(entry["noisy"][r]))
+            known.append(bool(entry["known"][r]))
             for (ci, ct), (img_emb, txt_emb) in zip(cached, entry["cached"]):
                 ci.append(img_emb[r])
                 ct.append(txt_emb[r])
@@ -378,7 +392,8 @@ class SuperBatches(torch.utils.data.Dataset):
         return SuperBatch(step=step, images=torch.stack(images), tokens=self.tokenizer(captions),
                           uids=np.asarray(uids, dtype=object), noisy=torch.tensor(noisy, dtype=torch.bool),
                           reference=embs[0] if self.has_reference else None,
-                          teachers=embs[1:] if self.has_reference else embs)
+                          teachers=embs[1:] if self.has_reference else embs,
+                          noise_known=torch.tensor(known, dtype=torch.bool))
 
 
 class _Steps(torch.utils.data.Sampler):

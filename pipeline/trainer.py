@@ -7,8 +7,11 @@ reads as its named parts:
   select_subbatch   joint (JEST) selection of b pairs with the conditional-score kernel
   train_step        contrastive loss on B_CE (+ lambda * KD on B_KD), clipped Adam update
   log_step          per-step metrics and (every k steps, optionally sampled) per-candidate selection records
-  checkpoint        atomic (pipeline.checkpoint); metrics and selections are flushed to Parquet only
-                    together with a checkpoint, so a resumed run never holds a duplicated or a missing step.
+  checkpoint        atomic (pipeline.checkpoint), after flushing the logs
+Metrics and selections are flushed to Parquet parts at every checkpoint and, between checkpoints, after the
+first step and then at most every LOG_FLUSH_S seconds, so a running run shows in `aced sql` and the report
+before its first checkpoint. A resume drops what was flushed after its checkpoint (`truncate_after`), so a
+resumed run never holds a duplicated or a missing step.
 
 Resume order (written once, here): the run's own latest checkpoint, then `init_from` weights, then scratch.
 Everything random is derived from (seed, step), so a killed and restarted run reproduces the
@@ -53,6 +56,7 @@ log = logging.getLogger(__name__)
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP/open_clip clamp: keeps a = exp(t) <= 100
 LOG_EVERY = 25  # steps between progress log lines when no progress bar is shown
+LOG_FLUSH_S = 30.0  # at most this long between metrics/selections parts of a running run (after its first step)
 
 
 @dataclass
@@ -83,6 +87,8 @@ class Run:
     """First step to run (the resumed checkpoint's step)."""
     metrics_log: ParquetLog | None = None
     selections_log: ParquetLog | None = None
+    flushed_at: float = -math.inf
+    """time.monotonic() of the last flush of the logs (the first step of a process flushes at once)."""
     net: torch.nn.Module | None = None
     """The student for the training forward: DDP at W > 1 (Dist.wrap), the model itself at W = 1."""
 
@@ -261,18 +267,31 @@ def select_subbatch(run: Run, stu: tuple[torch.Tensor, torch.Tensor], sb: SuperB
                   gather=group.gather_rows if group.active else None, **kwargs)
 
 
-def selection_metrics(run: Run, sb: SuperBatch, result: SelectionResult) -> dict[str, float]:
+def noisy_fraction(noisy: float, known: float, n: float) -> float | None:
+    """noisy / n, or None (null in the metrics: "n/a") unless the noise flag of every one of the n pairs is
+    known: a dataset that records none (a plain import) has an unknown noisy fraction, not 0."""
+    return noisy / n if known == n and n else None
+
+
+def _noise_known(sb: SuperBatch) -> torch.Tensor:
+    return sb.noise_known if sb.noise_known is not None else torch.ones_like(sb.noisy)
+
+
+def selection_metrics(run: Run, sb: SuperBatch, result: SelectionResult) -> dict[str, float | None]:
     """Means over the whole (global) super-batch of the scores and the noisy flags, of all candidates and
-    of the selected ones: sums and counts added over the ranks in one collective."""
+    of the selected ones: sums and counts added over the ranks in one collective. A noisy fraction is
+    None where a pair it covers has no known flag (`noisy_fraction`)."""
     selected = torch.zeros(len(sb), dtype=torch.bool, device=result.scores.device)
     selected[result.indices] = True
     scores, noisy = result.scores.float(), sb.noisy.to(selected.device)
+    known = _noise_known(sb).to(selected.device)
     sums = torch.stack([scores.sum(), torch.tensor(float(len(sb)), device=selected.device),
                         scores[selected].sum(), selected.sum().float(), noisy.sum().float(),
-                        noisy[selected].sum().float()]).double()
+                        noisy[selected].sum().float(), known.sum().float(), known[selected].sum().float()]).double()
     s = run.group.sum_floats(sums.tolist(), run.device)  # one host sync per step, here
     return {"score_mean_all": s[0] / s[1], "score_mean_selected": s[2] / s[3],
-            "noisy_frac_superbatch": s[4] / s[1], "noisy_frac_selected": s[5] / s[3]}
+            "noisy_frac_superbatch": noisy_fraction(s[4], s[6], s[1]),
+            "noisy_frac_selected": noisy_fraction(s[5], s[7], s[3])}
 
 
 def log_selections(run: Run, sb: SuperBatch, result: SelectionResult) -> None:
@@ -289,14 +308,16 @@ def log_selections(run: Run, sb: SuperBatch, result: SelectionResult) -> None:
     selected = np.zeros(n, dtype=bool)
     selected[result.indices.cpu().numpy()] = True
     part = {"uid": sb.uids[rows], "score": result.scores.float().cpu().numpy()[rows],
-            "selected": selected[rows], "noisy": sb.noisy.cpu().numpy()[rows]}
+            "selected": selected[rows], "noisy": sb.noisy.cpu().numpy()[rows],
+            "known": _noise_known(sb).cpu().numpy()[rows]}
     every = run.group.gather_objects(part)
     if run.group.is_main:
         cols = {k: np.concatenate([p[k] for p in every]) for k in part}
         table = pa.table({"step": pa.array(np.full(len(cols["uid"]), sb.step, dtype=np.int64)),
                           "uid": pa.array(cols["uid"].tolist(), pa.string()),
                           "score": pa.array(cols["score"], pa.float32()),
-                          "selected": pa.array(cols["selected"]), "noisy": pa.array(cols["noisy"])},
+                          "selected": pa.array(cols["selected"]),
+                          "noisy": pa.array(cols["noisy"], mask=~cols["known"])},  # null: unknown
                          schema=SELECTIONS_SCHEMA)
         run.selections_log.append_table(table)
 
@@ -508,8 +529,9 @@ def _steps(run: Run, index: PairIndex, progress: bool | None) -> dict[str, float
         else:
             t2 = t0
             ce, kd = sb, (sb if cfg.spec.kd else None)
-            noisy = group.sum_floats([float(sb.noisy.sum()), len(sb)], device)
-            metrics.update(noisy_frac_selected=noisy[0] / noisy[1], noisy_frac_superbatch=noisy[0] / noisy[1])
+            noisy = group.sum_floats([float(sb.noisy.sum()), float(_noise_known(sb).sum()), len(sb)], device)
+            frac = noisy_fraction(*noisy)
+            metrics.update(noisy_frac_selected=frac, noisy_frac_superbatch=frac)
         metrics.update(train_step(run, ce, kd))
         t3 = time.perf_counter()
         metrics.update(train_s=t3 - t2, step_s=t3 - t0 + metrics["data_wait_s"],
@@ -537,9 +559,11 @@ def _progress_bar(run: Run, progress: bool | None):
 
 
 def _log_step(run: Run, metrics: dict[str, Any], bar) -> None:
+    done = metrics["step"] + 1
     if run.group.is_main:
         run.metrics_log.append([metrics])
-    done = metrics["step"] + 1
+        if time.monotonic() - run.flushed_at >= LOG_FLUSH_S:
+            _flush_logs(run, done)
     if bar is not None:
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['total']:.3f}")
@@ -548,11 +572,19 @@ def _log_step(run: Run, metrics: dict[str, Any], bar) -> None:
                  metrics["step_s"])
 
 
+def _flush_logs(run: Run, done: int) -> None:
+    """Write the buffered metrics and selections as parts tagged with the steps done (each atomically;
+    tags grow with the steps, and a resume removes the parts past its checkpoint, so no part is
+    written twice with other rows)."""
+    run.metrics_log.flush(f"{done:08d}")
+    run.selections_log.flush(f"{done:08d}")
+    run.flushed_at = time.monotonic()
+
+
 def _checkpoint(run: Run, done: int) -> None:
     # Logs first: a crash after them but before the checkpoint leaves rows past the old checkpoint,
     # which truncate_after() removes on resume; the reverse order could lose rows.
-    run.metrics_log.flush(f"{done:08d}")
-    run.selections_log.flush(f"{done:08d}")
+    _flush_logs(run, done)
     save_checkpoint(run.run_dir / "checkpoints", done, model=run.model, optimizer=run.opt, scheduler=run.sched,
                     state={"config": json.loads(run.cfg.to_json())}, keep=run.cfg.keep_checkpoints)
 

@@ -228,3 +228,45 @@ def test_derange_is_a_permutation_that_never_keeps_a_group(m):
         donor = derange(groups, rng)
         assert sorted(donor.tolist()) == list(range(m))
         assert (groups[donor] != groups).all()
+
+
+def _train(root: Path, run: str, dataset: str, method: str, steps: int = 2):
+    from pipeline.recipes import recipe
+    from pipeline.trainer import train
+
+    cfg = recipe("tiny", method=method, train_data=(str(root / "datasets" / dataset),), steps=steps,
+                 selection_log_every=1, filter_ratio=0.5)  # b = 16 of a super-batch of 32
+    return train(cfg, root / "runs" / run, progress=False)
+
+
+def test_training_reports_the_injected_noise_and_null_where_the_noise_is_unknown(flickr_ws, capsys):
+    """A couple of steps on the corrupted split: the noisy fractions are those of the logged candidates;
+    on the plain import (no flags recorded) they are null, in the metrics and the selection logs."""
+    corrupt_dataset(flickr_ws, "flickr8k/train", name="swap40", swap_frac=0.4, seed=0)
+    for run, dataset, method in (("noisy-sel", "swap40", "student-loss"), ("plain-sel", "flickr8k/train", "student-loss"),
+                                 ("noisy-iid", "swap40", "iid"), ("plain-iid", "flickr8k/train", "iid")):
+        result = _train(flickr_ws, run, dataset, method)
+        known = dataset == "swap40"
+        for key in ("noisy_frac_superbatch", "noisy_frac_selected"):
+            assert (result.metrics[key] is not None) == known, (run, key)
+    t = run_query(flickr_ws, "SELECT run, step, noisy_frac_superbatch AS sb, noisy_frac_selected AS sel "
+                             "FROM metrics ORDER BY run, step").to_pylist()
+    by_run = {}
+    for r in t:
+        by_run.setdefault(r["run"], []).append(r)
+    assert all(r["sb"] is None and r["sel"] is None for run in ("plain-sel", "plain-iid") for r in by_run[run])
+    # The selection method's fractions are those of the candidates it logged (all of them, every step).
+    sel = run_query(flickr_ws, "SELECT run, step, avg(noisy::INT) AS sb, avg(noisy::INT) FILTER (WHERE selected) AS sel, "
+                               "count(noisy) AS known, count(*) AS n FROM selections GROUP BY ALL ORDER BY ALL").to_pylist()
+    logged = {(r["run"], r["step"]): r for r in sel}
+    for r in by_run["noisy-sel"]:
+        want = logged[("noisy-sel", r["step"])]
+        assert want["known"] == want["n"] == 32  # every candidate logged, every flag known
+        assert r["sb"] == pytest.approx(want["sb"]) and r["sel"] == pytest.approx(want["sel"])
+        assert 0 < r["sb"] < 1
+    assert all(logged[("plain-sel", r["step"])]["known"] == 0 for r in by_run["plain-sel"])
+    assert all(0 < r["sb"] < 1 and r["sb"] == r["sel"] for r in by_run["noisy-iid"])
+    # The CLI's summary line says n/a, not 0.
+    assert _cli(flickr_ws, "sql", "SELECT count(*) AS n, count(noisy_frac_selected) AS known FROM metrics "
+                                  "WHERE run = 'plain-iid'", "--format", "csv") == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "2,0"
