@@ -254,6 +254,8 @@ def test_eval_flow_writes_results_and_a_markdown_artifact(workspace, tmp_path, p
     assert 0.0 <= m["i2t_r1"] <= m["i2t_r5"] <= m["i2t_r10"] <= 1.0
     assert json.loads((out / "results.json").read_text())["headline"] == res["headline"]
     assert "| synth |" in (out / "results.md").read_text()
+    bench = [json.loads(p.read_text()) for p in (out / "clip_benchmark").glob("*.json")]  # CLIP_benchmark's schema
+    assert [(b["dataset"], b["pretrained"], b["task"]) for b in bench] == [("synth", REFERENCE, "zeroshot_retrieval")]
     with get_client(sync_client=True) as client:
         arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[f"eval-{REFERENCE}"])))
     assert arts and "| synth |" in arts[0].data
