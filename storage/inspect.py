@@ -117,7 +117,8 @@ def summarize_dataset(dataset_dir: str | os.PathLike, *, verify: bool = False) -
         out["width_min_max"] = [pc.min(t["width"]).as_py(), pc.max(t["width"]).as_py()]
         out["height_min_max"] = [pc.min(t["height"]).as_py(), pc.max(t["height"]).as_py()]
         out["caption_chars_mean"] = round(pc.mean(pc.utf8_length(t["caption"])).as_py(), 1)
-        out["noisy"] = pc.sum(t["noisy"].fill_null(False)).as_py() or 0
+        # pairs flagged noisy; "n/a" where no pair's noise is recorded (a plain import), not 0
+        out["noisy"] = (pc.sum(t["noisy"].fill_null(False)).as_py() or 0) if t["noisy"].null_count < t.num_rows else "n/a"
         splits = pc.value_counts(t["split"]).to_pylist()
         out["splits"] = {str(d["values"]): d["counts"] for d in splits}
         if t["label"].null_count < t.num_rows:

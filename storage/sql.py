@@ -3,6 +3,7 @@
 
 Views (every one also readable as a pyarrow table with `read_view`):
   pairs       dataset, shard, uid, key, image_id, caption, width, height, source, noisy, label, split
+              (+ tar_uid, caption_uid once a `storage.corrupt` copy exists: null for other datasets)
   datasets    dataset, name, source, shards, rows, skipped, created, classnames
   cache       model_id, dataset, shard, uid, image_emb FLOAT[], text_emb FLOAT[]
   manifest    model_id, dataset, shard, rows, sha256, source_sha256, fingerprint, dim, dtype, logit_scale, logit_bias

@@ -104,6 +104,10 @@ def test_corrupt_swaps_exactly_round_f_n_captions_of_other_images_in_the_split(f
     t = run_query(flickr_ws, "SELECT count(*) FILTER (WHERE noisy) AS noisy, count(noisy) AS known, "
                              "count(caption_uid) AS with_provenance FROM pairs WHERE dataset = 'flickr8k-swap40/train'")
     assert t.to_pylist() == [{"noisy": 80, "known": n, "with_provenance": n}]
+    from storage.inspect import inspect_path
+
+    assert inspect_path(flickr_ws / "datasets" / "flickr8k-swap40" / "train", verify=True)["noisy"] == 80
+    assert inspect_path(flickr_ws / "datasets" / "flickr8k" / "train")["noisy"] == "n/a"  # a plain import: unknown
 
 
 def test_corrupt_is_deterministic_and_nested_in_the_fraction(flickr_ws):
