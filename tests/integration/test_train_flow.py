@@ -99,7 +99,7 @@ def test_flow_trains_evaluates_and_publishes(flow_run):
     # publish: report + curves in the run folder and the same Markdown as a Prefect artifact
     report = (run_dir / "report.md").read_text()
     assert report.startswith("## straight")
-    assert "| straight |" in report and "test-retrieval:mean_recall" in report and "classes-zeroshot:top1" in report
+    assert "| straight |" in report and "test: retrieval mean R@1/5/10" in report and "classes: zero-shot top-1" in report
     assert f"{m['total'][-1]:.4g}" in report  # the final step's loss, as the table formats it
     png = (run_dir / "curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
