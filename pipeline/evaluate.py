@@ -464,8 +464,8 @@ def evaluate(bundle, evals: Mapping[str, tuple], *, batch_size: int = 256,
              templates: Sequence[str] | None = None, faiss_device: str = "auto") -> dict:
     """Run named evaluations: ``evals = {name: (kind, dataset_dir)}`` or ``(kind, dataset_dir, options)``
     with kind 'zeroshot' or 'retrieval' and options ``{"classnames": set, "templates": set}`` naming
-    standard sets for a zero-shot eval (`zero_shot_prompts`). `templates` (None = each set's own, else
-    `DEFAULT_TEMPLATES`) applies to every zero-shot set without a named template set.
+    standard sets for a zero-shot eval (`zero_shot_prompts`). `templates`, when given, applies to every
+    zero-shot set whose options name no "templates" (None: `zero_shot_prompts`' choice).
 
     Returns {"model": bundle.name, "created": ISO time, "evals": {name: {"kind", "dataset",
     "seconds", "metrics"[, "prompts"]}}, "headline": `headline_metrics`}.
@@ -485,7 +485,7 @@ def evaluate(bundle, evals: Mapping[str, tuple], *, batch_size: int = 256,
         record: dict = {"kind": kind, "dataset": str(dataset_dir)}
         if kind == "zeroshot":
             names, temps, source = zero_shot_prompts(dataset_dir, options.get("classnames"), options.get("templates"))
-            if temps is None and templates is not None:
+            if templates is not None and "templates" not in options:
                 temps, source["templates"] = templates, "given"
             metrics = zero_shot(bundle, dataset_dir, templates=temps, classnames=names, batch_size=batch_size)
             record["prompts"] = source
