@@ -83,7 +83,7 @@ def _corrupt(root: Path, src: str, name: str, frac: float, seed: int) -> str:
 
 def prepare(args: argparse.Namespace, root: Path) -> dict:
     """Import the real data (idempotent); the corrupted train split comes later (`add_noisy`)."""
-    from pipeline.workspace import prepare_real
+    from pipeline.workspace import eval_specs, prepare_real
     from storage.workspace import Workspace
 
     sets = prepare_real(root, args.data)
@@ -91,8 +91,8 @@ def prepare(args: argparse.Namespace, root: Path) -> dict:
     ws = Workspace(root)
     if not (ws.dataset(f"{name}/dev") / "_dataset.json").exists():
         raise FileNotFoundError(f"{args.data}: the study needs a dev split (splits/dev.txt) to tune on")
-    test_evals = {f"{name}-test-retrieval": ["retrieval", sets["retrieval"][0]]}
-    test_evals.update({f"{Path(d).name}-zeroshot": ["zeroshot", d] for d in sets["zeroshot"]})
+    test_evals = {f"{name}-test-retrieval": ["retrieval", sets["retrieval"][0]],
+                  **eval_specs({"retrieval": [], "zeroshot": sets["zeroshot"]})}
     return {"clean": sets["clean"], "name": name, "test_evals": test_evals,
             "dev_evals": {f"{name}-dev-retrieval": ["retrieval", str(ws.dataset(f"{name}/dev"))]}}
 

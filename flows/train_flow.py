@@ -39,8 +39,8 @@ def train_task(config: dict, run_dir: str) -> str:
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate_task(model_dir: str, evals: dict[str, list[str]], out_dir: str) -> dict:
-    results = evaluate(load_model(model_dir), {name: (kind, path) for name, (kind, path) in evals.items()})
+def evaluate_task(model_dir: str, evals: dict[str, list], out_dir: str) -> dict:
+    results = evaluate(load_model(model_dir), {name: tuple(spec) for name, spec in evals.items()})
     write_results(results, Path(out_dir))
     return results
 

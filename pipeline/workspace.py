@@ -70,8 +70,15 @@ def prepare_real(root: Path, data: Path) -> dict[str, list[str]]:
     return out
 
 
-def eval_specs(sets: dict[str, list[str]]) -> dict[str, list[str]]:
-    """{eval name: [kind, dataset dir]} for the held-out roles."""
-    evals = {f"{Path(d).name}-retrieval": ["retrieval", d] for d in sets["retrieval"]}
-    evals.update({f"{Path(d).name}-zeroshot": ["zeroshot", d] for d in sets["zeroshot"]})
+def eval_specs(sets: dict[str, list[str]]) -> dict[str, list]:
+    """{eval name: [kind, dataset dir(, standard sets)]} for the held-out roles. A zero-shot dataset named
+    like one of the field's standard sets (e.g. cifar10) is evaluated with that set's class names and
+    templates (CLIP_benchmark's), as published numbers are."""
+    from pipeline.zeroshot_data import set_names
+
+    evals: dict[str, list] = {f"{Path(d).name}-retrieval": ["retrieval", d] for d in sets["retrieval"]}
+    for d in sets["zeroshot"]:
+        name = Path(d).name
+        std = [{"classnames": name, "templates": name}] if name in set_names() else []
+        evals[f"{name}-zeroshot"] = ["zeroshot", d, *std]
     return evals
