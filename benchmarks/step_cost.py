@@ -25,21 +25,26 @@ resolution, <= 1.5 with 32 px scoring.
    `--discard` steps of every run are dropped. The load average is recorded before every run.
 
 2. Anatomy, in this process (interleaved, after a warm-up round): `score_superbatch` at 64 px and at the
-   lower resolutions, fp32 and bf16, chunked as the trainer does on the CPU; each tower alone; the data
-   work for B and for b pairs (`SuperBatches[step]`); and one IID `train_step` (on a hand-built `Run`)
-   as the unit.
+   lower resolutions, fp32 and bf16, chunked as the trainer does on the CPU, beside the previous scoring
+   path (bf16 by autocast, captions at the batch's longest); the levers one at a time: each tower alone
+   in fp32, under bf16 autocast and as the bf16 copy (`scoring_model`), larger image chunks, captions at
+   the batch's length vs grouped by length (`encode_text_by_length`), and with `--compile` the image
+   tower under torch.compile (compile time reported); the data work for B and for b pairs
+   (`SuperBatches[step]`); and one IID `train_step` (on a hand-built `Run`) as the unit.
 
 3. bf16 against fp32 scoring on the same super-batches (synthetic pairs, with the reference cache):
    for a freshly initialised student and one trained IID for `--agree-train-steps` steps, at full
    resolution and at each lower resolution, the max and mean absolute difference of the L2-normalised
    embeddings, and, with the same selection noise (`select_subbatch` seeds it from (seed, step)), the
-   fraction of steps whose selected index set is identical and the mean overlap |S_bf16 & S_fp32| / b.
+   fraction of steps whose selected index set is identical and the mean overlap |S_bf16 & S_fp32| / b;
+   for the trainer's bf16 path (the bf16 copy) and for the previous one (autocast), side by side.
 
 Needs a reference cache: a randomly initialised aced-vit-s (seed 1) saved as <root>/models/reference and
 cached over the training pairs with `pipeline.ray_embed.embed_shards_plain` (its quality does not matter
 for timing; for the agreement it gives the reference half of the learnability scores).
 
-Run:  .venv/bin/python benchmarks/step_cost.py   (writes benchmarks/results/step_cost.{json,md}; ~12-15 min on the shared 2 cores)
+Run:  .venv/bin/python benchmarks/step_cost.py [--compile]   (writes benchmarks/results/step_cost.{json,md}; ~12-15 min
+      on the quiet shared 2 cores, an hour and more at load 10)
       .venv/bin/python benchmarks/step_cost.py --steps 4 --discard 1 --repeats 1 --whatif-repeats 1 \
           --agree-steps 2 --agree-train-steps 2 --pairs 400 --name /tmp/x/step_cost   (quick, ~2 min)
 """
@@ -63,6 +68,7 @@ LABELS = {"data_wait_s": "data wait", "score_s": "scoring forward", "select_s": 
           "train_s": "train step"}
 SHORT = {"float32": "fp32", "bfloat16": "bf16"}
 TARGETS = {"full": 2.0, "low": 1.5}  # issue 10: full scoring resolution, 32 px scoring
+BF16_PATHS = ("bf16 copy (trainer)", "autocast (previous)")
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -83,6 +89,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--whatif-resolutions", type=int, nargs="*", default=[48, 32],
                    help="image sizes of the anatomy's scoring rows (besides the model's own)")
     p.add_argument("--whatif-repeats", type=int, default=4)
+    p.add_argument("--compile", action="store_true",
+                   help="also time the bf16 image tower under torch.compile (its compile time is reported)")
     p.add_argument("--agree-steps", type=int, default=12, help="super-batches compared for bf16 vs fp32 scoring")
     p.add_argument("--agree-train-steps", type=int, default=40,
                    help="IID steps of the trained student of the agreement section (0 = init student only)")
@@ -219,13 +227,44 @@ def summarise_runs(runs: dict[str, list[dict]]) -> dict[str, dict]:
 # 2. anatomy: the parts of the scoring forward, by resolution and precision
 
 
+def previous_scoring(bundle, sb, *, resolution: int | None, chunk: int, dtype):
+    """The scoring forward before issue 10's last levers (commit 54b9694), for the side-by-side rows:
+    bf16 by autocast over the float32 student, each chunk's captions at the super-batch's longest."""
+    import contextlib
+
+    import torch
+
+    from pipeline.flexi import at_resolution
+    from pipeline.trainer import embed
+
+    model = bundle.model
+    images = bundle.normalize(sb.images)
+    lowres = resolution is not None and resolution != images.shape[-1]
+    if lowres:
+        images = torch.nn.functional.interpolate(images, size=(resolution, resolution), mode="bilinear",
+                                                 antialias=True, align_corners=False)
+    precision = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    was = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), precision, (at_resolution(model, resolution) if lowres
+                                                 else contextlib.nullcontext()):
+            out = [embed(model, images[i:i + chunk], sb.tokens[i:i + chunk]) for i in range(0, len(images), chunk)]
+    finally:
+        model.train(was)
+    return torch.cat([i for i, _ in out]), torch.cat([t for _, t in out])
+
+
 def whatif(args: argparse.Namespace, root: Path, train_data: list[str]) -> list[dict]:
     import torch
 
     from pipeline.data import PairIndex, SuperBatches
     from pipeline.models import create_model
     from pipeline.recipes import recipe
-    from pipeline.trainer import score_superbatch, train_step
+    import contextlib
+
+    from pipeline.models import encode_text_by_length
+    from pipeline.trainer import score_superbatch, scoring_model, train_step
 
     B, b = superbatch_size(args), args.batch_size
     student = create_model("aced-vit-t", seed=0)
@@ -243,17 +282,25 @@ def whatif(args: argparse.Namespace, root: Path, train_data: list[str]) -> list[
                    student)
     full = student.image_size
 
-    def towers(which: str):
-        """One tower alone over the super-batch, in chunks of b (as the trainer's CPU scoring path)."""
+    def towers(which: str, scorer, chunk: int = b, precision=None, by_length: bool = False):
+        """One tower alone over the super-batch in chunks of `chunk` (b: as the trainer's CPU scoring path)."""
         def go():
-            with torch.inference_mode():
-                for i in range(0, B, b):
+            dtype = next(scorer.parameters()).dtype
+            images = student.normalize(sb.images).to(dtype)
+            with torch.inference_mode(), (precision() if precision else contextlib.nullcontext()):
+                if which == "text" and by_length:
+                    encode_text_by_length(scorer, sb.tokens, rows=chunk)
+                    return
+                for i in range(0, B, chunk):
                     if which == "image":
-                        model.encode_image(student.normalize(sb.images[i:i + b]), normalize=True)
+                        scorer.encode_image(images[i:i + chunk], normalize=True)
                     else:
-                        model.encode_text(sb.tokens[i:i + b], normalize=True)
+                        scorer.encode_text(sb.tokens[i:i + chunk], normalize=True)
         return go
 
+    bf16 = torch.bfloat16
+    autocast = lambda: torch.autocast("cpu", dtype=bf16)  # noqa: E731
+    copy16 = scoring_model(model, bf16)  # the trainer's bf16 scorer; refreshed below like every step
     unit_name = f"IID train_step, b={b} (the unit)"
     cases = {}
     for r in [full, *args.whatif_resolutions]:
@@ -261,13 +308,43 @@ def whatif(args: argparse.Namespace, root: Path, train_data: list[str]) -> list[
             dtype = getattr(torch, dt)
             cases[f"score_superbatch, B={B}, {r} px, {SHORT[dt]}, chunk={b}"] = (
                 lambda r=r, dtype=dtype: score_superbatch(student, sb, resolution=r, chunk=b, dtype=dtype))
+            if r == full or r == min(args.whatif_resolutions, default=full):
+                cases[f"previous scoring (autocast, text at batch length), B={B}, {r} px, {SHORT[dt]}, chunk={b}"] = (
+                    lambda r=r, dtype=dtype: previous_scoring(student, sb, resolution=r, chunk=b, dtype=dtype))
     cases.update({
-        f"image tower only, B={B}, {full} px, fp32, chunks of {b}": towers("image"),
-        f"text tower only, B={B} ({sb.tokens.shape[1]} tokens), fp32, chunks of {b}": towers("text"),
+        f"image tower only, B={B}, {full} px, fp32, chunks of {b}": towers("image", model),
+        f"image tower only, B={B}, {full} px, bf16 autocast, chunks of {b}": towers("image", model, precision=autocast),
+        f"image tower only, B={B}, {full} px, bf16 copy, chunks of {b}": towers("image", copy16),
+        f"image tower only, B={B}, {full} px, bf16 copy, chunks of {2 * b}": towers("image", copy16, 2 * b),
+        f"image tower only, B={B}, {full} px, bf16 copy, one chunk of {B}": towers("image", copy16, B),
+        f"text tower only, B={B}, at the batch length ({sb.tokens.shape[1]} tokens), fp32, chunks of {b}":
+            towers("text", model),
+        f"text tower only, B={B}, grouped by length, fp32, chunks of {b}": towers("text", model, by_length=True),
+        f"text tower only, B={B}, at the batch length, bf16 copy, chunks of {b}": towers("text", copy16),
+        f"text tower only, B={B}, grouped by length, bf16 copy, chunks of {b}": towers("text", copy16, by_length=True),
+        f"refresh of the bf16 copy (scoring_model)": lambda: scoring_model(model, bf16),
         f"data: decode + tokenise {B} pairs": lambda: datasets[B][2],
         f"data: decode + tokenise {b} pairs": lambda: datasets[b][2],
         unit_name: lambda: train_step(run, sub, None),
     })
+    compile_s = None
+    if args.compile:
+        t0 = time.perf_counter()
+        try:
+            compiled = torch.compile(copy16.encode_image, dynamic=False)
+            with torch.inference_mode():
+                compiled(student.normalize(sb.images[:b]).to(bf16), normalize=True)  # compiles
+            compile_s = time.perf_counter() - t0
+        except Exception as e:  # a lever that does not build is reported, not fatal
+            compile_s = f"failed after {time.perf_counter() - t0:.0f} s: {type(e).__name__}: {str(e)[:200]}"
+
+        def compiled_tower():
+            images = student.normalize(sb.images).to(bf16)
+            with torch.inference_mode():
+                for i in range(0, B, b):
+                    compiled(images[i:i + b], normalize=True)
+        if not isinstance(compile_s, str):
+            cases[f"image tower only, B={B}, {full} px, bf16 copy under torch.compile, chunks of {b}"] = compiled_tower
     times: dict[str, list[float]] = {k: [] for k in cases}
     for rep in range(args.whatif_repeats + 1):
         for name, fn in cases.items():
@@ -281,8 +358,17 @@ def whatif(args: argparse.Namespace, root: Path, train_data: list[str]) -> list[
     lengths = (sb.tokens != 0).sum(dim=1)
     rows.append({"case": "caption tokens", "mean_tokens": float(lengths.float().mean()),
                  "max_tokens": int(lengths.max()), "tokens_run": int(sb.tokens.shape[1]),
-                 "context": int(student.context_length)})
+                 "tokens_run_by_length": by_length_positions(sb.tokens, b),
+                 "context": int(student.context_length), "compile_s": compile_s})
     return rows
+
+
+def by_length_positions(tokens, rows: int) -> float:
+    """Mean positions per caption that `encode_text_by_length` runs (chunks of `rows`, multiple 1)."""
+    from pipeline.models import caption_lengths
+
+    lengths = sorted(caption_lengths(tokens).tolist())
+    return sum(max(lengths[i:i + rows]) * len(lengths[i:i + rows]) for i in range(0, len(lengths), rows)) / len(lengths)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,20 +408,23 @@ def agreement(args: argparse.Namespace, root: Path, train_data: list[str]) -> li
         for sname, bundle in students.items():
             run = hand_run(cfg, bundle, reference=reference)
             for r in [bundle.image_size, *args.score_resolutions]:
-                emb = {dt: score_superbatch(bundle, sb, resolution=r, chunk=b, dtype=dt)
-                       for dt in (torch.float32, torch.bfloat16)}
-                sel = {dt: select_subbatch(run, e, sb) for dt, e in emb.items()}
-                diff = torch.cat([(emb[torch.bfloat16][i] - emb[torch.float32][i]).abs().flatten() for i in (0, 1)])
-                s32, s16 = (set(sel[dt].indices.tolist()) for dt in (torch.float32, torch.bfloat16))
-                a = acc.setdefault((sname, r), {"max": [], "mean": [], "same": [], "overlap": [], "score_diff": []})
-                a["max"].append(float(diff.max()))
-                a["mean"].append(float(diff.mean()))
-                a["same"].append(s32 == s16)
-                a["overlap"].append(len(s32 & s16) / b)
-                a["score_diff"].append(float((sel[torch.bfloat16].self_scores - sel[torch.float32].self_scores)
-                                             .abs().max()))
-    for (sname, r), a in acc.items():
-        rows.append({"student": sname, "resolution": r, "steps": len(a["same"]),
+                emb = {path: score_superbatch(bundle, sb, resolution=r, chunk=b, dtype=dt)
+                       for path, dt in (("fp32", torch.float32), (BF16_PATHS[0], torch.bfloat16))}
+                emb[BF16_PATHS[1]] = previous_scoring(bundle, sb, resolution=r, chunk=b, dtype=torch.bfloat16)
+                sel = {path: select_subbatch(run, e, sb) for path, e in emb.items()}
+                s32 = set(sel["fp32"].indices.tolist())
+                for path in BF16_PATHS:
+                    diff = torch.cat([(emb[path][i].float() - emb["fp32"][i]).abs().flatten() for i in (0, 1)])
+                    s16 = set(sel[path].indices.tolist())
+                    a = acc.setdefault((sname, r, path), {"max": [], "mean": [], "same": [], "overlap": [],
+                                                          "score_diff": []})
+                    a["max"].append(float(diff.max()))
+                    a["mean"].append(float(diff.mean()))
+                    a["same"].append(s32 == s16)
+                    a["overlap"].append(len(s32 & s16) / b)
+                    a["score_diff"].append(float((sel[path].self_scores - sel["fp32"].self_scores).abs().max()))
+    for (sname, r, path), a in acc.items():
+        rows.append({"student": sname, "resolution": r, "bf16_path": path, "steps": len(a["same"]),
                      "emb_max_abs_diff": max(a["max"]), "emb_mean_abs_diff": statistics.mean(a["mean"]),
                      "self_score_max_abs_diff": max(a["score_diff"]),
                      "identical_set_frac": sum(a["same"]) / len(a["same"]),
@@ -386,11 +475,11 @@ def report(args: argparse.Namespace, summary: dict, failed: dict, loads: list, w
     wrows = [{"case": r["case"], "t": fmt_range(r["seconds"], 3), "u": f"{r['in_train_steps']:.2f}"}
              for r in whatif_rows if "seconds" in r]
     tok = next(r for r in whatif_rows if "mean_tokens" in r)
-    arows = [{"student": a["student"], "res": f"{a['resolution']} px", "n": a["steps"],
+    arows = [{"student": a["student"], "res": f"{a['resolution']} px", "path": a["bf16_path"], "n": a["steps"],
               "max": f"{a['emb_max_abs_diff']:.2e}", "mean": f"{a['emb_mean_abs_diff']:.2e}",
               "ss": f"{a['self_score_max_abs_diff']:.2e}", "same": f"{100 * a['identical_set_frac']:.0f}%",
               "ov": f"{100 * a['mean_overlap']:.1f}% (min {100 * a['min_overlap']:.1f}%)"} for a in agree_rows]
-    acols = [("student", "student"), ("res", "scoring resolution"), ("n", "super-batches"),
+    acols = [("student", "student"), ("res", "scoring resolution"), ("path", "bf16 path"), ("n", "super-batches"),
              ("max", "max abs emb diff"), ("mean", "mean abs emb diff"), ("ss", "max abs self-score diff"),
              ("same", "identical selected set"), ("ov", "mean overlap / b")]
     run_loads = [x["loadavg"][0] for x in loads]
@@ -420,10 +509,16 @@ def report(args: argparse.Namespace, summary: dict, failed: dict, loads: list, w
              "rows are the DataLoader worker's work, done in parallel with training:", "",
              markdown_table([("case", "case"), ("t", "seconds"), ("u", "IID train steps")], wrows), "",
              f"Captions use {tok['mean_tokens']:.1f} tokens on average (max {tok['max_tokens']}); the text tower runs "
-             f"{tok['tokens_run']} positions of its context of {tok['context']} (the batch's longest caption, "
-             "rounded up to 8).", "",
+             f"{tok['tokens_run']} positions of its context of {tok['context']} at the batch's length (its longest "
+             f"caption, rounded up to 8), {tok['tokens_run_by_length']:.1f} per caption grouped by length "
+             "(`encode_text_by_length`, chunks of b)."
+             + (f" torch.compile of the bf16 image tower: {tok['compile_s']}." if isinstance(tok.get("compile_s"), str)
+                else f" torch.compile of the bf16 image tower took {tok['compile_s']:.0f} s to compile (first call)."
+                if tok.get("compile_s") is not None else ""), "",
              "## bf16 vs fp32 scoring: embeddings and selections", "",
-             f"The same super-batches scored with `score_superbatch(dtype=float32)` and `(dtype=bfloat16)`, then "
+             f"The same super-batches scored with `score_superbatch(dtype=float32)` and in bf16 by the trainer's "
+             "path (`score_superbatch(dtype=bfloat16)`: the bf16 copy of the student) and by the previous one "
+             "(autocast over the float32 student), then "
              f"`select_subbatch` with the same noise (seeded from (seed, step)); tau = 10, {args.chunks} chunks, "
              f"b = {args.batch_size} of B = {B}. Embeddings are L2-normalised (entries of size ~0.1):", "",
              markdown_table(acols, arows), "",
@@ -466,15 +561,72 @@ def explanation(args: argparse.Namespace, summary: dict, whatif_rows: list[dict]
                 pairs.append(f"{res} {row['seconds']['median']:.3f} s fp32 vs {other['seconds']['median']:.3f} s bf16 "
                              f"({other['seconds']['median'] / row['seconds']['median']:.2f}x)")
     if pairs:
-        text += " Scoring forward alone, fp32 vs bf16 autocast on this CPU: " + "; ".join(pairs) + "."
-    if agree_rows:
-        worst = min(agree_rows, key=lambda a: a["mean_overlap"])
-        text += (f" bf16 scoring changes the embeddings by at most {max(a['emb_max_abs_diff'] for a in agree_rows):.1e} "
-                 f"(mean {max(a['emb_mean_abs_diff'] for a in agree_rows):.1e}); the selected set is identical in "
-                 f"{100 * min(a['identical_set_frac'] for a in agree_rows):.0f}-"
-                 f"{100 * max(a['identical_set_frac'] for a in agree_rows):.0f}% of the steps, and the lowest mean "
+        text += " Scoring forward alone, fp32 vs bf16 (the bf16 copy) on this CPU: " + "; ".join(pairs) + "."
+    text += levers(w)
+    for path in BF16_PATHS:
+        rows = [a for a in agree_rows if a.get("bf16_path") == path]
+        if not rows:
+            continue
+        worst = min(rows, key=lambda a: a["mean_overlap"])
+        text += (f" bf16 scoring by {path} changes the embeddings by at most {max(a['emb_max_abs_diff'] for a in rows):.1e} "
+                 f"(mean {max(a['emb_mean_abs_diff'] for a in rows):.1e}); the selected set is identical in "
+                 f"{100 * min(a['identical_set_frac'] for a in rows):.0f}-"
+                 f"{100 * max(a['identical_set_frac'] for a in rows):.0f}% of the steps, and the lowest mean "
                  f"overlap is {100 * worst['mean_overlap']:.1f}% ({worst['student']}, {worst['resolution']} px).")
-    return text
+    return text + arithmetic(args, summary)
+
+
+def levers(w: dict[str, dict]) -> str:
+    """One sentence per lever of the anatomy, from its side-by-side rows (median seconds)."""
+    out = []
+    img = {k: next((r["seconds"]["median"] for c, r in w.items()
+                    if c.startswith("image tower only") and f", {k}, chunks of" in c), None)
+           for k in ("fp32", "bf16 autocast", "bf16 copy", "bf16 copy under torch.compile")}
+    if img["fp32"] and img["bf16 autocast"] and img["bf16 copy"]:
+        out.append(f"image tower fp32 {img['fp32']:.3f} s, bf16 autocast {img['bf16 autocast']:.3f} s, bf16 copy "
+                   f"{img['bf16 copy']:.3f} s ({img['bf16 copy'] / img['fp32']:.2f}x fp32)")
+    if img.get("bf16 copy under torch.compile"):
+        out.append(f"torch.compile of the bf16 copy {img['bf16 copy under torch.compile']:.3f} s vs "
+                   f"{img['bf16 copy']:.3f} s eager (not kept unless faster)")
+    chunks = sorted((int(c.split()[-1]), r["seconds"]["median"]) for c, r in w.items()
+                    if c.startswith("image tower only") and "bf16 copy, " in c and "compile" not in c)
+    if len(chunks) > 1:
+        out.append("bf16 image chunks " + ", ".join(f"{n} rows {v:.3f} s" for n, v in chunks))
+    for dt in ("fp32", "bf16 copy"):
+        a = next((r["seconds"]["median"] for c, r in w.items() if c.startswith("text tower only") and "at the batch length" in c
+                  and f", {dt}, " in c), None)
+        g = next((r["seconds"]["median"] for c, r in w.items() if c.startswith("text tower only") and "grouped by length" in c
+                  and f", {dt}, " in c), None)
+        if a and g:
+            out.append(f"text tower {dt}: at the batch length {a:.3f} s, grouped by length {g:.3f} s ({g / a:.2f}x)")
+    for res_row in [c for c in w if c.startswith("previous scoring")]:
+        new = w.get(res_row.replace("previous scoring (autocast, text at batch length)", "score_superbatch"))
+        if new:
+            res, dt = res_row.split(", ")[3], res_row.split(", ")[4]
+            out.append(f"whole scoring forward {res} {dt}: previous {w[res_row]['seconds']['median']:.3f} s, "
+                       f"now {new['seconds']['median']:.3f} s")
+    return (" Levers, side by side: " + "; ".join(out) + ".") if out else ""
+
+
+def arithmetic(args: argparse.Namespace, summary: dict) -> str:
+    """What a missed target needs of the scoring forward, in units of the configuration's own train
+    step (the same train_step on b pairs an IID step runs, in the same step: load cancels)."""
+    out = []
+    for v in verdicts(args, summary):
+        if v["meets"]:
+            continue
+        s = summary[v["config"]]
+        unit = s["train_s"]["median"]
+        rest = sum(s[k]["median"] for k in COMPONENTS if k != "score_s") / unit
+        score = s["score_s"]["median"] / unit
+        need = v["target"] - rest
+        out.append(f"`{v['config']}` misses {v['target']} (step / IID step {v['ratio_median']:.2f}, step / own train "
+                   f"step {v['own_median']:.2f}): in units of its own train step the rest of the step is {rest:.2f}, so "
+                   f"the scoring forward would have to take <= {need:.2f}; it takes {score:.2f}. By FLOPs a train step "
+                   "is ~3 forward passes of b pairs and scoring is B = 5b inference forwards, 5/3 = 1.67 train steps "
+                   f"at equal speed per FLOP; {need:.2f} needs the scoring forward "
+                   f"{5 / 3 / max(1e-9, need):.1f}x cheaper per pair than the training forward + backward")
+    return (" " + " ".join(o + "." for o in out)) if out else ""
 
 
 def main(argv: list[str] | None = None) -> None:
