@@ -4,8 +4,8 @@ plot (percentages, readable names, one colour per run in every panel, n/a for un
 
 The runs: the train flow (train -> evaluate -> publish -> html report) under Prefect's test harness, for
 an IID run (no selection, no distillation) and an ACED run (selection + distillation) on the synthetic
-pairs cached by a tiny reference and teacher; plus a copy of the IID run whose metrics say what the
-trainer writes for data without noise flags (null noisy fractions).
+pairs cached by a tiny reference and teacher; plus an H-ACID run (the trainer alone, not evaluated) on
+the same pairs with their noise flags left out (what a plain import of real pairs records: noise unknown).
 """
 from __future__ import annotations
 
@@ -13,14 +13,11 @@ import base64
 import io
 import json
 import re
-import shutil
 import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from tests.integration.conftest import write_synthetic
@@ -33,11 +30,18 @@ METHODS = ("iid", "aced-acidistill")
 @pytest.fixture(scope="module")
 def runs(cached_workspace, prefect_harness) -> dict:
     """{"root", "iid", "aced-acidistill", "unknown-noise": run folders, "heldout": dataset}: two runs
-    through the train flow (4 steps, evaluated on 32 held-out pairs) and the unknown-noise copy."""
+    through the train flow (4 steps, evaluated on 32 held-out pairs) and a 2-step H-ACID run on pairs
+    whose noise is unknown."""
+    import dataclasses
+
     import torch
 
     from flows.train_flow import train_flow
+    from pipeline.ray_embed import embed_shards_plain, plan_cache
     from pipeline.recipes import recipe
+    from pipeline.synthetic import generate_pairs
+    from pipeline.trainer import train
+    from storage.shards import write_shards
 
     root = cached_workspace
     heldout = write_synthetic(root, "heldout", 32, seed=5, start=50_000)
@@ -52,17 +56,17 @@ def runs(cached_workspace, prefect_harness) -> dict:
             run_dir = root / "runs" / f"report-{method}"
             train_flow(json.loads(cfg.to_json()), str(run_dir), {"heldout-retrieval": ["retrieval", str(heldout)]})
             out[method] = run_dir
+        # Pairs without noise flags: the trainer logs the noisy fractions (and the selections' flags) as null.
+        pairs = [dataclasses.replace(s, noisy=None) for s in generate_pairs(96, seed=3, noise_frac=0.2, start=90_000)]
+        write_shards(pairs, root / "datasets" / "unflagged", name="unflagged", source="synthetic",
+                     samples_per_shard=48)
+        embed_shards_plain(plan_cache(root, ["unflagged"], ["reference"]), chunk_size=48)
+        cfg = recipe("tiny", method="h-acid", train_data=(str(root / "datasets" / "unflagged"),), steps=2,
+                     checkpoint_every=2, cache_root=str(root / "cache"), reference="reference")
+        out["unknown-noise"] = root / "runs" / "report-unknown-noise"
+        train(cfg, out["unknown-noise"], progress=False)
     finally:
         torch.set_num_threads(threads)
-    # Data without noise flags: the trainer logs the noisy fractions as null (unknown), not 0.
-    unknown = root / "runs" / "report-unknown-noise"
-    shutil.copytree(out["iid"], unknown, ignore=shutil.ignore_patterns("report.html", ".lock"))
-    for part in sorted((unknown / "metrics").glob("part-*.parquet")):
-        t = pq.read_table(part)
-        for col in ("noisy_frac_selected", "noisy_frac_superbatch"):
-            t = t.set_column(t.schema.get_field_index(col), col, pa.nulls(t.num_rows, pa.float64()))
-        pq.write_table(t, part)
-    out["unknown-noise"] = unknown
     return out
 
 
@@ -133,14 +137,17 @@ def test_report_is_self_contained(page):
 def test_report_shows_candidates_of_the_selecting_run_with_their_captions(page, runs):
     parsed = page["parsed"]
     thumbs = [i for i in parsed.imgs if i["src"].startswith("data:image/jpeg")]
-    # the ACED run alone selects: 3 of its 4 logged steps x (6 highest + 6 lowest)
-    assert len(thumbs) == 3 * 2 * 6
-    captions = _dataset_captions(runs["root"] / "datasets" / "synthetic")
-    assert {t["alt"] for t in thumbs} <= captions  # looked up by uid: each image carries its own pair's caption
+    # ACED: 3 of its 4 logged steps, H-ACID: its 2 logged steps; each 6 highest + 6 lowest
+    assert len(thumbs) == (3 + 2) * 2 * 6
+    synthetic = _dataset_captions(runs["root"] / "datasets" / "synthetic")
+    unflagged = _dataset_captions(runs["root"] / "datasets" / "unflagged")
+    # looked up by uid: each image carries its own pair's caption, from its run's own training data
+    assert {t["alt"] for t in thumbs[:36]} <= synthetic and {t["alt"] for t in thumbs[36:]} <= unflagged
     body = " ".join(parsed.text)
     for step in (0, 2, 3):  # first, middle and last logged step (evenly spaced)
         assert f"step {step}: highest-scored candidates" in body and f"step {step}: lowest-scored candidates" in body
     assert "swapped caption" in body and "clean" in body and "selected" in body
+    assert body.count("noise unknown") == 24  # the H-ACID run's cards: its data records no noise
     plots = [i for i in parsed.imgs if i["src"].startswith("data:image/png")]
     assert [p["alt"] for p in plots] == ["noisy fraction curves", "score distributions", "training curves"]
 
@@ -151,13 +158,14 @@ def test_report_tables_in_percent_with_na_for_unknown_noise(page):
     rows = dict(re.findall(r"<tr><th>([^<]+)</th>(.*?)</tr>", table))
     cells = {name: re.findall(r'<td class="num">([^<]*)</td>', row) for name, row in rows.items()}
     recall = cells["heldout: retrieval mean R@1/5/10"]
-    assert len(recall) == 3 and all(re.fullmatch(r"\d+\.\d%", c) for c in recall), recall
+    assert all(re.fullmatch(r"\d+\.\d%", c) for c in recall[:2]) and recall[2] == "not evaluated", recall
     for name in ("noisy in super-batch (last 20% of steps)", "noisy in trained batch (last 20% of steps)"):
         iid, aced, unknown = cells[name]
         assert re.fullmatch(r"\d+\.\d%", iid) and re.fullmatch(r"\d+\.\d%", aced) and unknown == "n/a", cells[name]
-    assert cells["steps trained"] == [f"{STEPS} / {STEPS}"] * 3
+    assert cells["steps trained"] == [f"{STEPS} / {STEPS}"] * 2 + ["2 / 2"]
+    assert cells["method"] == ["iid", "aced-acidistill", "h-acid"]
     assert "n/a (noise unknown)" not in text  # that note is drawn inside the plot, not written in the page
-    assert "no selection log" in text and "report-iid" in text
+    assert re.search(r"no selection log \([^)]*\): report-iid<", text)
 
 
 def test_report_numbers_match_the_runs(page, runs):
@@ -256,7 +264,7 @@ def test_chromium_renders_the_thumbnails_and_plots(page, tmp_path):
             colourful = ((region.max(axis=2) - region.min(axis=2)) > 60).mean()
             assert 0.003 < dark < 0.3 and colourful > 0.002, ((top, left), dark, colourful)
             plots += 1
-    assert thumbs == 36 and plots == 3
+    assert thumbs == 60 and plots == 3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,8 +329,9 @@ def test_main_job_table_in_percent_with_readable_names(runs, prefect_harness):
     assert ":" not in "".join(header[1:]).replace("heldout:", "") and "noisy_frac" not in text
     body = {ln.split("|")[1].strip(): [c.strip() for c in ln.strip("|").split("|")[1:]] for ln in lines[2:]}
     assert list(body) == ["unknown-noise", "student-iid", "student-aced-acidistill"]
-    for name, cells in body.items():
-        assert all(re.fullmatch(r"\d+\.\d%", c) for c in cells[:3]), (name, cells)
-    assert body["unknown-noise"][3] == "n/a" and rows["unknown-noise"]["noisy_frac_trained"] is None
+    for name in ("student-iid", "student-aced-acidistill"):
+        assert all(re.fullmatch(r"\d+\.\d%", c) for c in body[name]), (name, body[name])
+    assert body["unknown-noise"] == ["", "", "", "n/a"]  # not evaluated; noise unknown
+    assert rows["unknown-noise"]["noisy_frac_trained"] is None
     got = float(body["student-aced-acidistill"][0].rstrip("%"))
     assert got == round(100 * rows["student-aced-acidistill"]["heldout-retrieval:mean_recall"], 1)
