@@ -37,6 +37,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from storage import fs
+from storage.workspace import Workspace
+
 log = logging.getLogger(__name__)
 
 RECORD_DIR = ("state", "children")
@@ -181,7 +184,8 @@ def parent_death_signal(sig: int = signal.SIGTERM):
 
 
 def record_dir(root: str | os.PathLike) -> Path:
-    return Path(root).resolve().joinpath(*RECORD_DIR)
+    # Workspace.state: `<root>/state`, or a local folder for an object-store root (storage/fs.py)
+    return Workspace(fs.resolve(root)).state.joinpath(*RECORD_DIR[1:])
 
 
 def _host() -> str:

@@ -80,10 +80,6 @@ def as_path(p: str | os.PathLike):
     return Path(p)
 
 
-def is_remote(p) -> bool:
-    return is_url(p)
-
-
 def resolve(p):
     """`Path.resolve()` for a local path; a URL is already absolute and has no links to follow."""
     p = as_path(p)
@@ -147,16 +143,6 @@ def is_file(p) -> bool:
     return p.is_file()
 
 
-def list_names(p) -> list[str]:
-    """Names of the entries directly in folder `p` (FileNotFoundError/NotADirectoryError as os.listdir)."""
-    p = as_path(p)
-    if not is_url(p):
-        return os.listdir(p)
-    if not p.is_dir():
-        raise FileNotFoundError(f"{p}: no such folder")
-    return [PurePosixPath(e.rstrip("/")).name for e in p.fs.ls(p.path, detail=False)]
-
-
 def list_files(p) -> list[str]:
     """Names of the files (not folders) directly in folder `p`."""
     p = as_path(p)
@@ -199,11 +185,6 @@ def put_file(local: str | os.PathLike, dst) -> None:
     """Upload one local file as the object `dst` in one write (atomic: see the module docstring)."""
     dst = as_path(dst)
     dst.fs.put_file(os.fspath(local), dst.path)
-
-
-def put_bytes(dst, data: bytes) -> None:
-    dst = as_path(dst)
-    dst.fs.pipe_file(dst.path, data)
 
 
 def remove(p, *, missing_ok: bool = True) -> None:
