@@ -21,7 +21,6 @@ import base64
 import html
 import io
 import json
-import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,12 +31,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
+from pipeline.recipes import TrainConfig
 from pipeline.report import NA, format_value, metric_label, read_metrics, run_colours, runs_figure, summary_metrics
 from storage.atomic import atomic_write_bytes
 from storage.runlog import SELECTIONS_SCHEMA
 from storage.shards import ShardError, decode_image, iter_samples, load_dataset, read_metadata
 
-log = logging.getLogger(__name__)
 
 THUMB_PX = 112
 """Longest side of a thumbnail, in CSS pixels (the image is scaled to fit a THUMB_PX square)."""
@@ -52,7 +51,7 @@ class RunView:
 
     name: str
     run_dir: Path
-    config: dict[str, Any]
+    config: TrainConfig
     metrics: dict[str, list] | None
     """Per-step metrics (columns), None before the first flush."""
     evals: dict[str, float]
@@ -78,14 +77,16 @@ class RunView:
 
 
 def load_run(run_dir: Path, name: str | None = None) -> RunView:
-    """A run folder as the page sees it; FileNotFoundError when it is not a run folder (no config.json)."""
-    from pipeline.recipes import read_config_file
-
+    """A run folder as the page sees it; FileNotFoundError when it is not a run folder (no config.json),
+    ValueError naming the file when its config is not a valid one."""
     run_dir = Path(run_dir)
     cfg_file = run_dir / "config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{run_dir}: not a run folder (no config.json)")
-    config = read_config_file(cfg_file)
+    try:
+        config = TrainConfig.from_json(cfg_file)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{cfg_file}: not a valid run config ({e})") from None
     try:
         metrics = read_metrics(run_dir).to_pydict()
     except FileNotFoundError:
@@ -342,13 +343,12 @@ def _img(uri: str, w: int, h: int, alt: str) -> str:
 def _eval_table(runs: list[RunView], colours: dict[str, str]) -> str:
     keys = list(dict.fromkeys(k for r in runs for k in r.evals))
     rows: list[tuple[str, list[str]]] = []
-    rows.append(("method", [_esc(r.config.get("method", "?")) for r in runs]))
-    rows.append(("model", [_esc(r.config.get("model", "?")) for r in runs]))
-    rows.append(("steps trained", [f"{r.steps_done} / {r.config.get('steps', '?')}" for r in runs]))
+    rows.append(("method", [_esc(r.config.method) for r in runs]))
+    rows.append(("model", [_esc(r.config.model) for r in runs]))
+    rows.append(("steps trained", [f"{r.steps_done} / {r.config.steps}" for r in runs]))
     rows.append(("batch (selected of super-batch)", [
-        _esc(r.config.get("batch_size", "?")) + (
-            f" of {round(r.config['batch_size'] / (1 - r.config.get('filter_ratio', 0.8)))}"
-            if r.selections is not None and "batch_size" in r.config else "") for r in runs]))
+        f"{r.config.batch_size}" + (f" of {r.config.superbatch_size}" if r.config.spec.selection else "")
+        for r in runs]))
     for k in keys:
         rows.append((_esc(metric_label(k)), [format_value(k, r.evals[k]) if k in r.evals else "not evaluated"
                                              for r in runs]))
@@ -389,7 +389,7 @@ def _candidates_section(run: RunView, steps: int, per_step: int) -> str:
     chosen = _spread(run.logged_steps, steps)
     ext = extremes(run, chosen, per_step)
     uids = {r["uid"] for e in ext.values() for rows in e.values() for r in rows}
-    pairs, problems = find_pairs(run.config.get("train_data", []), uids)
+    pairs, problems = find_pairs(run.config.train_data, uids)
     parts = [f"<h3>{_esc(run.name)}</h3>"]
     for step, e in ext.items():
         for which in ("highest", "lowest"):

@@ -178,13 +178,25 @@ def test_report_numbers_match_the_runs(page, runs):
     assert re.findall(r'<td class="num">([^<]*)</td>', row)[1] == want
 
 
-def test_report_cli_refuses_to_replace_without_overwrite(runs, page, capsys):
+def test_report_cli_refuses_bad_input_and_to_replace_without_overwrite(runs, page, capsys, tmp_path):
     before = page["path"].read_bytes()
     assert _aced(runs["root"], "report", "report-iid", "--out", str(page["path"])) == 1
     assert "exists (pass --overwrite" in capsys.readouterr().err
     assert page["path"].read_bytes() == before
+    one = tmp_path / "one.html"
+    assert _aced(runs["root"], "report", "report-iid", "--out", str(one), "--overwrite") == 0  # nothing to replace
+    first = one.read_bytes()
+    assert _aced(runs["root"], "report", str(runs["iid"]), "--out", str(one), "--overwrite") == 0  # by folder path
+    assert one.read_bytes() == first  # same run, same page
     assert _aced(runs["root"], "report", "no-such-run") == 1
     assert "run 'no-such-run'" in capsys.readouterr().err
+    broken = tmp_path / "broken-run"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"method": "no-such-method"}')
+    assert _aced(runs["root"], "report", str(broken), "--out", str(tmp_path / "x.html")) == 1
+    err = capsys.readouterr().err
+    assert f"{broken / 'config.json'}: not a valid run config" in err and "no-such-method" in err
+    assert not (tmp_path / "x.html").exists()
 
 
 def test_train_flow_attaches_the_report_as_a_link_artifact(runs):
