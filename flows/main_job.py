@@ -152,7 +152,7 @@ def main_job(root: str, size: str = "default", seed: int = 0, data: str | None =
                                        ("teacher", job.teacher_model, job.teacher_steps, 200)):
         if role in given:
             models[role] = given[role]
-            given_results[role] = evaluate_given(given[role], evals, str(ws.root / "eval" / role))
+            given_results[role] = evaluate_given(given[role], evals, str(ws.evals(role)))
             continue
         cfg = recipe("reference", model=model, steps=steps, batch_size=job.reference_batch_size, seed=seed + offset,
                      train_data=tuple(sets["clean"]), checkpoint_every=max(1, steps // 4),

@@ -2,7 +2,7 @@
 owner of a folder.
 
 A workspace `<root>` holds `datasets/<name>/`, `cache/<model_id>/<dataset name>/`, `models/<model_id>/`,
-`runs/<run>/` and `state/` (Prefect's database, child-process records). `Workspace` is the only code
+`runs/<run>/`, `evals/<name>/` (evaluations of models that no run of this workspace trained) and `state/` (Prefect's database, child-process records). `Workspace` is the only code
 that spells that layout out; everything else asks it for paths.
 
 Every name a user gives (dataset, run, model id) becomes a path below one of the areas, so every name
@@ -36,7 +36,7 @@ from pathlib import Path
 
 from storage import fs
 
-AREAS = ("datasets", "cache", "models", "runs", "state")
+AREAS = ("datasets", "cache", "models", "runs", "evals", "state")
 LOCK_NAME = ".lock"
 MAX_NAME_PART_BYTES = 200  # file systems allow 255 per part; temporary siblings add `.<name>.<12 hex>.old.tmp`
 MAX_NAME_BYTES = 1000  # whole names stay far below PATH_MAX (4096) under any reasonable root
@@ -146,6 +146,10 @@ class Workspace:
 
     def run(self, name: str) -> Path:
         return area_path(self.root, "runs", name, "run name")
+
+    def evals(self, name: str) -> Path:
+        """Evaluation results of a model given to a job (a run's own evaluations live in its folder)."""
+        return area_path(self.root, "evals", name, "evaluation name")
 
     def cache_folder(self, model_id: str, dataset: str) -> Path:
         """`cache/<model_id>/<dataset name>`: one model's embeddings of one dataset."""

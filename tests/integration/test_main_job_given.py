@@ -80,7 +80,7 @@ def test_given_reference_and_teacher_are_used_not_trained(given_job):
 def test_given_model_evaluation_is_reused(given_job):
     from flows.main_job import evaluate_given
 
-    out = given_job["root"] / "eval" / "teacher"
+    out = given_job["root"] / "evals" / "teacher"
     stamp = json.loads((out / "inputs.json").read_text())
     before = (out / "results.json").stat().st_mtime_ns
     again = evaluate_given.fn(stamp["model"], stamp["evals"], str(out))
