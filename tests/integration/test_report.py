@@ -199,6 +199,41 @@ def test_report_cli_refuses_bad_input_and_to_replace_without_overwrite(runs, pag
     assert not (tmp_path / "x.html").exists()
 
 
+def test_report_of_a_running_run_before_its_first_checkpoint(runs, tmp_path):
+    """`aced train` in a subprocess (200 steps, one checkpoint at the end): once its first metrics part is
+    flushed, `aced report` shows the steps so far, its noise curve and candidates; then the run is killed."""
+    import sys
+    import time
+
+    from tests.integration.conftest import REPO, aced_env
+
+    root = runs["root"]
+    run_dir = root / "runs" / "report-live"
+    cmd = [sys.executable, "-m", "flows.cli", "--root", str(root), "train", "report-live", "--recipe", "tiny",
+           "--method", "h-acid", "--data", "synthetic", "--reference", "reference", "--steps", "200",
+           "--set", "checkpoint_every=200"]
+    proc = subprocess.Popen(cmd, env=aced_env(OMP_NUM_THREADS="1"), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 300
+        while not list((run_dir / "selections").glob("part-*.parquet")) and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            time.sleep(0.2)
+        out = tmp_path / "live.html"
+        assert _aced(root, "report", "report-live", "--out", str(out)) == 0
+        assert proc.poll() is None and not (run_dir / "checkpoints" / "latest").exists()  # still before it
+        text = out.read_text()
+        done = int(re.search(r"<tr><th>steps trained</th><td class=\"num\">(\d+) / 200</td>", text).group(1))
+        assert done >= 1
+        alts = [i["alt"] for i in _Page(text).imgs]
+        assert "noisy fraction curves" in alts and "score distributions" in alts
+        assert sum(a in _dataset_captions(root / "datasets" / "synthetic") for a in alts) >= 12  # step 0's cards
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+        proc.stderr.close()
+
+
 def test_train_flow_attaches_the_report_as_a_link_artifact(runs):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
