@@ -152,7 +152,8 @@ def median_step_s(run_dir: Path) -> float:
 
 
 def separation(run_dir: Path) -> list[dict]:
-    """Per logged step: how well the selection scores rank clean above swapped candidates (ROC AUC),
+    """Per logged step: how well the candidates' own scores s(x, x) (learnability) rank clean above swapped
+    candidates (ROC AUC),
     their mean score each, and the swapped fraction among the selected: the 'catch-up' diagnostic."""
     import duckdb
 
@@ -161,8 +162,8 @@ def separation(run_dir: Path) -> list[dict]:
         return []
     con = duckdb.connect()
     rows = con.execute(f"""
-        WITH s AS (SELECT step, score, selected, noisy,
-                          rank() OVER (PARTITION BY step ORDER BY score) AS r
+        WITH s AS (SELECT step, self_score AS score, selected, noisy,
+                          rank() OVER (PARTITION BY step ORDER BY self_score) AS r
                    FROM read_parquet({[str(p) for p in parts]}))
         SELECT step, count(*) FILTER (WHERE NOT noisy) AS n_clean, count(*) FILTER (WHERE noisy) AS n_noisy,
                sum(r) FILTER (WHERE NOT noisy) AS rank_sum_clean,

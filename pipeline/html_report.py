@@ -9,7 +9,7 @@ storage/shards.py's readers):
   - the score distributions of the selected vs all candidates over training (median and 10-90% band
     per logged step; histograms at the last logged step);
   - thumbnails and captions of the highest- and lowest-scored candidates at a few logged steps
-    (section 3.2's per-candidate records: score, selected, noisy);
+    (section 3.2's per-candidate records: self_score = s(x, x), selected, noisy);
   - the training curves of `pipeline.report.runs_figure` (one colour per run in every panel).
 
 Everything is inline: images and plots as data: URIs, CSS in the page, no script and no external
@@ -40,6 +40,10 @@ from storage.shards import ShardError, decode_image, iter_samples, load_dataset,
 
 THUMB_PX = 112
 """Longest side of a thumbnail, in CSS pixels (the image is scaled to fit a THUMB_PX square)."""
+SCORE = "self_score"
+"""The logged score the page ranks and plots: s(x, x), the rule's score of each candidate on its own
+(learnability for h-acid). It is on one scale for every candidate, unlike the score each was sampled with
+(a selected candidate's from the round that picked it, the others' from the last round)."""
 BAND_STEPS = 120
 """At most this many logged steps are read for the score bands (evenly spaced): a long run's log
 may hold every candidate of every step."""
@@ -131,9 +135,9 @@ def score_bands(run: RunView) -> dict[str, np.ndarray]:
     """Per logged step (at most BAND_STEPS of them): 10/50/90% quantiles of the score of all candidates
     and of the selected ones. Non-finite scores are left out."""
     steps = _spread(run.logged_steps, BAND_STEPS)
-    t = _rows_at(run, steps, ["step", "score", "selected"])
+    t = _rows_at(run, steps, ["step", SCORE, "selected"])
     step = t.column("step").to_numpy()
-    score = t.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
+    score = t.column(SCORE).to_numpy(zero_copy_only=False).astype(np.float64)
     selected = t.column("selected").to_numpy(zero_copy_only=False)
     out = {"step": steps, "all": np.full((len(steps), 3), np.nan), "selected": np.full((len(steps), 3), np.nan)}
     bounds = np.searchsorted(step, steps, side="left").tolist() + [len(step)]
@@ -148,11 +152,11 @@ def score_bands(run: RunView) -> dict[str, np.ndarray]:
 
 def extremes(run: RunView, steps: np.ndarray, k: int) -> dict[int, dict[str, list[dict]]]:
     """{step: {"highest": rows, "lowest": rows}}: the k highest- and lowest-scored logged candidates."""
-    t = _rows_at(run, steps, ["step", "uid", "score", "selected", "noisy"]).to_pylist()
+    t = _rows_at(run, steps, ["step", "uid", SCORE, "selected", "noisy"]).to_pylist()
     out: dict[int, dict[str, list[dict]]] = {}
     for step in steps.tolist():
-        rows = [r for r in t if r["step"] == step and r["score"] is not None and math.isfinite(r["score"])]
-        rows.sort(key=lambda r: r["score"], reverse=True)
+        rows = [r for r in t if r["step"] == step and r[SCORE] is not None and math.isfinite(r[SCORE])]
+        rows.sort(key=lambda r: r[SCORE], reverse=True)
         out[step] = {"highest": rows[:k], "lowest": rows[::-1][:k]}
     return out
 
@@ -291,21 +295,21 @@ def score_figure(runs: list[RunView], colours: dict[str, str]):
             q = bands[key]
             ax.fill_between(bands["step"], q[:, 0], q[:, 2], color=colour, alpha=0.25, linewidth=0)
             ax.plot(bands["step"], q[:, 1], color=colour, label=f"{key} candidates" if key == "all" else "selected")
-        ax.set_title(f"{run.name}: selection score over training (median, 10-90%)", fontsize=9)
+        ax.set_title(f"{run.name}: own score s(x, x) over training (median, 10-90%)", fontsize=9)
         ax.set_xlabel("step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         last = int(run.logged_steps[-1])
-        t = _rows_at(run, np.array([last]), ["score", "selected"])
-        score = t.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
+        t = _rows_at(run, np.array([last]), [SCORE, "selected"])
+        score = t.column(SCORE).to_numpy(zero_copy_only=False).astype(np.float64)
         sel = t.column("selected").to_numpy(zero_copy_only=False)
         ok = np.isfinite(score)
         bins = np.histogram_bin_edges(score[ok], bins=24) if ok.any() else 10
         hx.hist(score[ok], bins=bins, color="0.55", alpha=0.6, label="all")
         hx.hist(score[ok & sel], bins=bins, color=colours[run.name], alpha=0.8, label="selected")
         hx.set_title(f"step {last}", fontsize=9)
-        hx.set_xlabel("score")
+        hx.set_xlabel("own score s(x, x)")
         hx.legend(fontsize=8)
     fig.tight_layout()
     return fig
@@ -380,7 +384,7 @@ def _card(row: dict, pairs: dict[str, tuple[bytes, str]], problems: list[str]) -
     else:
         caption, picture = "(not found in the training data)", "image not found"
     short = caption if len(caption) <= 140 else caption[:137] + "..."
-    return (f'<div class="card"><div class="img">{picture}</div><div>score {row["score"]:.4g}</div>'
+    return (f'<div class="card"><div class="img">{picture}</div><div>score {row[SCORE]:.4g}</div>'
             f'<div>{"".join(badges)}</div><div class="cap" title="{_esc(caption)}">{_esc(short)}</div>'
             f'<div class="note">uid {_esc(uid[:12])}…</div></div>')
 
@@ -425,11 +429,10 @@ def render_html(runs: list[RunView], *, steps: int = 3, per_step: int = 6) -> st
         out.append(f'<p class="note">no selection log (the method selects nothing, logging is off, or nothing is '
                    f'flushed yet): {_esc(", ".join(silent))}</p>')
     out.append("<h2>Highest- and lowest-scored candidates</h2>")
-    out.append('<p class="note">The score is the one each candidate was sampled with (higher: preferred): a '
-               'selected candidate\'s score is that of the round that picked it, the others\' that of the last '
-               'round, whose conditional scores see every pair selected before it; the two are not on one scale, so '
-               'late-round picks can rank among the lowest. From the run\'s selection log, which may hold a sample '
-               'of each super-batch.</p>')
+    out.append('<p class="note">The score is each candidate\'s own score s(x, x) under the method\'s rule (for '
+               'h-acid its learnability: student loss minus reference loss; higher: preferred). Selection itself '
+               'samples with conditional scores that also see the pairs already chosen. From the run\'s selection '
+               'log, which may hold a sample of each super-batch.</p>')
     out += [_candidates_section(r, steps, per_step) for r in selecting]
     if with_metrics:
         out.append("<h2>Training curves</h2>")

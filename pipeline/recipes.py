@@ -160,7 +160,7 @@ class TrainConfig:
     on_bad_sample: str = "raise"
     """raise: stop at the first bad sample, naming it; skip: count, log and skip it."""
     selection_log_every: int = 1
-    """Write per-candidate selection records (step, uid, score, selected, noisy) to Parquet every this
+    """Write per-candidate selection records (step, uid, score, selected, self_score, noisy) to Parquet every this
     many steps (0 = never): at B = 160k candidates a record per candidate per step adds up."""
     selection_log_rows: int = 0
     """Per logged step, a seeded random sample of this many candidates (0 = all of them)."""

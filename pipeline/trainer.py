@@ -295,7 +295,7 @@ def selection_metrics(run: Run, sb: SuperBatch, result: SelectionResult) -> dict
 
 
 def log_selections(run: Run, sb: SuperBatch, result: SelectionResult) -> None:
-    """Per-candidate records (step, uid, score, selected, noisy) as Arrow columns, every
+    """Per-candidate records (step, uid, score, selected, self_score, noisy) as Arrow columns, every
     cfg.selection_log_every steps, of all candidates or a seeded sample of cfg.selection_log_rows."""
     cfg = run.cfg
     if not cfg.selection_log_every or sb.step % cfg.selection_log_every:
@@ -308,7 +308,8 @@ def log_selections(run: Run, sb: SuperBatch, result: SelectionResult) -> None:
     selected = np.zeros(n, dtype=bool)
     selected[result.indices.cpu().numpy()] = True
     part = {"uid": sb.uids[rows], "score": result.scores.float().cpu().numpy()[rows],
-            "selected": selected[rows], "noisy": sb.noisy.cpu().numpy()[rows],
+            "self_score": result.self_scores.float().cpu().numpy()[rows], "selected": selected[rows],
+            "noisy": sb.noisy.cpu().numpy()[rows],
             "known": _noise_known(sb).cpu().numpy()[rows]}
     every = run.group.gather_objects(part)
     if run.group.is_main:
@@ -317,6 +318,7 @@ def log_selections(run: Run, sb: SuperBatch, result: SelectionResult) -> None:
                           "uid": pa.array(cols["uid"].tolist(), pa.string()),
                           "score": pa.array(cols["score"], pa.float32()),
                           "selected": pa.array(cols["selected"]),
+                          "self_score": pa.array(cols["self_score"], pa.float32()),
                           "noisy": pa.array(cols["noisy"], mask=~cols["known"])},  # null: unknown
                          schema=SELECTIONS_SCHEMA)
         run.selections_log.append_table(table)

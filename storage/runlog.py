@@ -32,6 +32,7 @@ SELECTIONS_SCHEMA = pa.schema([
     pa.field("uid", pa.string(), nullable=False),
     pa.field("score", pa.float32()),
     pa.field("selected", pa.bool_(), nullable=False),
+    pa.field("self_score", pa.float32()),
     pa.field("noisy", pa.bool_()),
 ])
 

@@ -8,7 +8,7 @@ Views (every one also readable as a pyarrow table with `read_view`):
   cache       model_id, dataset, shard, uid, image_emb FLOAT[], text_emb FLOAT[]
   manifest    model_id, dataset, shard, rows, sha256, source_sha256, fingerprint, dim, dtype, logit_scale, logit_bias
   metrics     run, step, <the run's metric columns>      (runs/*/metrics/*.parquet, united by column name)
-  selections  run, step, uid, score, selected, noisy     (runs/*/selections/*.parquet)
+  selections  run, step, uid, score, selected, self_score, noisy (runs/*/selections/*.parquet)
 
 Nothing can be modified through `run_query`: (1) the text must parse (duckdb.extract_statements)
 into exactly one statement of type SELECT (which includes WITH, VALUES, FROM-first, DESCRIBE,
@@ -64,7 +64,7 @@ _EMPTY = {
               "NULL::FLOAT[] AS image_emb, NULL::FLOAT[] AS text_emb WHERE false"),
     "metrics": "SELECT NULL::VARCHAR AS run, NULL::BIGINT AS step WHERE false",
     "selections": ("SELECT NULL::VARCHAR AS run, NULL::BIGINT AS step, NULL::VARCHAR AS uid, NULL::FLOAT AS score, "
-                   "NULL::BOOLEAN AS selected, NULL::BOOLEAN AS noisy WHERE false"),
+                   "NULL::BOOLEAN AS selected, NULL::FLOAT AS self_score, NULL::BOOLEAN AS noisy WHERE false"),
 }
 
 _MANIFEST_SCHEMA = pa.schema([("model_id", pa.string()), ("dataset", pa.string()), ("shard", pa.string()),

@@ -51,7 +51,7 @@ def test_views_on_an_empty_workspace(tmp_path):
                                   "source", "noisy", "label", "split"]),
                        ("cache", ["model_id", "dataset", "shard", "uid", "image_emb", "text_emb"]),
                        ("metrics", ["run", "step"]),
-                       ("selections", ["run", "step", "uid", "score", "selected", "noisy"])):
+                       ("selections", ["run", "step", "uid", "score", "selected", "self_score", "noisy"])):
         t = read_view(tmp_path, view)
         assert t.num_rows == 0 and t.column_names == cols, view
     assert str(read_view(tmp_path, "selections").schema.field("step").type) == "int64"
