@@ -84,8 +84,12 @@ def noisy_fractions(run_dir: Path) -> dict[str, float]:
     from pipeline.report import read_metrics
 
     m = read_metrics(run_dir).to_pydict()
-    return {"noisy_frac_trained": statistics.fmean(m["noisy_frac_selected"]),
-            "noisy_frac_superbatch": statistics.fmean(m["noisy_frac_superbatch"])}
+
+    def mean(key: str) -> float | None:  # None where the data's noise is unknown (null per step)
+        vals = [v for v in m.get(key, []) if v is not None]
+        return statistics.fmean(vals) if vals else None
+
+    return {"noisy_frac_trained": mean("noisy_frac_selected"), "noisy_frac_superbatch": mean("noisy_frac_superbatch")}
 
 
 def main() -> None:
