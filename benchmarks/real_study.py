@@ -325,7 +325,7 @@ def report(args: argparse.Namespace, state: dict, seconds: float) -> None:
                       f"{_mean_std([r[ret]] if ret in r else [])} | "
                       f"{_mean_std([s[ret] for s in seeds.values() if ret in s])} | "
                       f"{_mean_std([s[zs] for s in seeds.values() if zs in s])} | "
-                      f"{_mean_std([s['noisy_frac_trained'] for s in seeds.values()])} |")
+                      f"{_mean_std([s['noisy_frac_trained'] for s in seeds.values() if s.get('noisy_frac_trained') is not None])} |")
     if state["dev"]:
         dkey = f"{name}-dev-retrieval:mean_recall"
         md += ["", "## Dev-split diagnostics (h-acid variants; never the test split)", ""]
