@@ -215,7 +215,9 @@ def scoring_model(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module
     key = (dtype, source[0].device, len(source))
     entry = _SCORING_COPIES.get(model)
     if entry is None or entry[0] != key:
-        shadow = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
+        shadow = copy.deepcopy(model)
+        shadow.zero_grad(set_to_none=True)  # the student's gradients are not the copy's to hold
+        shadow = shadow.to(dtype).eval().requires_grad_(False)
         entry = (key, shadow, [*shadow.parameters(), *shadow.buffers()])
         _SCORING_COPIES[model] = entry
     with torch.no_grad():
