@@ -120,7 +120,8 @@ def add_commands(subparsers) -> None:
                                           "(see storage/sql.py). Only one SELECT statement is accepted.")
     q.add_argument("query")
     q.add_argument("--format", choices=("table", "csv", "json", "parquet"), default="table")
-    q.add_argument("--out", type=Path, default=None, help="write the result here (required for parquet)")
+    q.add_argument("--out", type=fs.as_path, default=None,
+                   help="write the result here, a file or an s3:// URL (required for parquet)")
     q.add_argument("--max-rows", type=int, default=50, help="rows shown by --format table on the terminal")
     q.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     q.add_argument("--allow-missing", action="store_true",
@@ -131,7 +132,8 @@ def add_commands(subparsers) -> None:
     q.set_defaults(func=_cmd_sql)
 
     i = subparsers.add_parser("inspect", help="summarise a dataset folder, a cache folder or a workspace")
-    i.add_argument("path", type=Path, nargs="?", default=None, help="default: the workspace root")
+    i.add_argument("path", type=fs.as_path, nargs="?", default=None,
+                   help="a folder or an s3:// URL (default: the workspace root)")
     i.add_argument("--verify", action="store_true",
                    help="also check tar checksums, decode every image and check every cache shard as `aced cache "
                         "verify` does (exit code 1 on any problem, as without it)")
@@ -303,7 +305,7 @@ def _cmd_sql(args) -> int:
     if args.max_rows < 1:
         print(f"error: --max-rows must be >= 1, got {args.max_rows}", file=sys.stderr)
         return 2
-    if not Path(args.root).is_dir():
+    if not fs.as_path(args.root).is_dir():
         print(f"note: workspace {args.root} does not exist: every view is empty", file=sys.stderr)
     try:
         limits = Limits.for_machine(args.memory_limit, args.threads)

@@ -102,13 +102,13 @@ def export_task(run_dir: str, out_dir: str) -> str:
 def given_models(root: str, reference: str | None, teacher: str | None) -> dict[str, str]:
     """{role: model folder} of the roles given as workspace model ids or folders, checked (a readable
     model config) before anything else runs."""
-    from pipeline.models import model_config
+    from pipeline.models import local_model_dir, model_config
 
     ws = Workspace(root)
     out = {}
     for role, arg in (("reference", reference), ("teacher", teacher)):
         if arg:
-            folder = ws.resolve_model(arg).resolve()
+            folder = local_model_dir(ws.resolve_model(arg)).resolve()  # an s3:// one: its verified local copy
             model_config(str(folder))
             out[role] = str(folder)
     return out

@@ -812,13 +812,29 @@ def _read_json(path: Path):
         raise ValueError(f"{path}: not valid JSON ({e})") from e
 
 
+def local_model_dir(model_dir: str | os.PathLike) -> Path:
+    """The local folder to load a model from: `model_dir` itself, or for a folder in an object store
+    (`s3://.../models/ID`) its local copy (storage.fs.local_copy: downloaded once per content, its
+    fingerprint verified by `load_model` before the copy is published), named like the original, so
+    the folder name stays the model id the cache files it under."""
+    if not fs.is_url(model_dir):
+        return Path(model_dir)
+    return fs.local_copy(model_dir, check=load_model)
+
+
 def load_model(model_dir: str | os.PathLike, *, verify: bool = True) -> ModelBundle:
     """Load a folder written by `save_model`. With `verify` (the default) its aced_model.json must record
     a fingerprint and the loaded weights + config + preprocessing must match it: a folder without one
     (aced_model.json missing, or edited to drop the fingerprint) cannot be checked, so it is refused rather
     than trusted, because any preprocessing edit would then pass. `verify=False` loads any open_clip
     local-dir folder with safetensors or .bin weights as it is (foreign weights are adopted with
-    `create_model(ARCH, pretrained=WEIGHTS_FILE)` + `save_model`, which records a fingerprint)."""
+    `create_model(ARCH, pretrained=WEIGHTS_FILE)` + `save_model`, which records a fingerprint).
+    A folder in an object store is loaded from its local copy (`local_model_dir`; the first load is
+    the check of the fresh download, so it is not loaded twice)."""
+    if fs.is_url(model_dir):
+        loaded: list[ModelBundle] = []
+        folder = fs.local_copy(model_dir, check=lambda d: loaded.append(load_model(d, verify=verify)))
+        return loaded[0] if loaded else load_model(folder, verify=verify)
     folder = Path(model_dir)
     cfg, cfg_file = _folder_config(folder)
     aced = _read_aced_file(folder, verify)

@@ -166,7 +166,9 @@ def resolve_models(root: Path, models: Sequence[str | os.PathLike]) -> list[Path
     """Model folders from ids (`<root>/models/<id>`) or paths; a clear error for anything else."""
     if not models:
         raise ValueError("no models given: name at least one model id (under <root>/models) or model folder")
-    out = [Workspace(root).resolve_model(m).resolve() for m in models]
+    from pipeline.models import local_model_dir
+
+    out = [local_model_dir(Workspace(root).resolve_model(m)).resolve() for m in models]  # an s3:// one: its copy
     names = [p.name for p in out]
     if len(set(names)) != len(names):
         raise ValueError(f"two model folders share a name (the model id): {[str(p) for p in out]}")

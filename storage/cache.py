@@ -452,7 +452,8 @@ def _label_problems(kv: dict[str, str], shard_name: str, dataset: str | None) ->
 def cache_file_label_problems(path: str | os.PathLike, shard_name: str, dataset: str | None) -> list[str]:
     """`_label_problems` of a cache file read from its Parquet footer only (cheap: no data pages)."""
     try:
-        kv = {k.decode(): v.decode() for k, v in (pq.read_schema(path).metadata or {}).items()}
+        with fs.open_read(path) as f:  # a local file or an object (ranged GETs of the footer)
+            kv = {k.decode(): v.decode() for k, v in (pq.read_schema(f).metadata or {}).items()}
     except Exception as e:  # pyarrow raises ArrowInvalid/OSError/... for corrupt files
         return [f"{path}: unreadable Parquet ({type(e).__name__}: {e})"]
     return [f"{path}: {p}" for p in _label_problems(kv, shard_name, dataset)]

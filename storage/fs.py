@@ -34,11 +34,20 @@ What is atomic on S3, said plainly:
   - Prefect's database and the process records (`<root>/state`) need a POSIX folder: a workspace
     whose root is a URL keeps them in a local folder ($ACED_STATE_DIR, default
     ~/.cache/aced/state/<hash of the root URL>); the cache stage's lock there is per machine.
-  - Model folders are read from local disk (open_clip loads a folder): give `--model` a local folder
-    when the workspace root is a URL. Runs may write their exported model to the store.
+  - Model folders: open_clip loads from a local folder, so a model folder in the store (a workspace
+    model of a URL root, or `s3://.../models/ID` given anywhere a model is) is downloaded once by
+    `local_copy` into $ACED_MODEL_CACHE (default ~/.cache/aced/models)/<key>/<ID>, keyed by the
+    folder URL and every object's size and ETag (so a changed model is a new copy, never a stale
+    one), checked before it is published there (pipeline.models passes `load_model`, which verifies
+    the fingerprint in aced_model.json) and renamed into place. Runs write their exported model to
+    the store directly.
+  - Reading Parquet in bulk (the SQL views of storage/sql.py) goes through pyarrow datasets over
+    `arrow_filesystem` (this same fsspec file system): DuckDB's own httpfs extension is neither
+    installed nor loadable here.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -138,6 +147,27 @@ def sha256(p) -> str:
     return h.hexdigest()
 
 
+def size(p) -> int:
+    """Bytes in the file `p` (FileNotFoundError when it is missing)."""
+    return version(p)[0]
+
+
+def arrow_files(paths: list) -> tuple[object, list[str]]:
+    """(pyarrow file system, the paths in it) for files on one file system (all local, or all in one
+    store): pyarrow's local file system, or the URLs' fsspec file system wrapped for pyarrow (the same
+    credentials and endpoint as every other access here), so a pyarrow dataset reads object-store
+    files with ranged GETs of the parts it needs, never a whole download."""
+    import pyarrow.fs as pafs
+
+    ps = [as_path(p) for p in paths]
+    remote = [p for p in ps if is_url(p)]
+    if not remote:
+        return pafs.LocalFileSystem(), [str(p) for p in ps]
+    if len(remote) != len(ps) or len({p.protocol for p in remote}) != 1:
+        raise ValueError(f"files on different file systems cannot be read as one: {ps[0]} ... {ps[-1]}")
+    return pafs.PyFileSystem(pafs.FSSpecHandler(remote[0].fs)), [p.path for p in remote]
+
+
 def is_file(p) -> bool:
     p = as_path(p)
     return p.is_file()
@@ -168,6 +198,75 @@ def walk(p) -> Iterator[tuple[object, list[str], list[str]]]:
         filenames = sorted(PurePosixPath(e["name"]).name for e in entries if e["type"] == "file")
         yield d, dirnames, filenames
         todo[:0] = [d / n for n in dirnames]
+
+
+def model_cache_dir() -> Path:
+    """Where `local_copy` keeps downloaded folders: $ACED_MODEL_CACHE, else ~/.cache/aced/models."""
+    return Path(os.environ.get("ACED_MODEL_CACHE") or Path.home() / ".cache" / "aced" / "models")
+
+
+def _tree(p) -> list[tuple[str, int, str]]:
+    """(name relative to folder `p`, size, ETag) of every object below it, hidden names left out
+    (lock objects, temporary names), sorted: one listing, no request per object."""
+    found = p.fs.find(p.path, detail=True)
+    base = p.path.rstrip("/") + "/"
+    out = []
+    for key, info in found.items():
+        rel = key[len(base):] if key.startswith(base) else None
+        if rel and info.get("type", "file") == "file" and not any(s.startswith(".") for s in rel.split("/")):
+            out.append((rel, int(info["size"]), str(info.get("ETag") or info.get("etag") or info.get("LastModified"))))
+    return sorted(out)
+
+
+def local_copy(url, *, check=None) -> Path:
+    """A local copy of the object-store folder `url`, for readers that need a POSIX folder (open_clip
+    loads models from one); a local path is returned as it is.
+
+    Downloaded once per content: the copy lives at `model_cache_dir()/<24 hex>/<folder name>`, the hex
+    a sha256 of the URL and every object's (name, size, ETag), so a folder changed in the store is a
+    new download and a copy never stands for other bytes. The download goes to a hidden temporary
+    folder beside it; each file's size is checked, the listing is taken again (a folder rewritten
+    during the download is an error, not a mix), `check(temporary folder)` runs (pipeline.models
+    passes `load_model`, which verifies the recorded fingerprint) and only then is the folder renamed
+    into place, so a failed or killed download never leaves a copy that looks complete. Two processes
+    downloading at once both verify; the first rename wins and the other uses it."""
+    src = as_path(url)
+    if not is_url(src):
+        return Path(src)
+    name = posix_parts(src).name
+    listing = _tree(src)
+    if not listing:
+        raise FileNotFoundError(f"{src}: no such folder in the object store (no objects below it)")
+    key = hashlib.sha256(json.dumps([str(src).rstrip("/"), listing]).encode()).hexdigest()[:24]
+    home = model_cache_dir() / key
+    dst = home / name
+    if dst.is_dir():
+        return dst
+    home.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=home))
+    try:
+        base = src.path.rstrip("/")
+        for rel, nbytes, _ in listing:
+            local = tmp / rel
+            local.parent.mkdir(parents=True, exist_ok=True)
+            src.fs.get_file(f"{base}/{rel}", str(local))
+            if local.stat().st_size != nbytes:
+                raise OSError(f"{src}/{rel}: downloaded {local.stat().st_size} bytes, the store lists {nbytes}")
+        if _tree(src) != listing:
+            raise OSError(f"{src}: changed while it was being downloaded (a writer at work?); try again")
+        if check is not None:
+            check(tmp)
+        try:
+            os.rename(tmp, dst)
+        except OSError:
+            if not dst.is_dir():
+                raise
+            # another process published the same content first: use its copy
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            home.rmdir()  # only when empty: a failed download leaves nothing behind
+    return dst
 
 
 # --------------------------------------------------------------------------- writing

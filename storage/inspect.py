@@ -7,6 +7,8 @@ hidden temporary files and folders left by an interrupted write) and "notes" for
 `format_summary` renders one as text; `aced inspect` exits 1 when there is any problem.
 `aced cache verify` is the strict check of caches; this module counts and describes, and with
 `verify` runs that same per-shard check (`storage.cache.check_cache_shard`) on every cache it finds.
+Any of these may be in an object store (`s3://...`): every listing, size and read goes through
+storage.fs, so the checks are the same there.
 
 (The module is `storage.inspect`; it is only ever imported as part of the package, so it does not
 shadow the standard library's `inspect`.)
@@ -20,14 +22,14 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from storage import fs
 from storage.atomic import is_temp_name
 from storage.cache import (MANIFEST_FILE, CacheError, check_cache_shard, find_cache_folders, read_manifest,
                            unlisted_cache_folders)
 from storage.workspace import Workspace
 from storage.shards import (DATASET_FILE, ShardError, check_tar_sha256, dataset_file_problems, find_datasets,
-                            iter_samples, list_shards, load_dataset, read_metadata)
+                            iter_samples, list_shards, load_dataset, read_metadata, read_parquet)
 
 
 def is_leftover_name(name: str) -> bool:
@@ -38,20 +40,20 @@ def is_leftover_name(name: str) -> bool:
 
 
 def _leftover_problem(p: Path) -> str:
-    kind = "folder" if p.is_dir() and not p.is_symlink() else "file"
+    kind = "folder" if p.is_dir() and not (not fs.is_url(p) and p.is_symlink()) else "file"
     return f"{p}: leftover temporary {kind} of an interrupted write (delete it once no writer is running)"
 
 
 def find_leftovers(top: str | os.PathLike, *, recursive: bool = True) -> list[Path]:
     """Hidden temporary files and folders (`is_leftover_name`) in `top` (and below, not inside them)."""
     found: list[Path] = []
-    top = Path(top)
+    top = fs.as_path(top)
     if not top.is_dir():
         return found
-    for dirpath, dirnames, filenames in os.walk(top):
+    for dirpath, dirnames, filenames in fs.walk(top):
         for n in sorted(dirnames + filenames):
             if is_leftover_name(n):
-                found.append(Path(dirpath) / n)
+                found.append(dirpath / n)
         dirnames[:] = sorted(d for d in dirnames if not is_leftover_name(d)) if recursive else []
     return found
 
@@ -60,8 +62,9 @@ def _dataset_leftovers(folder: Path) -> list[Path]:
     """Leftovers inside a dataset folder, and work folders of an interrupted (re)import of it beside it."""
     prefix = f".{folder.name}."  # not a glob pattern: a dataset may be named "*" or "[a]"
     try:
-        names = sorted(os.listdir(folder.parent))
-    except OSError:
+        _, dirnames, filenames = next(fs.walk(folder.parent))
+        names = sorted(dirnames + filenames)
+    except (OSError, StopIteration):
         names = []
     sibling = [folder.parent / n for n in names if n.startswith(prefix) and is_leftover_name(n)]
     return find_leftovers(folder, recursive=False) + sibling
@@ -69,7 +72,7 @@ def _dataset_leftovers(folder: Path) -> list[Path]:
 
 def summarize_dataset(dataset_dir: str | os.PathLike, *, verify: bool = False) -> dict[str, Any]:
     """Counts of a dataset folder; with `verify`, also tar checksums and a full decode of every image."""
-    folder = Path(dataset_dir)
+    folder = fs.as_path(dataset_dir)
     out: dict[str, Any] = {"kind": "dataset", "path": str(folder), "problems": [], "notes": []}
     out["problems"] += [_leftover_problem(p) for p in _dataset_leftovers(folder)]
     try:
@@ -84,8 +87,12 @@ def summarize_dataset(dataset_dir: str | os.PathLike, *, verify: bool = False) -
     out["problems"] += dataset_file_problems(info)  # missing or unlisted shard files
     tables, tar_bytes = [], 0
     for s in info.shards:
-        if s.tar_path.exists():
-            tar_bytes += s.tar_path.stat().st_size
+        try:
+            tar_bytes += fs.size(s.tar_path)
+            tar_here = True
+        except FileNotFoundError:  # named by dataset_file_problems
+            tar_here = False
+        if tar_here:
             if verify:
                 try:
                     check_tar_sha256(s)
@@ -96,7 +103,7 @@ def summarize_dataset(dataset_dir: str | os.PathLike, *, verify: bool = False) -
         except ShardError as e:
             out["problems"].append(str(e))
             continue
-        if verify and s.tar_path.exists():
+        if verify and tar_here:
             stats: dict[str, int] = {}
             try:
                 n = sum(1 for _ in iter_samples(s, on_error="skip", decode=True, stats=stats, check_sha256=False))
@@ -144,7 +151,7 @@ def summarize_cache(folder: str | os.PathLike, *, verify: bool = False) -> dict[
     `aced cache verify` and the trainer's reader run (file sha256 against the manifest, the pair tar's
     sha256, uids in order, the file's label, finiteness); a folder whose pair dataset cannot be found
     cannot be verified, which is a problem too."""
-    folder = Path(folder)
+    folder = fs.as_path(folder)
     out: dict[str, Any] = {"kind": "cache", "path": str(folder), "problems": [], "notes": []}
     out["problems"] += [_leftover_problem(p) for p in find_leftovers(folder, recursive=False)]
     try:
@@ -158,11 +165,13 @@ def summarize_cache(folder: str | os.PathLike, *, verify: bool = False) -> dict[
     out.update(model_id=doc["model_id"], fingerprint=doc["fingerprint"], dim=doc["dim"], dtype=doc["dtype"],
                logit_scale=doc.get("logit_scale"), logit_bias=doc.get("logit_bias"), shards=len(doc["shards"]))
     dataset = doc.get("dataset")
-    parts = folder.resolve().parts
+    parts = fs.posix_parts(folder).parts
     k = len(dataset.split("/")) if dataset else 0
     pair = None
     if dataset and len(parts) > k + 2 and parts[-(k + 2)] == "cache" and "/".join(parts[-k:]) == dataset:
-        root = Path(*parts[: -(k + 2)])
+        root = fs.resolve(folder)
+        for _ in range(k + 2):
+            root = root.parent
         out["dataset"] = dataset
         try:
             pair = {s.name: s for s in list_shards(Workspace(root).dataset(dataset))}
@@ -186,18 +195,19 @@ def summarize_cache(folder: str | os.PathLike, *, verify: bool = False) -> dict[
             for name in sorted(set(doc["shards"]) & set(pair)):
                 out["problems"] += check_cache_shard(folder, doc, pair[name])[1]
     listed = {f"{n}.parquet" for n in doc["shards"]}
-    out["problems"] += [f"{p}: not in the manifest (extra)" for p in sorted(folder.glob("*.parquet"))
-                        if p.name not in listed and not p.name.startswith(".")]
+    out["problems"] += [f"{folder / n}: not in the manifest (extra)" for n in sorted(fs.list_files(folder))
+                        if n.endswith(".parquet") and n not in listed and not n.startswith(".")]
     rows, nbytes = 0, 0
     acc = {c: {"min": np.inf, "max": -np.inf, "sum": 0.0, "n": 0, "nonfinite_rows": 0} for c in ("image_emb", "text_emb")}
     for name in doc["shards"]:
         path = folder / f"{name}.parquet"
-        if not path.exists():
+        try:
+            nbytes += fs.size(path)
+        except FileNotFoundError:
             out["problems"].append(f"{path}: in the manifest but missing")
             continue
-        nbytes += path.stat().st_size
         try:
-            t = pq.read_table(path)
+            t = read_parquet(path)
         except Exception as e:
             out["problems"].append(f"{path}: unreadable Parquet ({type(e).__name__}: {e})")
             continue
@@ -223,16 +233,20 @@ def summarize_cache(folder: str | os.PathLike, *, verify: bool = False) -> dict[
 
 def summarize_runs(root: str | os.PathLike) -> list[dict[str, Any]]:
     """Per run folder: metric and selection row counts and the last step logged."""
-    runs = Workspace(root).runs
+    ws = Workspace(root)
+    try:
+        _, names, _ = next(fs.walk(ws.runs))
+    except (OSError, StopIteration):
+        names = []
+    logs = {kind: ws.run_logs(kind) for kind in ("metrics", "selections")}
     out = []
-    for run in sorted(p for p in runs.iterdir() if p.is_dir() and not p.name.startswith(".")) if runs.is_dir() else []:
-        r: dict[str, Any] = {"run": run.name}
+    for name in sorted(n for n in names if not n.startswith(".")):
+        r: dict[str, Any] = {"run": name}
         for kind in ("metrics", "selections"):
-            files = sorted(p for p in (run / kind).glob("*.parquet") if not p.name.startswith("."))
             n, last = 0, None
-            for f in files:
+            for f in logs[kind].get(name, []):
                 try:
-                    steps = pq.read_table(f, columns=["step"])["step"]
+                    steps = read_parquet(f, columns=["step"])["step"]
                 except Exception as e:
                     r.setdefault("problems", []).append(f"{f}: unreadable ({type(e).__name__}: {e})")
                     continue
@@ -268,7 +282,7 @@ def _new_leftover_problems(leftovers: list[Path], problems: list[str]) -> list[s
 
 def inspect_path(path: str | os.PathLike, *, verify: bool = False) -> dict[str, Any]:
     """Summarise whatever `path` is: dataset folder, cache folder, workspace, or a folder of datasets/caches."""
-    path = Path(path)
+    path = fs.as_path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: not a folder")
     if (path / DATASET_FILE).exists():
@@ -278,12 +292,12 @@ def inspect_path(path: str | os.PathLike, *, verify: bool = False) -> dict[str, 
     if any((path / d).is_dir() for d in ("datasets", "cache", "runs")):
         return summarize_workspace(path, verify=verify)
     datasets = find_datasets(path)
-    caches = [Path(dp) for dp, _, files in os.walk(path) if MANIFEST_FILE in files and "/." not in dp]
+    caches = [dp for dp, _, files in fs.walk(path) if MANIFEST_FILE in files and "/." not in str(dp)]
     leftovers = find_leftovers(path)
     if not datasets and not caches and not leftovers:
         raise FileNotFoundError(f"{path}: no dataset ({DATASET_FILE}), cache ({MANIFEST_FILE}) or workspace here")
     items = ([summarize_dataset(p, verify=verify) for p in datasets.values()]
-             + [summarize_cache(p, verify=verify) for p in sorted(caches)])
+             + [summarize_cache(p, verify=verify) for p in sorted(caches, key=str)])
     problems = [p for d in items for p in d["problems"]]
     problems += _new_leftover_problems(leftovers, problems)
     return {"kind": "folder", "path": str(path), "items": items,

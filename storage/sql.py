@@ -16,7 +16,17 @@ SUMMARIZE, SHOW); (2) the connection is locked down after the views are made: ex
 off, so only the Parquet files behind the views can be opened (`allowed_paths`), extensions cannot
 be installed or loaded, and `lock_configuration` stops a query from turning any of it back on.
 The second layer alone would still let a COPY overwrite one of the allowed files, hence the first.
-The views read the Parquet files (not in-memory Arrow): DuckDB cannot scan half-float Arrow data.
+Replacement scans are off too, so a query cannot read Python variables of the process.
+
+Local or object store: the files are found and checked by one code path (Workspace, storage.fs);
+only the reading differs. Local files are read by DuckDB's own Parquet reader (not in-memory Arrow:
+DuckDB cannot scan half-float Arrow data). For a workspace root in an object store (`s3://...`),
+DuckDB's httpfs extension is not available (no downloads here, and extensions stay off), so each view
+is a pyarrow dataset over those objects (storage.fs.arrow_files: fsspec's file system, ranged GETs),
+registered with DuckDB; the labels taken from file names locally (shard, run) are constant columns
+of each file there, the columns are united by name the same way, and the embeddings are cast to
+float32 on the scan. Same views, columns and rows; external access stays off (the registered
+datasets need none). DuckDB's memory limit does not cover pyarrow's read buffers (a few batches).
 
 Complete or refused: a listed file that is missing, or whose own metadata says it belongs to another
 shard, fails the query (IncompleteViews) unless `allow_missing` (CLI --allow-missing) leaves it out
@@ -37,14 +47,18 @@ import os
 import re
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from storage import fs
 from storage.atomic import atomic_path
 from storage.cache import CacheError, cache_file_label_problems, find_cache_folders, read_manifest
 from storage.shards import ShardError, check_metadata_owner, dataset_file_problems, load_dataset
@@ -203,17 +217,26 @@ def _allowed(paths: list[Path]) -> list[str]:
     return out
 
 
-def _run_files(root: Path, kind: str) -> list[Path]:
-    runs = Workspace(root).runs
-    if not runs.is_dir():
-        return []
-    return sorted(p.resolve() for p in runs.glob(f"*/{kind}/*.parquet") if not p.name.startswith("."))
+def _schema(path) -> pa.Schema:
+    """A Parquet file's schema with its key-value metadata, from its footer only (locally, or by ranged
+    GETs in an object store)."""
+    if fs.is_url(path):
+        with fs.open_read(path) as f:
+            return pq.read_schema(f)
+    return pq.read_schema(path)
 
 
-def _pair_files(ds: str, folder: Path, problems: list[str]) -> tuple[dict | None, list[Path]]:
-    """(row of the datasets view, metadata Parquet files to read) of one dataset; what is wrong goes
-    to `problems`: a broken `_dataset.json`, files that differ from the listing, and metadata files
-    whose own label (key-value metadata) is another shard's (their file names were swapped)."""
+def _abs(path):
+    """A file's name as the views read and report it: resolved locally (`allowed_paths` compares
+    resolved names), the URL itself in an object store."""
+    return fs.resolve(path)
+
+
+def _pair_files(ds: str, folder, problems: list[str]) -> tuple[dict | None, list[tuple[str, object, pa.Schema]]]:
+    """(row of the datasets view, [(shard name, metadata Parquet file, its schema)] to read) of one
+    dataset; what is wrong goes to `problems`: a broken `_dataset.json`, files that differ from the
+    listing, and metadata files whose own label (key-value metadata) is another shard's (their file
+    names were swapped)."""
     try:
         info = load_dataset(folder, check_files=False)
     except ShardError as e:
@@ -222,20 +245,51 @@ def _pair_files(ds: str, folder: Path, problems: list[str]) -> tuple[dict | None
     problems += [f"dataset {ds}: {p}" for p in dataset_file_problems(info)]
     files = []
     for s in info.shards:
-        if not s.meta_path.is_file():
+        if not fs.is_file(s.meta_path):
             continue  # named by dataset_file_problems
         try:
-            check_metadata_owner(s, pq.read_schema(s.meta_path).metadata)
+            schema = _schema(s.meta_path)
+            check_metadata_owner(s, schema.metadata)
         except ShardError as e:
             problems.append(f"dataset {ds}: {e}")
             continue
         except Exception as e:  # pyarrow raises ArrowInvalid/OSError/... for corrupt files
             problems.append(f"dataset {ds}: {s.meta_path}: unreadable Parquet ({type(e).__name__}: {e})")
             continue
-        files.append(s.meta_path.resolve())
+        files.append((s.name, _abs(s.meta_path), schema))
     row = {"dataset": ds, "name": info.name, "source": info.source, "shards": len(info.shards), "rows": info.rows,
            "skipped": info.skipped, "created": info.created, "classnames": info.classnames}
     return row, files
+
+
+def _cache_files(root, problems: list[str], man_rows: list[dict]) -> list[tuple[str, str, list[tuple[str, object]]]]:
+    """[(model id, dataset, [(shard name, cache file)])] of every cache folder, with a manifest row per
+    listed shard in `man_rows`; problems: an unreadable manifest, listed files that are missing or
+    whose own `source_shard`/`dataset` label is another's."""
+    out = []
+    for (mid, ds), folder in find_cache_folders(root).items():
+        try:
+            doc = read_manifest(folder)
+        except CacheError as e:
+            problems.append(f"cache {mid}/{ds}: {e}")
+            continue
+        files = []
+        for name, e in doc["shards"].items():
+            man_rows.append({"model_id": mid, "dataset": ds, "shard": name, "rows": e.get("rows"),
+                             "sha256": e.get("sha256"), "source_sha256": e.get("source_sha256"),
+                             "fingerprint": doc["fingerprint"], "dim": doc["dim"], "dtype": doc["dtype"],
+                             "logit_scale": doc.get("logit_scale"), "logit_bias": doc.get("logit_bias")})
+            path = folder / f"{name}.parquet"
+            if not fs.is_file(path):
+                problems.append(f"cache {mid}/{ds}: {path}: listed in the manifest but missing")
+                continue
+            bad = cache_file_label_problems(path, name, doc.get("dataset"))
+            problems += [f"cache {mid}/{ds}: {p}" for p in bad]
+            if not bad:
+                files.append((name, _abs(path)))
+        if files:
+            out.append((mid, ds, files))
+    return out
 
 
 def open_views(root: str | os.PathLike, *, allow_missing: bool = False, limits: Limits | None = None,
@@ -249,11 +303,32 @@ def open_views(root: str | os.PathLike, *, allow_missing: bool = False, limits: 
     With `allow_missing` those are left out instead and named in `left_out` (and the log).
     `limits`: memory and threads (default `Limits.for_machine()`); `temp_dir`: where DuckDB spills
     (default: a new folder in the system temp dir, removed at exit; never the current directory).
+    `root` may be an object-store URL (module docstring: the same files, read through pyarrow).
     Prefer `stream_query`/`run_query` for SQL text from a user: they also refuse non-SELECT statements.
     """
-    root = Path(root).resolve()
+    root = fs.resolve(root)
     limits = limits or Limits.for_machine()
+    # Which files, and what is wrong with them: one code path for both kinds of root.
     problems: list[str] = []
+    pair_sources, ds_rows = [], []
+    for ds, folder in Workspace(root).find_datasets().items():
+        row, files = _pair_files(ds, folder, problems)
+        if row is not None:
+            ds_rows.append(row)
+        if files:
+            pair_sources.append((ds, files))
+    man_rows: list[dict] = []
+    cache_sources = _cache_files(root, problems, man_rows)
+    run_sources = {kind: Workspace(root).run_logs(kind) for kind in ("metrics", "selections")}
+    if problems and not allow_missing:
+        raise IncompleteViews(f"{len(problems)} problem(s) in {root}: the views would leave out or mislabel data: "
+                              + "; ".join(problems) + " (fix them, see `aced inspect` / `aced cache verify`; "
+                              "or pass --allow-missing to query without them)")
+    for p in problems:
+        log.warning("left out of the SQL views: %s", p)
+    if left_out is not None:
+        left_out += problems
+
     con = duckdb.connect(":memory:", config={"autoinstall_known_extensions": False,
                                              "autoload_known_extensions": False})
     try:
@@ -269,78 +344,126 @@ def open_views(root: str | os.PathLike, *, allow_missing: bool = False, limits: 
         temp_dir = tempfile.mkdtemp(prefix="aced-sql-")
         atexit.register(shutil.rmtree, temp_dir, ignore_errors=True)
     con.execute("SET temp_directory = ?", [str(temp_dir)])
-    allowed: list[Path] = []
-
-    # pairs + datasets: the shard label is the file name's, which `_pair_files` proved equal to the
-    # label the file carries in its own metadata (files whose content says otherwise are not read)
-    parts, ds_rows = [], []
-    for ds, folder in Workspace(root).find_datasets().items():
-        row, files = _pair_files(ds, folder, problems)
-        if row is not None:
-            ds_rows.append(row)
-        if files:
-            allowed += files
-            parts.append(f"SELECT {_lit(ds)} AS dataset, regexp_extract(filename, '([0-9]+)\\.parquet$', 1) AS shard, "
-                         f"* EXCLUDE (filename) FROM read_parquet({_file_list(files)}, filename=true, "
-                         f"hive_partitioning=false)")
-    con.execute("CREATE VIEW pairs AS " + (" UNION ALL BY NAME ".join(parts) if parts else _EMPTY["pairs"]))
-    _make_table(con, "datasets", pa.Table.from_pylist(ds_rows, schema=_DATASETS_SCHEMA))
-
-    # cache + manifest: the same for cache files (their `source_shard` and `dataset` metadata)
-    parts, man_rows = [], []
-    for (mid, ds), folder in find_cache_folders(root).items():
-        try:
-            doc = read_manifest(folder)
-        except CacheError as e:
-            problems.append(f"cache {mid}/{ds}: {e}")
-            continue
-        files = []
-        for name, e in doc["shards"].items():
-            man_rows.append({"model_id": mid, "dataset": ds, "shard": name, "rows": e.get("rows"),
-                             "sha256": e.get("sha256"), "source_sha256": e.get("source_sha256"),
-                             "fingerprint": doc["fingerprint"], "dim": doc["dim"], "dtype": doc["dtype"],
-                             "logit_scale": doc.get("logit_scale"), "logit_bias": doc.get("logit_bias")})
-            path = folder / f"{name}.parquet"
-            if not path.is_file():
-                problems.append(f"cache {mid}/{ds}: {path}: listed in the manifest but missing")
-                continue
-            bad = cache_file_label_problems(path, name, doc.get("dataset"))
-            problems += [f"cache {mid}/{ds}: {p}" for p in bad]
-            if not bad:
-                files.append(path.resolve())
-        if files:
-            allowed += files
-            parts.append(f"SELECT {_lit(mid)} AS model_id, {_lit(ds)} AS dataset, "
-                         f"regexp_extract(filename, '([0-9]+)\\.parquet$', 1) AS shard, uid, "
-                         f"image_emb::FLOAT[] AS image_emb, text_emb::FLOAT[] AS text_emb "
-                         f"FROM read_parquet({_file_list(files)}, filename=true, hive_partitioning=false)")
-    con.execute("CREATE VIEW cache AS " + (" UNION ALL ".join(parts) if parts else _EMPTY["cache"]))
-    _make_table(con, "manifest", pa.Table.from_pylist(man_rows, schema=_MANIFEST_SCHEMA))
-
-    # run logs
-    for kind in ("metrics", "selections"):
-        files = _run_files(root, kind)
-        if files:
-            allowed += files
-            con.execute(f"CREATE VIEW {kind} AS SELECT regexp_extract(filename, '/runs/([^/]+)/{kind}/[^/]+$', 1) AS run, "
-                        f"* EXCLUDE (filename) FROM read_parquet({_file_list(files)}, union_by_name=true, filename=true, "
-                        f"hive_partitioning=false)")
-        else:
-            con.execute(f"CREATE VIEW {kind} AS {_EMPTY[kind]}")
-
-    if problems and not allow_missing:
+    try:
+        _make_table(con, "datasets", pa.Table.from_pylist(ds_rows, schema=_DATASETS_SCHEMA))
+        _make_table(con, "manifest", pa.Table.from_pylist(man_rows, schema=_MANIFEST_SCHEMA))
+        # Only the last step differs: DuckDB reads local Parquet files itself; object-store files are
+        # read through pyarrow datasets over storage.fs's file system (DuckDB's httpfs is not here).
+        make = _arrow_views if fs.is_url(root) else _parquet_views
+        allowed = make(con, pair_sources, cache_sources, run_sources)
+    except BaseException:
         con.close()
-        raise IncompleteViews(f"{len(problems)} problem(s) in {root}: the views would leave out or mislabel data: "
-                              + "; ".join(problems) + " (fix them, see `aced inspect` / `aced cache verify`; "
-                              "or pass --allow-missing to query without them)")
-    for p in problems:
-        log.warning("left out of the SQL views: %s", p)
-    if left_out is not None:
-        left_out += problems
+        raise
+    # A query may not read Python variables of its caller (DuckDB's replacement scans) nor any file
+    # but the views' own.
+    con.execute("SET python_enable_replacements = false")
     con.execute("SET allowed_paths = ?", [_allowed(allowed)])
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
     return con
+
+
+def _parquet_views(con: duckdb.DuckDBPyConnection, pair_sources, cache_sources, run_sources) -> list[Path]:
+    """The views over local files, read by DuckDB's own Parquet reader (shard and run labels from the
+    file names, which the checks above proved equal to the files' own labels); returns the files,
+    for `allowed_paths`."""
+    allowed: list[Path] = []
+    parts = []
+    for ds, files in pair_sources:
+        paths = [f for _, f, _ in files]
+        allowed += paths
+        parts.append(f"SELECT {_lit(ds)} AS dataset, regexp_extract(filename, '([0-9]+)\\.parquet$', 1) AS shard, "
+                     f"* EXCLUDE (filename) FROM read_parquet({_file_list(paths)}, filename=true, "
+                     f"hive_partitioning=false)")
+    con.execute("CREATE VIEW pairs AS " + (" UNION ALL BY NAME ".join(parts) if parts else _EMPTY["pairs"]))
+
+    parts = []
+    for mid, ds, files in cache_sources:
+        paths = [f for _, f in files]
+        allowed += paths
+        parts.append(f"SELECT {_lit(mid)} AS model_id, {_lit(ds)} AS dataset, "
+                     f"regexp_extract(filename, '([0-9]+)\\.parquet$', 1) AS shard, uid, "
+                     f"image_emb::FLOAT[] AS image_emb, text_emb::FLOAT[] AS text_emb "
+                     f"FROM read_parquet({_file_list(paths)}, filename=true, hive_partitioning=false)")
+    con.execute("CREATE VIEW cache AS " + (" UNION ALL ".join(parts) if parts else _EMPTY["cache"]))
+
+    for kind, runs in run_sources.items():
+        paths = [fs.resolve(f) for files in runs.values() for f in files]
+        if paths:
+            allowed += paths
+            con.execute(f"CREATE VIEW {kind} AS SELECT regexp_extract(filename, '/runs/([^/]+)/{kind}/[^/]+$', 1) AS run, "
+                        f"* EXCLUDE (filename) FROM read_parquet({_file_list(paths)}, union_by_name=true, filename=true, "
+                        f"hive_partitioning=false)")
+        else:
+            con.execute(f"CREATE VIEW {kind} AS {_EMPTY[kind]}")
+    return allowed
+
+
+_EMB = pa.list_(pa.float32())
+
+
+def _arrow_views(con: duckdb.DuckDBPyConnection, pair_sources, cache_sources, run_sources) -> list[Path]:
+    """The same views over object-store files: one pyarrow dataset per view, each file a fragment
+    whose labels (dataset, shard, model_id, run) are constant columns of that fragment, the columns
+    united by name as DuckDB's `UNION ALL BY NAME` / `union_by_name` do (missing columns null, types
+    widened); the embeddings cast to float32 lists on the scan (DuckDB cannot scan Arrow's float16).
+    DuckDB scans them through the registered datasets, so nothing needs `allowed_paths`."""
+    files = [({"dataset": ds, "shard": shard[:-1] + "9"}, f) for ds, fl in pair_sources for shard, f, _ in fl]
+    if files:
+        cols = _united([sch for _, fl in pair_sources for _, _, sch in fl], "pairs")
+        _register(con, "pairs", files, pa.schema([("dataset", pa.string()), ("shard", pa.string())] + _without(cols, ("dataset", "shard"))),
+                  "SELECT * FROM {src}")
+    else:
+        con.execute(f"CREATE VIEW pairs AS {_EMPTY['pairs']}")
+
+    files = [({"model_id": mid, "dataset": ds, "shard": shard}, f) for mid, ds, fl in cache_sources for shard, f in fl]
+    if files:
+        schema = pa.schema([("model_id", pa.string()), ("dataset", pa.string()), ("shard", pa.string()),
+                            ("uid", pa.string()), ("image_emb", _EMB), ("text_emb", _EMB)])
+        _register(con, "cache", files, schema, "SELECT model_id, dataset, shard, uid, image_emb::FLOAT[] AS image_emb, "
+                                               "text_emb::FLOAT[] AS text_emb FROM {src}")
+    else:
+        con.execute(f"CREATE VIEW cache AS {_EMPTY['cache']}")
+
+    for kind, runs in run_sources.items():
+        files = [({"run": run}, f) for run, fl in runs.items() for f in fl]
+        if not files:
+            con.execute(f"CREATE VIEW {kind} AS {_EMPTY[kind]}")
+            continue
+        # every part's footer (a run logs a part every ~30 s): fetched concurrently, not one by one
+        with ThreadPoolExecutor(16) as pool:
+            schemas = list(pool.map(_schema, [f for _, f in files]))
+        cols = _united(schemas, kind)
+        _register(con, kind, files, pa.schema([("run", pa.string())] + _without(cols, ("run",))), "SELECT * FROM {src}")
+    return []
+
+
+def _united(schemas: list[pa.Schema], view: str) -> pa.Schema:
+    try:
+        return pa.unify_schemas([s.remove_metadata() for s in schemas], promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise SqlError(f"view {view}: the files' columns cannot be united (a column with incompatible types): {e}") from None
+
+
+def _without(schema: pa.Schema, names: tuple[str, ...]) -> list[pa.Field]:
+    return [f for f in schema if f.name not in names]
+
+
+def _register(con: duckdb.DuckDBPyConnection, view: str, files: list[tuple[dict, object]], schema: pa.Schema,
+              select: str) -> None:
+    """View `view` = `select` over one pyarrow dataset of `files` ([(constant columns, file)])."""
+    filesystem, paths = fs.arrow_files([f for _, f in files])
+    labels = []
+    for consts, _ in files:
+        expr = None
+        for k, v in consts.items():
+            e = pc.field(k) == v
+            expr = e if expr is None else expr & e
+        labels.append(expr)
+    dataset = pads.FileSystemDataset.from_paths(paths, schema=schema, format=pads.ParquetFileFormat(),
+                                                filesystem=filesystem, partitions=labels)
+    con.register(f"_arrow_{view}", dataset)
+    con.execute(f"CREATE VIEW {view} AS " + select.format(src=f"_arrow_{view}"))
 
 
 def _make_table(con: duckdb.DuckDBPyConnection, name: str, table: pa.Table) -> None:
@@ -494,10 +617,10 @@ def write_stream(q: QueryStream, fmt: str, out: BinaryIO, *, max_rows: int | Non
 def write_result(q: QueryStream, fmt: str, out: str | os.PathLike, *, overwrite: bool = False) -> int:
     """Stream the whole result (also for fmt="table") to the file `out`, atomically: a failed or
     interrupted query leaves no partial file. An existing file is replaced only with `overwrite`."""
-    out = Path(out)
+    out = fs.as_path(out)  # an object-store URL too: one upload (storage.atomic)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    if not out.parent.is_dir():  # a typo in the folder must not create a new tree of folders
+    if not fs.is_url(out) and not out.parent.is_dir():  # a typo in the folder must not create a new tree of folders
         raise FileNotFoundError(f"{out}: its folder {out.parent} does not exist (create it first)")
     if out.is_dir():
         raise IsADirectoryError(f"{out} is a folder; name a file to write")

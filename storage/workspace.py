@@ -161,8 +161,10 @@ class Workspace:
                              ("holds a _dataset.json", "holds no _dataset.json"))
 
     def resolve_model(self, arg: str | os.PathLike) -> Path:
-        """A model folder by path or by id below `models/`."""
-        return self._resolve(arg, self.model, Path.is_dir, "model", ("is a folder", "is not a folder"))
+        """A model folder by path or by id below `models/`; in an object store (a URL root, or an
+        `s3://.../models/ID` argument) its URL: `pipeline.models.local_model_dir` / `load_model` make
+        the verified local copy that open_clip loads from."""
+        return self._resolve(arg, self.model, lambda p: p.is_dir(), "model", ("is a folder", "is not a folder"))
 
     @staticmethod
     def _resolve(arg, by_name, found, what: str, test: tuple[str, str]) -> Path:
@@ -177,6 +179,28 @@ class Workspace:
         if found(candidate):
             return candidate
         raise FileNotFoundError(f"{what} {str(arg)!r}: neither {path} nor {candidate} {test[0]}")
+
+    def run_logs(self, kind: str) -> dict[str, list[Path]]:
+        """{run name: its log parts, sorted} for `kind` "metrics" or "selections": the
+        `runs/<run>/<kind>/*.parquet` files of every run folder directly below `runs/` (hidden names,
+        i.e. temporary files of interrupted writes, left out); runs without such parts are absent."""
+        if kind not in ("metrics", "selections"):
+            raise ValueError(f"unknown run log {kind!r}: metrics or selections")
+        try:
+            _, runs, _ = next(fs.walk(self.runs))
+        except (StopIteration, FileNotFoundError, NotADirectoryError):
+            return {}
+        out = {}
+        for run in sorted(r for r in runs if not r.startswith(".")):
+            folder = self.runs / run / kind
+            try:
+                names = fs.list_files(folder)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            parts = [folder / n for n in sorted(names) if n.endswith(".parquet") and not n.startswith(".")]
+            if parts:
+                out[run] = parts
+        return out
 
     def find_datasets(self) -> dict[str, Path]:
         """Every dataset below `datasets/` ({name: folder})."""

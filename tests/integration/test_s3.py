@@ -2,7 +2,10 @@
 a pool registered in place from s3:// (tars and sidecars stay in the bucket), the Prefect cache flow
 reading pairs from S3 and writing its cache to S3, a tiny training run reading dataset + cache from S3
 and writing its run folder there, its resume, the run lock, the manifest compare-and-swap, and
-interrupted writes that leave nothing visible as complete (storage/fs.py says what is atomic there).
+interrupted writes that leave nothing visible as complete (storage/fs.py says what is atomic there);
+`aced sql` (the same rows as over a local copy of the workspace), `aced inspect --verify`, and model
+folders in the bucket (a workspace model of an s3:// root, or an s3://.../models/ID folder) used by a
+cache run and `aced eval` through their verified local copy.
 
 Networking stays on loopback; credentials are dummies.
 """
@@ -36,7 +39,8 @@ def s3(tmp_path_factory):
     host, port = server.get_host_and_port()
     env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "ACED_STATE_DIR": str(tmp_path_factory.mktemp("state"))}
+           "ACED_STATE_DIR": str(tmp_path_factory.mktemp("state")),
+           "ACED_MODEL_CACHE": str(tmp_path_factory.mktemp("model-cache"))}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     import fsspec
@@ -285,3 +289,158 @@ def test_interrupted_writes_leave_nothing_visible_as_complete(s3, bucket, tmp_pa
         if step == 1:  # step 2's pointer update never happened
             atomic_write_bytes(f"{ckpts}/latest", b"step-00000001")
     assert latest_checkpoint(ckpts).name == "step-00000001"
+
+
+# --------------------------------------------------------------------------- aced sql / inspect / model folders
+
+def _s3_workspace(fs, bucket: str, tmp_path: Path, workspace_template: Path) -> str:
+    """A whole workspace in the bucket: the pool registered in place, the reference model in
+    `<root>/models`, its cache made by a plain cache run that names the model by id (so the model is
+    read from the bucket through its local copy), and the logs of two runs written by the trainer's
+    own writer (storage.runlog.ParquetLog), whose metric columns differ (the views unite them by name)."""
+    from pipeline.ray_embed import embed_shards_plain, plan_cache
+    from storage.runlog import SELECTIONS_SCHEMA, ParquetLog
+
+    _, _, root, _ = _register(fs, bucket, tmp_path)
+    for f in sorted((workspace_template / "models" / REFERENCE).iterdir()):
+        fs.put_file(str(f), f"{bucket}/ws/models/{REFERENCE}/{f.name}")
+    plan = plan_cache(root, None, [REFERENCE])
+    (spec,) = plan.models  # loaded from its verified local copy, filed under its id
+    assert Path(os.environ["ACED_MODEL_CACHE"]) in spec.model_dir.parents and spec.meta.model_id == REFERENCE
+    embed_shards_plain(plan, chunk_size=8, torch_threads=1)
+    recorded = json.loads(fs.cat(f"{bucket}/ws/models/{REFERENCE}/aced_model.json"))["fingerprint"]
+    assert json.loads(fs.cat(f"{bucket}/ws/cache/{REFERENCE}/synth/_manifest.json"))["fingerprint"] == recorded
+
+    for run, extra in (("r1", "kd"), ("r2", "noisy_frac_selected")):
+        log = ParquetLog(f"{root}/runs/{run}/metrics")
+        log.append([{"step": s, "total": 1.0 / (s + 1), "lr": 1e-3} for s in range(3)])
+        log.flush("00000002")
+        log.append([{"step": 3, "total": 0.2, "lr": 5e-4, extra: None}, {"step": 4, "total": 0.1, "lr": 1e-4, extra: 0.5}])
+        log.flush("00000004")
+        sel = ParquetLog(f"{root}/runs/{run}/selections", SELECTIONS_SCHEMA)
+        sel.append([{"step": s, "uid": f"{run}-{s}-{i}", "score": 0.1 * i, "selected": i % 2 == 0,
+                     "self_score": 0.2 * i, "noisy": None if run == "r2" else i == 1} for s in range(2) for i in range(3)])
+        sel.flush("00000001")
+    return root
+
+
+def _rows(table) -> list[str]:
+    return sorted(json.dumps(r, sort_keys=True, default=str) for r in table.to_pylist())
+
+
+def test_sql_on_s3_returns_the_rows_of_a_local_copy(s3, bucket, tmp_path, workspace_template, capsys):
+    """Every view over the s3:// workspace (pyarrow datasets over the bucket) equals the same view over
+    a local copy of it (DuckDB's Parquet reader): same columns, types and rows; the CLI prints the
+    same answer and writes --out to the bucket; a missing object is an error unless --allow-missing;
+    the connection still reads nothing but its views."""
+    import duckdb
+
+    from storage.sql import VIEWS, IncompleteViews, read_view, run_query
+    from tests.conftest import data_cli
+
+    fs, _ = s3
+    root = _s3_workspace(fs, bucket, tmp_path, workspace_template)
+    local = tmp_path / "copy"
+    fs.get(f"{bucket}/ws/", str(local), recursive=True)
+    assert (local / "datasets" / "synth" / "_dataset.json").is_file()
+
+    counts = {}
+    for view in VIEWS:
+        remote, here = read_view(root, view), read_view(local, view)
+        assert remote.schema == here.schema, (view, remote.schema, here.schema)
+        assert _rows(remote) == _rows(here), view
+        counts[view] = remote.num_rows
+    assert counts == {"pairs": 4 * SHARD_ROWS, "datasets": 1, "cache": 4 * SHARD_ROWS, "manifest": 4,
+                      "metrics": 10, "selections": 12}
+    assert set(read_view(root, "metrics").column_names) == {"run", "step", "total", "lr", "kd", "noisy_frac_selected"}
+    # a filter and a join across views, pushed through the registered datasets
+    q = ("SELECT c.shard, count(*) AS n, min(p.caption = p.caption) AS ok FROM cache c JOIN pairs p USING (uid) "
+         "WHERE c.shard >= '00000002' GROUP BY 1 ORDER BY 1")
+    assert run_query(root, q).to_pylist() == run_query(local, q).to_pylist() == [
+        {"shard": "00000002", "n": SHARD_ROWS, "ok": True}, {"shard": "00000003", "n": SHARD_ROWS, "ok": True}]
+
+    sql = "SELECT run, max(step) AS last, count(*) AS n FROM metrics GROUP BY 1 ORDER BY 1"
+    capsys.readouterr()
+    assert data_cli(root, "sql", sql, "--format", "csv") == 0
+    assert data_cli(local, "sql", sql, "--format", "csv") == 0
+    out = capsys.readouterr().out
+    assert out == "run,last,n\nr1,4,5\nr2,4,5\n" * 2
+    assert data_cli(root, "sql", sql, "--format", "parquet", "--out", f"{root}/answers/last.parquet") == 0
+    assert pq.read_table(fs.open(f"{bucket}/ws/answers/last.parquet")).to_pylist()[0] == {"run": "r1", "last": 4, "n": 5}
+
+    # nothing else is readable: not a local file, not another object, not a Python variable
+    for probe in (f"SELECT * FROM read_parquet('{local}/datasets/synth/00000000.parquet')",
+                  f"SELECT * FROM read_parquet('{root}/datasets/synth/00000000.parquet')",
+                  "SELECT * FROM fs"):
+        with pytest.raises(duckdb.Error):
+            run_query(root, probe)
+
+    # a cache object gone from the bucket: named, and the query refused unless it may be left out
+    fs.rm_file(f"{bucket}/ws/cache/{REFERENCE}/synth/00000001.parquet")
+    with pytest.raises(IncompleteViews, match=r"cache/ref-t/synth/00000001\.parquet: listed in the manifest but missing"):
+        read_view(root, "cache")
+    assert data_cli(root, "sql", "SELECT count(*) FROM cache") == 1
+    assert read_view(root, "cache", allow_missing=True).num_rows == 3 * SHARD_ROWS
+
+
+def test_inspect_verify_on_s3(s3, bucket, tmp_path, workspace_template, capsys):
+    """`aced inspect --verify` on the s3:// root (and on a dataset URL) runs every check of a local
+    workspace: exit 0, then 1 naming the object after one cache object is corrupted in the bucket."""
+    from tests.conftest import data_cli
+
+    fs, _ = s3
+    root = _s3_workspace(fs, bucket, tmp_path, workspace_template)
+    capsys.readouterr()
+    assert data_cli(root, "inspect", "--verify", "--json") == 0, capsys.readouterr()
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["kind"] == "workspace" and not summary["problems"]
+    (ds,) = summary["datasets"]
+    assert ds["rows"] == 4 * SHARD_ROWS and ds["tar_bytes"] > 0 and ds["distinct_uid"] == 4 * SHARD_ROWS
+    (cache,) = summary["caches"]
+    assert cache["rows"] == 4 * SHARD_ROWS and cache["dataset"] == "synth" and not cache["missing_shards"]
+    assert {r["run"]: r["metrics_rows"] for r in summary["runs"]} == {"r1": 5, "r2": 5}
+    assert data_cli(root, "inspect", f"{root}/datasets/synth", "--verify") == 0
+
+    key = f"{bucket}/ws/cache/{REFERENCE}/synth/00000002.parquet"
+    data = bytearray(fs.cat(key))
+    data[len(data) // 2] ^= 0xFF  # one flipped byte inside the embeddings: only the sha256 can tell
+    fs.pipe_file(key, bytes(data))
+    capsys.readouterr()
+    assert data_cli(root, "inspect", "--verify") == 1
+    out = capsys.readouterr()
+    assert f"s3://{key}: sha256 differs from the manifest" in out.out
+    assert "problem(s) found in s3://" in out.err
+
+
+def test_model_folder_on_s3_is_copied_once_verified_and_evaluated(s3, bucket, workspace, capsys):
+    """`aced eval s3://.../models/ID` (an s3:// model folder given to a local workspace): the folder is
+    downloaded once into $ACED_MODEL_CACHE, its fingerprint verified, and loaded from there; loading it
+    again reuses that copy; weights changed in the bucket are a new download, refused by the fingerprint
+    check and never published as a copy."""
+    from flows.cli import main
+    from pipeline.models import fingerprint, load_model, local_model_dir
+
+    fs, env = s3
+    url = f"s3://{bucket}/models/{REFERENCE}"
+    for f in sorted((workspace / "models" / REFERENCE).iterdir()):
+        fs.put_file(str(f), f"{bucket}/models/{REFERENCE}/{f.name}")
+    cache = Path(env["ACED_MODEL_CACHE"])
+    before = set(cache.iterdir())
+    capsys.readouterr()
+    assert main(["--root", str(workspace), "eval", url, "--retrieval", "synth", "--batch-size", "32"]) == 0
+    assert "synth" in capsys.readouterr().out
+    (key,) = set(cache.iterdir()) - before
+    copy = local_model_dir(url)
+    assert copy == key / REFERENCE and not [p for p in key.iterdir() if p.name.startswith(".")]  # no leftovers
+    recorded = json.loads((workspace / "models" / REFERENCE / "aced_model.json").read_text())["fingerprint"]
+    assert fingerprint(load_model(url)) == recorded
+    assert set(cache.iterdir()) - before == {key}  # loaded from the same copy, nothing downloaded again
+
+    # the bucket's weights replaced by another model's (aced_model.json unchanged): a new key, a fresh
+    # download, refused by the fingerprint check, and no copy published for it
+    fs.put_file(str(workspace / "models" / TEACHER / "open_clip_model.safetensors"),
+                f"{bucket}/models/{REFERENCE}/open_clip_model.safetensors")
+    with pytest.raises(ValueError, match="do not match the fingerprint"):
+        load_model(url)
+    assert set(cache.iterdir()) - before == {key}
+    assert main(["--root", str(workspace), "eval", url, "--retrieval", "synth"]) == 1
