@@ -3,7 +3,8 @@
 Used for issue 10: the methods table re-run with the cheaper scoring forward must keep its order and its
 values within noise of the table before it. For each method and metric: mean ± std over seeds before and
 after, the difference, and whether it is within noise: |difference| <= 2 standard errors of a difference
-of two means (sqrt(s_a^2 / n_a + s_b^2 / n_b); with one seed the std is 0 and only equality passes). The
+of two means (sqrt(s_a^2 / n_a + s_b^2 / n_b); a single run (the reference) has no spread, so only equality
+passes there). The
 order is the methods ranked by each metric's mean (ties kept in table order); a swap between two methods
 whose difference is itself within noise is reported as such, not as a changed order.
 
@@ -78,6 +79,8 @@ def compare(before: dict, after: dict) -> str:
         oa = [m for m in order({m: ra[m] for m in students}, k)]
         common = [m for m in ob if m in oa]
         ob, oa = [m for m in ob if m in common], [m for m in oa if m in common]
+        if not common:  # a metric only one table has
+            continue
         if ob == oa:
             order_lines.append(f"- {k}: same order ({' > '.join(oa)})")
             continue
