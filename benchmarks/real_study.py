@@ -140,7 +140,7 @@ def student(args, root: Path, data: dict, run: str, evals: dict, *, method: str,
     run_dir = root / "runs" / run
     res = train_and_eval(cfg, run_dir, evals)
     out = {**summary_metrics(res), **noisy_fractions(run_dir), "train_seconds": res.get("train_seconds"),
-           "steps": steps, "step_s_median": median_step_s(run_dir)}
+           "steps": steps, "step_s_median": median_step_s(run_dir), "separation": _windows(separation(run_dir))}
     print(run, json.dumps(out), flush=True)
     return out
 
@@ -262,10 +262,8 @@ def run_study(args: argparse.Namespace) -> None:
                 method = over.pop("method", "h-acid")
                 ref = over.pop("reference", "ref-1x")
                 run = f"dev-{variant}-seed{seed}"
-                m = student(args, root, data, run, data["dev_evals"], method=method, seed=seed, steps=args.steps,
-                            ref=ref, **over)
-                m["separation"] = _windows(separation(root / "runs" / run))
-                seed_row(state["dev"], variant, seed, m)
+                seed_row(state["dev"], variant, seed, student(args, root, data, run, data["dev_evals"], method=method,
+                                                              seed=seed, steps=args.steps, ref=ref, **over))
     save()
 
 
@@ -330,14 +328,21 @@ def report(args: argparse.Namespace, state: dict, seconds: float) -> None:
         dkey = f"{name}-dev-retrieval:mean_recall"
         md += ["", "## Dev-split diagnostics (h-acid variants; never the test split)", ""]
         md += _table(state["dev"], [dkey, "noisy_frac_trained"], labels)
-        md += ["", "Separation of clean from swapped candidates by the selection score, over four windows of "
-               "training (AUC = P(score of a clean candidate > score of a swapped one); seed of the first row):", "",
-               "| variant | window (steps) | AUC | mean score clean | mean score swapped | score std | swapped in selected (%) |",
-               "|---|---|---|---|---|---|---|"]
-        for variant, seeds in state["dev"].items():
-            first = next(iter(seeds.values()))
-            for w in first.get("separation", []):
-                md.append(f"| {variant} | {w['steps']} | {w['auc_clean_vs_noisy']:.3f} | {w['score_clean']:.4f} | "
-                          f"{w['score_noisy']:.4f} | {w['score_std']:.4f} | {100 * w['noisy_frac_selected']:.1f} |")
+    tables = {"step-matched": state["rows"], "curve": state["curve"], "dev": state["dev"]}
+    if any(s.get("separation") for t in tables.values() for seeds in t.values() for s in seeds.values()):
+        md += ["", "## Does the selection still tell swapped captions apart?", "",
+               "Each candidate's own score s(x, x) (learnability: student loss minus reference loss), per quarter of "
+               "training: AUC = P(own score of a clean candidate > that of a swapped one), mean over seeds; the "
+               "swapped fraction of the trained batch in the same window.", "",
+               "| table | run | window (steps) | AUC | own score clean | own score swapped | score std | swapped in trained batch (%) |",
+               "|---|---|---|---|---|---|---|---|"]
+        for tname, table in tables.items():
+            for run, seeds in table.items():
+                curves = [s["separation"] for s in seeds.values() if s.get("separation")]
+                for i, w in enumerate(curves[0] if curves else []):
+                    avg = {k: statistics.fmean(c[i][k] for c in curves if len(c) > i)
+                           for k in ("auc_clean_vs_noisy", "score_clean", "score_noisy", "score_std", "noisy_frac_selected")}
+                    md.append(f"| {tname} | {run} | {w['steps']} | {avg['auc_clean_vs_noisy']:.3f} | {avg['score_clean']:.4f} | "
+                              f"{avg['score_noisy']:.4f} | {avg['score_std']:.4f} | {100 * avg['noisy_frac_selected']:.1f} |")
     write_report(args.name, {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                              "machine": machine(), **state}, "\n".join(md) + "\n")
