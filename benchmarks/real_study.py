@@ -180,6 +180,26 @@ def separation(run_dir: Path) -> list[dict]:
     return out
 
 
+def reference_auc(root: Path, dataset: str, model_id: str) -> float | None:
+    """How well a cached reference alone tells clean from swapped pairs of `dataset`: ROC AUC of its
+    image-text cosine (its per-pair sigmoid loss is monotone in it), read through the SQL views."""
+    from storage.sql import open_views
+
+    con = open_views(root)
+    try:
+        row = con.execute("""
+            WITH s AS (SELECT p.noisy, list_dot_product(c.image_emb, c.text_emb) AS cos
+                       FROM cache c JOIN pairs p ON c.uid = p.uid AND c.dataset = p.dataset
+                       WHERE c.model_id = ? AND c.dataset = ?),
+                 r AS (SELECT noisy, rank() OVER (ORDER BY cos) AS r FROM s)
+            SELECT count(*) FILTER (WHERE NOT noisy), count(*) FILTER (WHERE noisy),
+                   sum(r) FILTER (WHERE NOT noisy) FROM r""", [model_id, dataset]).fetchone()
+    finally:
+        con.close()
+    nc, nn, rs = row
+    return (rs - nc * (nc + 1) / 2) / (nc * nn) if nc and nn else None
+
+
 def _windows(curve: list[dict], n: int = 4) -> list[dict]:
     """The separation curve averaged over n equal windows of training."""
     if not curve:
@@ -229,6 +249,9 @@ def run_study(args: argparse.Namespace) -> None:
     if "noisy" not in data:
         add_noisy(args, root, data)
     cache(root, data, [r for r, _, _ in needed])
+    for rid, _, _ in needed:
+        state["references"][rid]["auc_clean_vs_swapped"] = reference_auc(root, data["noisy_name"], rid)
+        save()
 
     def seed_row(table: dict, method: str, seed: int, metrics: dict) -> None:
         table.setdefault(method, {})[str(seed)] = metrics
@@ -305,8 +328,9 @@ def report(args: argparse.Namespace, state: dict, seconds: float) -> None:
           f"clean train captions. Mean ± std over seeds; test = {name} test split and CIFAR-10 test (standard "
           f"templates); dev runs evaluated on the dev split only. Wall-clock of this invocation: {seconds / 60:.1f} min.",
           "", "## References", ""]
+    labels["auc_clean_vs_swapped"] = "AUC clean vs swapped train pairs (%)"
     md += _table({k: {"-": v} for k, v in state["references"].items()},
-                 [ret, zs, f"{name}-dev-retrieval:mean_recall"], labels)
+                 [ret, zs, f"{name}-dev-retrieval:mean_recall", "auc_clean_vs_swapped"], labels)
     md += ["", "## Step-matched", ""] + _table(state["rows"], keys, labels)
     if state["compute"]:
         md += ["", f"## Compute-matched (iid and softmax-kd given h-acid's wall-clock: {state.get('compute_ratio', 0):.2f}x "
