@@ -1,8 +1,14 @@
 """Where a path lives: a local folder (the fast path, plain `pathlib.Path` and POSIX calls, unchanged) or
 an object store named by URL (`s3://bucket/prefix`, any fsspec protocol), as a `upath.UPath` whose
 file system is fsspec's (s3fs for S3). `as_path` is the one place a path or URL becomes one of the two;
-the few operations POSIX and object stores do differently (hashing a file's version, listing, a
-folder swap, a lock) have one helper each below, and every other module calls those.
+the few operations POSIX and object stores do differently (hashing a file's version, a size, listing,
+a folder swap, a lock, a pyarrow file system for bulk Parquet reads, a local copy of a folder) have
+one helper each below, and every other module calls those.
+
+What works on a URL: every workspace area (datasets and pools registered in place, caches, runs,
+models), the cache stage, training and resume, `aced sql` and `aced inspect`; model folders through
+their local copy (below). What does not: Prefect's state (below), a run's evaluation results and
+`aced eval --out` (local folders).
 
 Credentials and endpoint come from the standard environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
 AWS_ENDPOINT_URL, AWS_DEFAULT_REGION, AWS_PROFILE: botocore reads them) or fsspec's own config
@@ -42,7 +48,7 @@ What is atomic on S3, said plainly:
     the fingerprint in aced_model.json) and renamed into place. Runs write their exported model to
     the store directly.
   - Reading Parquet in bulk (the SQL views of storage/sql.py) goes through pyarrow datasets over
-    `arrow_filesystem` (this same fsspec file system): DuckDB's own httpfs extension is neither
+    `arrow_files` (this same fsspec file system): DuckDB's own httpfs extension is neither
     installed nor loadable here.
 """
 from __future__ import annotations
@@ -213,7 +219,11 @@ def _tree(p) -> list[tuple[str, int, str]]:
     out = []
     for key, info in found.items():
         rel = key[len(base):] if key.startswith(base) else None
-        if rel and info.get("type", "file") == "file" and not any(s.startswith(".") for s in rel.split("/")):
+        if not rel or rel.endswith("/") or info.get("type", "file") != "file":  # a folder marker object
+            continue
+        if any(s in ("", "..") for s in rel.split("/")):  # an object key may say "a/../../b": never follow it
+            raise ValueError(f"{p}: object {key!r} has an empty or '..' part in its name; refusing to copy the folder")
+        if not any(s.startswith(".") for s in rel.split("/")):
             out.append((rel, int(info["size"]), str(info.get("ETag") or info.get("etag") or info.get("LastModified"))))
     return sorted(out)
 

@@ -408,7 +408,7 @@ def _arrow_views(con: duckdb.DuckDBPyConnection, pair_sources, cache_sources, ru
     united by name as DuckDB's `UNION ALL BY NAME` / `union_by_name` do (missing columns null, types
     widened); the embeddings cast to float32 lists on the scan (DuckDB cannot scan Arrow's float16).
     DuckDB scans them through the registered datasets, so nothing needs `allowed_paths`."""
-    files = [({"dataset": ds, "shard": shard[:-1] + "9"}, f) for ds, fl in pair_sources for shard, f, _ in fl]
+    files = [({"dataset": ds, "shard": shard}, f) for ds, fl in pair_sources for shard, f, _ in fl]
     if files:
         cols = _united([sch for _, fl in pair_sources for _, _, sch in fl], "pairs")
         _register(con, "pairs", files, pa.schema([("dataset", pa.string()), ("shard", pa.string())] + _without(cols, ("dataset", "shard"))),

@@ -444,3 +444,9 @@ def test_model_folder_on_s3_is_copied_once_verified_and_evaluated(s3, bucket, wo
         load_model(url)
     assert set(cache.iterdir()) - before == {key}
     assert main(["--root", str(workspace), "eval", url, "--retrieval", "synth"]) == 1
+
+    # an object key that climbs out of the folder ("a/../../../x") is refused before anything is written
+    fs.call_s3("put_object", Bucket=bucket, Key=f"models/{REFERENCE}/a/../../../escaped", Body=b"x")
+    with pytest.raises(ValueError, match=r"'\.\.' part in its name"):
+        load_model(url)
+    assert not list(cache.parent.rglob("escaped")) and set(cache.iterdir()) - before == {key}
