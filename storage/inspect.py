@@ -40,7 +40,8 @@ def is_leftover_name(name: str) -> bool:
 
 
 def _leftover_problem(p: Path) -> str:
-    kind = "folder" if p.is_dir() and not (not fs.is_url(p) and p.is_symlink()) else "file"
+    link = not fs.is_url(p) and p.is_symlink()  # an object store has no links
+    kind = "folder" if p.is_dir() and not link else "file"
     return f"{p}: leftover temporary {kind} of an interrupted write (delete it once no writer is running)"
 
 

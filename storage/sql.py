@@ -226,12 +226,6 @@ def _schema(path) -> pa.Schema:
     return pq.read_schema(path)
 
 
-def _abs(path):
-    """A file's name as the views read and report it: resolved locally (`allowed_paths` compares
-    resolved names), the URL itself in an object store."""
-    return fs.resolve(path)
-
-
 def _pair_files(ds: str, folder, problems: list[str]) -> tuple[dict | None, list[tuple[str, object, pa.Schema]]]:
     """(row of the datasets view, [(shard name, metadata Parquet file, its schema)] to read) of one
     dataset; what is wrong goes to `problems`: a broken `_dataset.json`, files that differ from the
@@ -256,7 +250,7 @@ def _pair_files(ds: str, folder, problems: list[str]) -> tuple[dict | None, list
         except Exception as e:  # pyarrow raises ArrowInvalid/OSError/... for corrupt files
             problems.append(f"dataset {ds}: {s.meta_path}: unreadable Parquet ({type(e).__name__}: {e})")
             continue
-        files.append((s.name, _abs(s.meta_path), schema))
+        files.append((s.name, fs.resolve(s.meta_path), schema))
     row = {"dataset": ds, "name": info.name, "source": info.source, "shards": len(info.shards), "rows": info.rows,
            "skipped": info.skipped, "created": info.created, "classnames": info.classnames}
     return row, files
@@ -286,7 +280,7 @@ def _cache_files(root, problems: list[str], man_rows: list[dict]) -> list[tuple[
             bad = cache_file_label_problems(path, name, doc.get("dataset"))
             problems += [f"cache {mid}/{ds}: {p}" for p in bad]
             if not bad:
-                files.append((name, _abs(path)))
+                files.append((name, fs.resolve(path)))
         if files:
             out.append((mid, ds, files))
     return out
