@@ -24,7 +24,8 @@ export PATH="$VENV/bin:$PATH"
 CHROMIUM_TRIED="$VENV/.chromium-tried"
 if [ ! -x /usr/bin/chromium ] && [ ! -f "$CHROMIUM_TRIED" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   touch "$CHROMIUM_TRIED"
-  if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null 2>&1; then
+  # bounded: an unreachable mirror must not stall the test command
+  if ! { timeout 300 apt-get update -qq && DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y -qq chromium; } >/dev/null 2>&1; then
     echo "scripts/env.sh: could not install chromium with apt-get (the HTML report test will be skipped)" >&2
   fi
 fi
