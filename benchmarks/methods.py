@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import real_study
-from _common import machine, machine_name, write_report
+from _common import RESULTS, machine, machine_name, write_report
 
 # Defaults that differ between the synthetic table and the real-data study (--data).
 DEFAULTS = {"synthetic": dict(methods=["iid", "softmax-kd", "i-acid", "h-acid", "aced-acidistill"], steps=300,
@@ -54,7 +54,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--test-pairs", type=int, default=1000)
     p.add_argument("--per-class", type=int, default=100)
     p.add_argument("--noise-frac", type=float, default=0.5)
-    p.add_argument("--name", default=None, help="results file stem in benchmarks/results/")
+    p.add_argument("--name", default=None, help="results file stem in --results")
+    p.add_argument("--results", type=Path, default=RESULTS, help="folder of the results JSON + Markdown")
     real_study.add_arguments(p)
     args = p.parse_args()
     for k, v in DEFAULTS["real" if args.data else "synthetic"].items():
@@ -63,20 +64,25 @@ def parse() -> argparse.Namespace:
     return args
 
 
-def train_and_eval(cfg, run_dir: Path, evals: dict) -> dict:
+def train_and_eval(cfg, run_dir: Path, evals: dict, eval_dir: str = "eval") -> dict:
+    """Train (or resume) the run, evaluate its model on `evals` into `run_dir/eval_dir`; a finished run is
+    only evaluated, so one run can be scored on another split (e.g. dev) without training it again."""
     from pipeline.evaluate import evaluate, write_results
     from pipeline.models import load_model
     from pipeline.trainer import train
 
-    res_file = run_dir / "eval" / "results.json"
+    res_file = run_dir / eval_dir / "results.json"
     if res_file.exists():
         return json.loads(res_file.read_text())
     t0 = time.perf_counter()
     result = train(cfg, run_dir, progress=False)
     seconds = time.perf_counter() - t0
+    first = run_dir / "eval" / "results.json"  # the training time is the first evaluation's to record
+    if eval_dir != "eval" and first.exists():
+        seconds = json.loads(first.read_text()).get("train_seconds", seconds)
     results = evaluate(load_model(result.model_dir), {k: tuple(v) for k, v in evals.items()})
     results["train_seconds"] = seconds
-    write_results(results, run_dir / "eval")
+    write_results(results, run_dir / eval_dir)
     return results
 
 
@@ -164,7 +170,7 @@ def report(args: argparse.Namespace, rows: dict[str, dict]) -> None:
           f"{args.noise_frac:.0%} of training captions mismatched. Values in % (mean ± std over seeds, held-out data; "
           "retrieval: mean of R@1/5/10 both ways and R@1; zero-shot: top-1).\n\n" + "\n".join(lines) + "\n")
     write_report(args.name, {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                             "machine": machine(), "rows": rows}, md)
+                             "machine": machine(), "rows": rows}, md, out=args.results)
 
 
 if __name__ == "__main__":

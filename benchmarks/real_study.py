@@ -26,6 +26,7 @@ after every run:
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import statistics
 import time
@@ -40,16 +41,22 @@ STAGES = ("methods", "compute", "curve", "dev")
 CURVE = (("ref-0.25x", 0.25, "clean"), ("ref-0.5x", 0.5, "clean"), ("ref-1x", 1.0, "clean"),
          ("ref-2x", 2.0, "clean"), ("ref-noisy", 1.0, "noisy"))
 # Dev-split diagnostics of h-acid: {name: TrainConfig overrides}; tau=10, 16 chunks, f=0.8 is the default.
+# Ordered by what they tell about the selected batches' noise: i-acid scores with the reference alone (no
+# student term, so no catch-up); 1chunk samples the whole batch from the own scores s(x, x) (no
+# conditional rounds, whose normalised scores cbar = c / (2|selected| + 1) are ~1/(2|selected| + 1) the
+# scale of s(x, x), so tau = 10 samples them nearly uniformly here); tau100 and top-k sharpen every round;
+# ref2x is a stronger reference; then the filter ratio and a softer sampler.
 DEV_VARIANTS = {
     "h-acid": {},
-    "h-acid-tau1": {"selection.tau": 1.0},
+    "iid": {"method": "iid"},
+    "i-acid": {"method": "i-acid"},
+    "h-acid-1chunk": {"selection.n_chunks": 1},
     "h-acid-tau100": {"selection.tau": 100.0},
     "h-acid-topk": {"selection.topk": True},
-    "h-acid-1chunk": {"selection.n_chunks": 1},
+    "h-acid-ref2x": {"reference": "ref-2x"},
     "h-acid-f0.5": {"filter_ratio": 0.5},
     "h-acid-f0.9": {"filter_ratio": 0.9},
-    "h-acid-ref2x": {"reference": "ref-2x"},
-    "iid": {"method": "iid"},
+    "h-acid-tau1": {"selection.tau": 1.0},
 }
 
 
@@ -127,20 +134,22 @@ def cache(root: Path, data: dict, model_ids: list[str]) -> None:
 
 
 def student(args, root: Path, data: dict, run: str, evals: dict, *, method: str, seed: int, steps: int,
-            ref: str = "ref-1x", **overrides) -> dict:
+            ref: str = "ref-1x", eval_dir: str = "eval", **overrides) -> dict:
     from methods import noisy_fractions, train_and_eval
     from pipeline.recipes import recipe
     from pipeline.report import summary_metrics
 
+    overrides = {"selection.n_chunks": min(16, args.batch_size // 2), **overrides}  # JEST's 16 unless a variant says
     cfg = recipe("student", method=method, model=args.student_model, steps=steps, batch_size=args.batch_size,
                  filter_ratio=args.filter_ratio, seed=seed, lr=args.lr, train_data=tuple(data["noisy"]),
                  cache_root=str(root / "cache"), reference=ref, teacher=("ref-1x",),
-                 checkpoint_every=max(1, steps // 3), n_chunks=min(16, args.batch_size // 2),
+                 checkpoint_every=max(1, steps // 3),
                  selection_log_rows=args.selection_log_rows, **overrides)
     run_dir = root / "runs" / run
-    res = train_and_eval(cfg, run_dir, evals)
+    res = train_and_eval(cfg, run_dir, evals, eval_dir)
     out = {**summary_metrics(res), **noisy_fractions(run_dir), "train_seconds": res.get("train_seconds"),
-           "steps": steps, "step_s_median": median_step_s(run_dir), "separation": _windows(separation(run_dir))}
+           "steps": steps, "step_s_median": median_step_s(run_dir), "tau": cfg.selection.tau,
+           "n_chunks": cfg.selection.n_chunks, "topk": cfg.selection.topk, "separation": _windows(separation(run_dir))}
     print(run, json.dumps(out), flush=True)
     return out
 
@@ -152,9 +161,11 @@ def median_step_s(run_dir: Path) -> float:
 
 
 def separation(run_dir: Path) -> list[dict]:
-    """Per logged step: how well the candidates' own scores s(x, x) (learnability) rank clean above swapped
-    candidates (ROC AUC),
-    their mean score each, and the swapped fraction among the selected: the 'catch-up' diagnostic."""
+    """Per logged step: how well the candidates' own scores s(x, x) rank clean above swapped candidates
+    (ROC AUC), their mean score each, and the swapped fraction among the selected: the 'catch-up'
+    diagnostic. Also where in the sampler the swapped picks come from: the swapped fraction of the first
+    round's picks (sampled by s(x, x): their logged score equals it) and of the later rounds' (sampled by
+    the conditional cbar(x)), and the spread (std) of the last round's scores over the candidates left."""
     import duckdb
 
     parts = sorted((run_dir / "selections").glob("part-*.parquet"))
@@ -162,21 +173,25 @@ def separation(run_dir: Path) -> list[dict]:
         return []
     con = duckdb.connect()
     rows = con.execute(f"""
-        WITH s AS (SELECT step, self_score AS score, selected, noisy,
+        WITH s AS (SELECT step, self_score, score, selected, noisy,
                           rank() OVER (PARTITION BY step ORDER BY self_score) AS r
                    FROM read_parquet({[str(p) for p in parts]}))
         SELECT step, count(*) FILTER (WHERE NOT noisy) AS n_clean, count(*) FILTER (WHERE noisy) AS n_noisy,
                sum(r) FILTER (WHERE NOT noisy) AS rank_sum_clean,
-               avg(score) FILTER (WHERE NOT noisy) AS score_clean, avg(score) FILTER (WHERE noisy) AS score_noisy,
-               stddev_pop(score) AS score_std,
-               avg(noisy::INT) FILTER (WHERE selected) AS noisy_frac_selected
+               avg(self_score) FILTER (WHERE NOT noisy), avg(self_score) FILTER (WHERE noisy),
+               stddev_pop(self_score),
+               avg(noisy::INT) FILTER (WHERE selected),
+               avg(noisy::INT) FILTER (WHERE selected AND score = self_score),
+               avg(noisy::INT) FILTER (WHERE selected AND score <> self_score),
+               stddev_pop(score) FILTER (WHERE NOT selected)
         FROM s GROUP BY step ORDER BY step""").fetchall()
     out = []
-    for step, nc, nn, rs, sc, sn, sd, nf in rows:
+    for step, nc, nn, rs, sc, sn, sd, nf, nf1, nfl, sdl in rows:
         # Mann-Whitney U of the clean ranks: AUC = P(score_clean > score_noisy)
         auc = (rs - nc * (nc + 1) / 2) / (nc * nn) if nc and nn else None
         out.append({"step": step, "auc_clean_vs_noisy": auc, "score_clean": sc, "score_noisy": sn,
-                    "score_std": sd, "noisy_frac_selected": nf})
+                    "score_std": sd, "noisy_frac_selected": nf, "noisy_first_round": nf1,
+                    "noisy_later_rounds": nfl, "last_round_std": sdl})
     return out
 
 
@@ -200,6 +215,16 @@ def reference_auc(root: Path, dataset: str, model_id: str) -> float | None:
     return (rs - nc * (nc + 1) / 2) / (nc * nn) if nc and nn else None
 
 
+SEPARATION_KEYS = ("auc_clean_vs_noisy", "score_clean", "score_noisy", "score_std", "noisy_frac_selected",
+                   "noisy_first_round", "noisy_later_rounds", "last_round_std")
+
+
+def _mean(vals: list) -> float | None:
+    """Mean of the values that are there (None: a statistic a run does not have, e.g. later rounds of 1 chunk)."""
+    vals = [v for v in vals if v is not None]
+    return statistics.fmean(vals) if vals else None
+
+
 def _windows(curve: list[dict], n: int = 4) -> list[dict]:
     """The separation curve averaged over n equal windows of training."""
     if not curve:
@@ -210,9 +235,7 @@ def _windows(curve: list[dict], n: int = 4) -> list[dict]:
         w = [r for r in curve[i:i + size] if r["auc_clean_vs_noisy"] is not None]
         if w:
             out.append({"steps": f"{curve[i]['step']}-{curve[min(i + size, len(curve)) - 1]['step']}",
-                        **{k: statistics.fmean(r[k] for r in w)
-                           for k in ("auc_clean_vs_noisy", "score_clean", "score_noisy", "score_std",
-                                     "noisy_frac_selected")}})
+                        **{k: _mean([r.get(k) for r in w]) for k in SEPARATION_KEYS}})
     return out
 
 
@@ -221,14 +244,31 @@ def run_study(args: argparse.Namespace) -> None:
     stages = list(STAGES) if "all" in args.stages else [s for s in STAGES if s in args.stages]
     t_start = time.perf_counter()
     data = prepare(args, root)
-    results_file = Path(__file__).parent / "results" / f"{args.name}.json"
+    results_file = args.results / f"{args.name}.json"
     state = {"rows": {}, "compute": {}, "curve": {}, "dev": {}, "references": {}}
     if results_file.exists():  # keep what earlier sessions measured (their runs are skipped anyway)
         old = json.loads(results_file.read_text())
         state.update({k: old.get(k, v) for k, v in state.items()})
 
+    mine: set[tuple] = set()  # the entries this invocation measured; the file's win for all others
+
     def save() -> None:
-        report(args, state, time.perf_counter() - t_start)
+        # Several invocations may run at once (e.g. the curve beside the compute stage): merge with what
+        # the file holds now, under a lock, so none drops another's rows.
+        with open(results_file.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            now = json.loads(results_file.read_text()) if results_file.exists() else {}
+            for rid, v in now.get("references", {}).items():
+                if ("references", rid) not in mine:
+                    state["references"][rid] = v
+            for k in ("rows", "compute", "curve", "dev"):
+                for name, per_seed in now.get(k, {}).items():
+                    for seed, v in per_seed.items():
+                        if (k, name, seed) not in mine:
+                            state[k].setdefault(name, {})[seed] = v
+            if "compute_ratio" in now and ("compute_ratio",) not in mine:
+                state["compute_ratio"] = now["compute_ratio"]
+            report(args, state, time.perf_counter() - t_start)
 
     needed = [("ref-1x", 1.0, "clean")]
     if "curve" in stages:
@@ -243,6 +283,7 @@ def run_study(args: argparse.Namespace) -> None:
         from pipeline.report import summary_metrics
         state["references"][rid] = {**summary_metrics(res), "budget": budget, "captions": source,
                                     "train_seconds": res.get("train_seconds")}
+        mine.add(("references", rid))
         save()
     if args.references_only:
         return
@@ -253,30 +294,33 @@ def run_study(args: argparse.Namespace) -> None:
         state["references"][rid]["auc_clean_vs_swapped"] = reference_auc(root, data["noisy_name"], rid)
         save()
 
-    def seed_row(table: dict, method: str, seed: int, metrics: dict) -> None:
-        table.setdefault(method, {})[str(seed)] = metrics
+    def seed_row(table: str, method: str, seed: int, metrics: dict) -> None:
+        state[table].setdefault(method, {})[str(seed)] = metrics
+        mine.add((table, method, str(seed)))
         save()
 
     if "methods" in stages or "compute" in stages:
         for seed in args.seeds:
             for method in args.methods:
-                seed_row(state["rows"], method, seed,
+                seed_row("rows", method, seed,
                          student(args, root, data, f"{method}-seed{seed}", data["test_evals"], method=method,
                                  seed=seed, steps=args.steps))
     if "compute" in stages:
         ratio = compute_ratio(state["rows"])
         state["compute_ratio"] = ratio
+        mine.add(("compute_ratio",))
         steps = round(args.steps * ratio)
         for seed in args.seeds:
             for method in COMPUTE_MATCHED:
-                seed_row(state["compute"], f"{method}-{steps}steps", seed,
+                seed_row("compute", f"{method}-{steps}steps", seed,
                          student(args, root, data, f"{method}-cm{steps}-seed{seed}", data["test_evals"],
                                  method=method, seed=seed, steps=steps))
     if "curve" in stages:
         for rid, _, _ in CURVE:
             for seed in args.seeds:
-                seed_row(state["curve"], rid, seed,
-                         student(args, root, data, f"h-acid-{rid}-seed{seed}", data["test_evals"], method="h-acid",
+                run = "h-acid" if rid == "ref-1x" else f"h-acid-{rid}"  # ref-1x: the step-matched run itself
+                seed_row("curve", rid, seed,
+                         student(args, root, data, f"{run}-seed{seed}", data["test_evals"], method="h-acid",
                                  seed=seed, steps=args.steps, ref=rid))
     if "dev" in stages:
         for seed in args.dev_seeds:
@@ -284,9 +328,12 @@ def run_study(args: argparse.Namespace) -> None:
                 over = dict(DEV_VARIANTS[variant])
                 method = over.pop("method", "h-acid")
                 ref = over.pop("reference", "ref-1x")
-                run = f"dev-{variant}-seed{seed}"
-                seed_row(state["dev"], variant, seed, student(args, root, data, run, data["dev_evals"], method=method,
-                                                              seed=seed, steps=args.steps, ref=ref, **over))
+                # the plain variants are the step-matched runs themselves, scored on dev as well
+                same = not over and ref == "ref-1x" and method == variant
+                run = f"{method}-seed{seed}" if same else f"dev-{variant}-seed{seed}"
+                seed_row("dev", variant, seed,
+                         student(args, root, data, run, data["dev_evals"], method=method, seed=seed, steps=args.steps,
+                                 ref=ref, eval_dir="eval-dev" if same else "eval", **over))
     save()
 
 
@@ -355,18 +402,32 @@ def report(args: argparse.Namespace, state: dict, seconds: float) -> None:
     tables = {"step-matched": state["rows"], "curve": state["curve"], "dev": state["dev"]}
     if any(s.get("separation") for t in tables.values() for seeds in t.values() for s in seeds.values()):
         md += ["", "## Does the selection still tell swapped captions apart?", "",
-               "Each candidate's own score s(x, x) (learnability: student loss minus reference loss), per quarter of "
-               "training: AUC = P(own score of a clean candidate > that of a swapped one), mean over seeds; the "
-               "swapped fraction of the trained batch in the same window.", "",
-               "| table | run | window (steps) | AUC | own score clean | own score swapped | score std | swapped in trained batch (%) |",
-               "|---|---|---|---|---|---|---|---|"]
+               "Each candidate's own score s(x, x) (h-acid: learnability, its student loss minus its reference loss; "
+               "i-acid: minus its reference loss), per quarter of training, mean over seeds: AUC = P(own score of a "
+               "clean candidate > that of a swapped one); the swapped fraction of the trained batch, of the first "
+               "round's picks (sampled by s(x, x)) and of the later rounds' picks (sampled by the conditional score "
+               "cbar(x) = c(x) / (2|selected| + 1)); tau x the std of the last round's scores over the candidates "
+               "left (much below 1: that round is sampled nearly uniformly).", "",
+               "| table | run | window (steps) | AUC | own score clean | own score swapped | own score std | "
+               "swapped in trained batch (%) | in first-round picks (%) | in later-round picks (%) | tau x last-round std |",
+               "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+        def cell(v, fmt: str, scale: float = 1.0) -> str:
+            return "n/a" if v is None else format(scale * v, fmt)
+
         for tname, table in tables.items():
             for run, seeds in table.items():
-                curves = [s["separation"] for s in seeds.values() if s.get("separation")]
-                for i, w in enumerate(curves[0] if curves else []):
-                    avg = {k: statistics.fmean(c[i][k] for c in curves if len(c) > i)
-                           for k in ("auc_clean_vs_noisy", "score_clean", "score_noisy", "score_std", "noisy_frac_selected")}
-                    md.append(f"| {tname} | {run} | {w['steps']} | {avg['auc_clean_vs_noisy']:.3f} | {avg['score_clean']:.4f} | "
-                              f"{avg['score_noisy']:.4f} | {avg['score_std']:.4f} | {100 * avg['noisy_frac_selected']:.1f} |")
+                rows = [s for s in seeds.values() if s.get("separation")]
+                for i, w in enumerate(rows[0]["separation"] if rows else []):
+                    avg = {k: _mean([r["separation"][i].get(k) for r in rows if len(r["separation"]) > i])
+                           for k in SEPARATION_KEYS}
+                    tau_std = _mean([r.get("tau", 10.0) * r["separation"][i]["last_round_std"] for r in rows
+                                     if len(r["separation"]) > i and r["separation"][i].get("last_round_std") is not None
+                                     and not r.get("topk")])
+                    md.append(f"| {tname} | {run} | {w['steps']} | {cell(avg['auc_clean_vs_noisy'], '.3f')} | "
+                              f"{cell(avg['score_clean'], '.4f')} | {cell(avg['score_noisy'], '.4f')} | "
+                              f"{cell(avg['score_std'], '.4f')} | {cell(avg['noisy_frac_selected'], '.1f', 100)} | "
+                              f"{cell(avg['noisy_first_round'], '.1f', 100)} | {cell(avg['noisy_later_rounds'], '.1f', 100)} | "
+                              f"{cell(tau_std, '.2f')} |")
     write_report(args.name, {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                             "machine": machine(), **state}, "\n".join(md) + "\n")
+                             "machine": machine(), **state}, "\n".join(md) + "\n", out=args.results)
