@@ -316,8 +316,8 @@ def run_study(args: argparse.Namespace) -> None:
                          student(args, root, data, f"{method}-cm{steps}-seed{seed}", data["test_evals"],
                                  method=method, seed=seed, steps=steps))
     if "curve" in stages:
-        for rid, _, _ in CURVE:
-            for seed in args.seeds:
+        for seed in args.seeds:  # seeds outside: an interrupted curve still has every reference at seed 0
+            for rid, _, _ in CURVE:
                 run = "h-acid" if rid == "ref-1x" else f"h-acid-{rid}"  # ref-1x: the step-matched run itself
                 seed_row("curve", rid, seed,
                          student(args, root, data, f"{run}-seed{seed}", data["test_evals"], method="h-acid",
