@@ -255,6 +255,7 @@ def run_study(args: argparse.Namespace) -> None:
     def save() -> None:
         # Several invocations may run at once (e.g. the curve beside the compute stage): merge with what
         # the file holds now, under a lock, so none drops another's rows.
+        results_file.parent.mkdir(parents=True, exist_ok=True)
         with open(results_file.with_suffix(".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             now = json.loads(results_file.read_text()) if results_file.exists() else {}

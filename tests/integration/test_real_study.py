@@ -1,14 +1,15 @@
 """The real-data study command (`benchmarks/methods.py --data DIR`, issue 13) end to end at toy size.
 
-A tiny Flickr8k-layout folder (real photos and captions of ../shared/data, linked, not copied) and a
-three-class CIFAR-10 folder beside it; every stage runs with a few steps. Checks the results hold every
-table the note reports, and that a second invocation resumes: it trains nothing and keeps every row.
+A tiny Flickr8k-layout folder (40 real photos and their captions of ../shared/data, copied to the test's
+temporary folder: the importer refuses links that lead outside the image folder) and a CIFAR-10 folder
+(2 images of each of its 10 classes: the standard set needs them all) beside it; every stage runs with a few
+steps. Checks the results hold every table the note reports, and that a second invocation resumes: it trains nothing and keeps every row.
 """
 from __future__ import annotations
 
 import csv
 import json
-import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +28,7 @@ pytestmark = [pytest.mark.slow,
 
 
 def tiny_copy(dst: Path, per_split: dict[str, int]) -> Path:
-    """dst/tinyflickr (captions.csv, images/ as links, splits/) and dst/cifar10/test (3 classes x 4)."""
+    """dst/tinyflickr (captions.csv, images/, splits/) and dst/cifar10/test (10 classes x 2 images)."""
     folder = dst / "tinyflickr"
     (folder / "images").mkdir(parents=True)
     (folder / "splits").mkdir()
@@ -37,17 +38,17 @@ def tiny_copy(dst: Path, per_split: dict[str, int]) -> Path:
         (folder / "splits" / f"{split}.txt").write_text("\n".join(names) + "\n")
         chosen.update(dict.fromkeys(names))
     for name in chosen:
-        os.symlink(FLICKR / "images" / name, folder / "images" / name)
+        shutil.copyfile(FLICKR / "images" / name, folder / "images" / name)
     with open(FLICKR / "captions.csv", newline="", encoding="utf-8") as f, \
             open(folder / "captions.csv", "w", newline="", encoding="utf-8") as out:
         rows = csv.reader(f)
         w = csv.writer(out)
         w.writerow(next(rows))
         w.writerows(r for r in rows if r[0] in chosen)
-    for cls in sorted(p.name for p in CIFAR.iterdir())[:3]:
+    for cls in sorted(p.name for p in CIFAR.iterdir()):
         (dst / "cifar10" / "test" / cls).mkdir(parents=True)
-        for img in sorted((CIFAR / cls).iterdir())[:4]:
-            os.symlink(img, dst / "cifar10" / "test" / cls / img.name)
+        for img in sorted((CIFAR / cls).iterdir())[:2]:
+            shutil.copyfile(img, dst / "cifar10" / "test" / cls / img.name)
     return folder
 
 
