@@ -347,18 +347,22 @@ def compute_ratio(rows: dict) -> float:
     return statistics.median(h) / statistics.median(i)
 
 
-def _mean_std(vals: list[float]) -> str:
+def _mean_std(vals: list[float], scale: float = 100.0) -> str:
     if not vals:
         return "n/a"
     mean = statistics.fmean(vals)
     std = statistics.stdev(vals) if len(vals) > 1 else 0.0
-    return f"{100 * mean:.2f} ± {100 * std:.2f}"
+    return f"{scale * mean:.2f} ± {scale * std:.2f}"
+
+
+# Table cells are percentages (x 100) except these (x scale).
+SCALES = {"train_seconds": 1 / 60}
 
 
 def _table(table: dict, keys: list[str], labels: dict[str, str]) -> list[str]:
     lines = ["| run | seeds | " + " | ".join(labels.get(k, k) for k in keys) + " |", "|---|---|" + "---|" * len(keys)]
     for name, seeds in table.items():
-        cells = [_mean_std([s[k] for s in seeds.values() if s.get(k) is not None]) for k in keys]
+        cells = [_mean_std([s[k] for s in seeds.values() if s.get(k) is not None], SCALES.get(k, 100.0)) for k in keys]
         lines.append(f"| {name} | {len(seeds)} | " + " | ".join(cells) + " |")
     return lines
 
@@ -369,7 +373,8 @@ def report(args: argparse.Namespace, state: dict, seconds: float) -> None:
     labels = {ret: f"{name} test retrieval, mean R@1/5/10 (%)", zs: "CIFAR-10 zero-shot top-1 (%)",
               "noisy_frac_superbatch": "swapped in super-batch (%)", "noisy_frac_trained": "swapped in trained batch (%)",
               f"{name}-dev-retrieval:mean_recall": f"{name} dev retrieval, mean R@1/5/10 (%)"}
-    keys = [ret, zs, "noisy_frac_superbatch", "noisy_frac_trained"]
+    labels["train_seconds"] = "training wall-clock (min)"
+    keys = [ret, zs, "noisy_frac_superbatch", "noisy_frac_trained", "train_seconds"]
     md = [f"# The methods on real captions ({name}, {args.swap_frac:.0%} of train captions swapped; {machine_name()})", "",
           f"Student {args.student_model}, b = {args.batch_size}, {args.steps} steps, f = {args.filter_ratio}, lr {args.lr}; "
           f"reference/teacher {args.reference_model}, {args.reference_steps} steps (1x) at lr {args.reference_lr} on the "
