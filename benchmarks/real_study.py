@@ -37,6 +37,9 @@ from _common import machine, machine_name, write_report
 METHODS = ("iid", "softmax-kd", "h-acid", "aced-acidistill")
 COMPUTE_MATCHED = ("iid", "softmax-kd")
 STAGES = ("methods", "compute", "curve", "dev")
+# The arguments that define what a recorded row measured (--keep-recorded keeps a row only if they match).
+DESIGN = ("steps", "batch_size", "filter_ratio", "lr", "student_model", "reference_model", "reference_steps",
+          "reference_lr", "swap_frac", "corrupt_seed")
 # Reference strength curve: budget multipliers of the 1x reference, plus one on the corrupted captions.
 CURVE = (("ref-0.25x", 0.25, "clean"), ("ref-0.5x", 0.5, "clean"), ("ref-1x", 1.0, "clean"),
          ("ref-2x", 2.0, "clean"), ("ref-noisy", 1.0, "noisy"))
@@ -72,6 +75,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--reference-lr", type=float, default=5e-4)
     g.add_argument("--dev-seeds", type=int, nargs="+", default=[0])
     g.add_argument("--dev-variants", nargs="+", default=list(DEV_VARIANTS), choices=list(DEV_VARIANTS))
+    g.add_argument("--keep-recorded", action="store_true",
+                   help="a row already in the results file, measured under the same design, whose run folder is not "
+                        "here (e.g. another machine's /tmp) is kept instead of trained again; off by default, so "
+                        "a rerun from a fresh clone measures everything itself")
     g.add_argument("--references-only", action="store_true",
                    help="stop after training the references the chosen stages need")
     g.add_argument("--selection-log-rows", type=int, default=0,
@@ -246,9 +253,12 @@ def run_study(args: argparse.Namespace) -> None:
     data = prepare(args, root)
     results_file = args.results / f"{args.name}.json"
     state = {"rows": {}, "compute": {}, "curve": {}, "dev": {}, "references": {}}
+    recorded_args: dict = {}
     if results_file.exists():  # keep what earlier sessions measured (their runs are skipped anyway)
         old = json.loads(results_file.read_text())
         state.update({k: old.get(k, v) for k, v in state.items()})
+        recorded_args = old.get("args", {})
+    same_design = all(recorded_args.get(k) == getattr(args, k) for k in DESIGN)
 
     mine: set[tuple] = set()  # the entries this invocation measured; the file's win for all others
 
@@ -295,17 +305,23 @@ def run_study(args: argparse.Namespace) -> None:
         state["references"][rid]["auc_clean_vs_swapped"] = reference_auc(root, data["noisy_name"], rid)
         save()
 
-    def seed_row(table: str, method: str, seed: int, metrics: dict) -> None:
-        state[table].setdefault(method, {})[str(seed)] = metrics
-        mine.add((table, method, str(seed)))
+    def seed_row(table: str, name: str, run: str, **kw) -> None:
+        """Train + evaluate (or resume, or only read) one run and record it as `table[name][kw["seed"]]`."""
+        seed = kw["seed"]
+        recorded = state[table].get(name, {}).get(str(seed))
+        if (args.keep_recorded and same_design and recorded is not None
+                and not (root / "runs" / run / kw.get("eval_dir", "eval") / "results.json").exists()):
+            print(f"{run}: kept the row recorded in {results_file} (--keep-recorded; no run folder here)", flush=True)
+            return
+        state[table].setdefault(name, {})[str(seed)] = student(args, root, data, run, **kw)
+        mine.add((table, name, str(seed)))
         save()
 
     if "methods" in stages or "compute" in stages:
         for seed in args.seeds:
             for method in args.methods:
-                seed_row("rows", method, seed,
-                         student(args, root, data, f"{method}-seed{seed}", data["test_evals"], method=method,
-                                 seed=seed, steps=args.steps))
+                seed_row("rows", method, f"{method}-seed{seed}", evals=data["test_evals"], method=method,
+                         seed=seed, steps=args.steps)
     if "compute" in stages:
         ratio = compute_ratio(state["rows"])
         state["compute_ratio"] = ratio
@@ -313,16 +329,14 @@ def run_study(args: argparse.Namespace) -> None:
         steps = round(args.steps * ratio)
         for seed in args.seeds:
             for method in COMPUTE_MATCHED:
-                seed_row("compute", f"{method}-{steps}steps", seed,
-                         student(args, root, data, f"{method}-cm{steps}-seed{seed}", data["test_evals"],
-                                 method=method, seed=seed, steps=steps))
+                seed_row("compute", f"{method}-{steps}steps", f"{method}-cm{steps}-seed{seed}",
+                         evals=data["test_evals"], method=method, seed=seed, steps=steps)
     if "curve" in stages:
         for seed in args.seeds:  # seeds outside: an interrupted curve still has every reference at seed 0
             for rid, _, _ in CURVE:
                 run = "h-acid" if rid == "ref-1x" else f"h-acid-{rid}"  # ref-1x: the step-matched run itself
-                seed_row("curve", rid, seed,
-                         student(args, root, data, f"{run}-seed{seed}", data["test_evals"], method="h-acid",
-                                 seed=seed, steps=args.steps, ref=rid))
+                seed_row("curve", rid, f"{run}-seed{seed}", evals=data["test_evals"], method="h-acid",
+                         seed=seed, steps=args.steps, ref=rid)
     if "dev" in stages:
         for seed in args.dev_seeds:
             for variant in args.dev_variants:
@@ -332,9 +346,8 @@ def run_study(args: argparse.Namespace) -> None:
                 # the plain variants are the step-matched runs themselves, scored on dev as well
                 same = not over and ref == "ref-1x" and method == variant
                 run = f"{method}-seed{seed}" if same else f"dev-{variant}-seed{seed}"
-                seed_row("dev", variant, seed,
-                         student(args, root, data, run, data["dev_evals"], method=method, seed=seed, steps=args.steps,
-                                 ref=ref, eval_dir="eval-dev" if same else "eval", **over))
+                seed_row("dev", variant, run, evals=data["dev_evals"], method=method, seed=seed,
+                         steps=args.steps, ref=ref, eval_dir="eval-dev" if same else "eval", **over)
     save()
 
 

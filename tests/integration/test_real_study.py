@@ -52,10 +52,10 @@ def tiny_copy(dst: Path, per_split: dict[str, int]) -> Path:
     return folder
 
 
-def study(folder: Path, root: Path, results: Path) -> subprocess.CompletedProcess:
+def study(folder: Path, root: Path, results: Path, *extra: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(REPO / "benchmarks" / "methods.py"), "--data", str(folder), "--root", str(root),
            "--results", str(results), "--stages", "all", "--seeds", "0", "--steps", "3", "--reference-steps", "8",
-           "--batch-size", "8", "--dev-variants", "h-acid", "iid", "h-acid-tau1"]
+           "--batch-size", "8", "--dev-variants", "h-acid", "iid", "h-acid-tau1", *extra]
     return subprocess.run(cmd, env=aced_env(), capture_output=True, text=True, timeout=1500)
 
 
@@ -95,3 +95,10 @@ def test_study_runs_every_stage_and_resumes(tmp_path):
     res2 = json.loads((results / "methods-real.json").read_text())
     for table in ("rows", "compute", "curve", "dev", "references"):
         assert res2[table] == res[table], table
+
+    # another machine: a run folder is gone; --keep-recorded keeps its recorded row instead of training it
+    shutil.rmtree(root / "runs" / "iid-seed0")
+    kept = study(folder, root, results, "--keep-recorded")
+    assert kept.returncode == 0, kept.stderr[-4000:]
+    assert "iid-seed0: kept the row recorded" in kept.stdout and not (root / "runs" / "iid-seed0").exists()
+    assert json.loads((results / "methods-real.json").read_text())["rows"] == res["rows"]
