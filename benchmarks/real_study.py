@@ -36,7 +36,7 @@ from _common import machine, machine_name, write_report
 
 METHODS = ("iid", "softmax-kd", "h-acid", "aced-acidistill")
 COMPUTE_MATCHED = ("iid", "softmax-kd")
-STAGES = ("methods", "compute", "curve", "dev")
+STAGES = ("methods", "compute", "curve", "dev", "tuned")
 # The arguments that define what a recorded row measured (--keep-recorded keeps a row only if they match).
 DESIGN = ("steps", "batch_size", "filter_ratio", "lr", "student_model", "reference_model", "reference_steps",
           "reference_lr", "swap_frac", "corrupt_seed")
@@ -63,6 +63,10 @@ DEV_VARIANTS = {
 }
 
 
+# The dev variants that change only the sampler (not the method or the reference): what stage 'tuned' may use.
+SAMPLER_VARIANTS = [v for v, o in DEV_VARIANTS.items() if v.startswith("h-acid-") and not {"method", "reference"} & set(o)]
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("real-data study (--data)")
     g.add_argument("--data", type=Path, default=None,
@@ -75,6 +79,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--reference-lr", type=float, default=5e-4)
     g.add_argument("--dev-seeds", type=int, nargs="+", default=[0])
     g.add_argument("--dev-variants", nargs="+", default=list(DEV_VARIANTS), choices=list(DEV_VARIANTS))
+    g.add_argument("--tuned", default="auto", choices=["auto", *SAMPLER_VARIANTS],
+                   help="stage 'tuned': the dev variant whose sampler settings h-acid and aced-acidistill use on the "
+                        "test split (auto: the h-acid variant with the best dev retrieval, same reference)")
     g.add_argument("--keep-recorded", action="store_true",
                    help="a row already in the results file, measured under the same design, whose run folder is not "
                         "here (e.g. another machine's /tmp) is kept instead of trained again; off by default, so "
@@ -146,9 +153,10 @@ def student(args, root: Path, data: dict, run: str, evals: dict, *, method: str,
     from pipeline.recipes import recipe
     from pipeline.report import summary_metrics
 
-    overrides = {"selection.n_chunks": min(16, args.batch_size // 2), **overrides}  # JEST's 16 unless a variant says
+    # JEST's 16 chunks and the study's filter ratio unless a variant says otherwise
+    overrides = {"selection.n_chunks": min(16, args.batch_size // 2), "filter_ratio": args.filter_ratio, **overrides}
     cfg = recipe("student", method=method, model=args.student_model, steps=steps, batch_size=args.batch_size,
-                 filter_ratio=args.filter_ratio, seed=seed, lr=args.lr, train_data=tuple(data["noisy"]),
+                 seed=seed, lr=args.lr, train_data=tuple(data["noisy"]),
                  cache_root=str(root / "cache"), reference=ref, teacher=("ref-1x",),
                  checkpoint_every=max(1, steps // 3),
                  selection_log_rows=args.selection_log_rows, **overrides)
@@ -252,7 +260,7 @@ def run_study(args: argparse.Namespace) -> None:
     t_start = time.perf_counter()
     data = prepare(args, root)
     results_file = args.results / f"{args.name}.json"
-    state = {"rows": {}, "compute": {}, "curve": {}, "dev": {}, "references": {}}
+    state = {"rows": {}, "compute": {}, "curve": {}, "dev": {}, "tuned": {}, "references": {}}
     recorded_args: dict = {}
     if results_file.exists():  # keep what earlier sessions measured (their runs are skipped anyway)
         old = json.loads(results_file.read_text())
@@ -272,13 +280,14 @@ def run_study(args: argparse.Namespace) -> None:
             for rid, v in now.get("references", {}).items():
                 if ("references", rid) not in mine:
                     state["references"][rid] = v
-            for k in ("rows", "compute", "curve", "dev"):
+            for k in ("rows", "compute", "curve", "dev", "tuned"):
                 for name, per_seed in now.get(k, {}).items():
                     for seed, v in per_seed.items():
                         if (k, name, seed) not in mine:
                             state[k].setdefault(name, {})[seed] = v
-            if "compute_ratio" in now and ("compute_ratio",) not in mine:
-                state["compute_ratio"] = now["compute_ratio"]
+            for key in ("compute_ratio", "tuned_variant"):
+                if key in now and (key,) not in mine:
+                    state[key] = now[key]
             report(args, state, time.perf_counter() - t_start)
 
     needed = [("ref-1x", 1.0, "clean")]
@@ -348,7 +357,32 @@ def run_study(args: argparse.Namespace) -> None:
                 run = f"{method}-seed{seed}" if same else f"dev-{variant}-seed{seed}"
                 seed_row("dev", variant, run, evals=data["dev_evals"], method=method, seed=seed,
                          steps=args.steps, ref=ref, eval_dir="eval-dev" if same else "eval", **over)
+    if "tuned" in stages:
+        # The knob the paper's appendix points to (Fig. 10: the sampling temperature), chosen on dev only,
+        # then measured on test for every seed: h-acid and aced-acidistill with the chosen sampler.
+        variant = args.tuned if args.tuned != "auto" else best_dev_variant(state["dev"], data["name"])
+        state["tuned_variant"] = variant
+        mine.add(("tuned_variant",))
+        over = dict(DEV_VARIANTS[variant])
+        knob = variant.removeprefix("h-acid-")
+        for seed in args.seeds:
+            for method in ("h-acid", "aced-acidistill"):
+                seed_row("tuned", f"{method}-{knob}", f"{method}-{knob}-seed{seed}", evals=data["test_evals"],
+                         method=method, seed=seed, steps=args.steps, **over)
     save()
+
+
+def best_dev_variant(dev: dict, name: str) -> str:
+    """The sampler setting with the best mean dev retrieval among the h-acid variants that keep the 1x
+    reference (a stronger reference is not a sampler setting); the default h-acid if none beats it."""
+    key = f"{name}-dev-retrieval:mean_recall"
+    cands = {v: statistics.fmean(r[key] for r in dev[v].values()) for v in dev if v in ("h-acid", *SAMPLER_VARIANTS)}
+    if "h-acid" not in cands or len(cands) < 2:
+        raise RuntimeError("stage 'tuned' needs the dev stage's h-acid and at least one of its variants first")
+    best = max(cands, key=cands.get)
+    if best == "h-acid":
+        raise RuntimeError(f"no dev variant beats the default h-acid on dev ({cands}): nothing to tune")
+    return best
 
 
 def compute_ratio(rows: dict) -> float:
@@ -418,7 +452,13 @@ def report(args: argparse.Namespace, state: dict, seconds: float) -> None:
         dkey = f"{name}-dev-retrieval:mean_recall"
         md += ["", "## Dev-split diagnostics (h-acid variants; never the test split)", ""]
         md += _table(state["dev"], [dkey, "noisy_frac_trained"], labels)
-    tables = {"step-matched": state["rows"], "curve": state["curve"], "dev": state["dev"]}
+    if state.get("tuned"):
+        variant = state.get("tuned_variant", "")
+        md += ["", f"## Step-matched, the sampler tuned on dev ({variant}: {DEV_VARIANTS.get(variant)}, chosen by dev "
+               "retrieval; the paper's defaults above)", ""]
+        md += _table({**{k: v for k, v in state["rows"].items() if k in ("iid", "softmax-kd")}, **state["tuned"]},
+                     keys, labels)
+    tables = {"step-matched": state["rows"], "tuned": state.get("tuned", {}), "curve": state["curve"], "dev": state["dev"]}
     if any(s.get("separation") for t in tables.values() for seeds in t.values() for s in seeds.values()):
         md += ["", "## Does the selection still tell swapped captions apart?", "",
                "Each candidate's own score s(x, x) (h-acid: learnability, its student loss minus its reference loss; "

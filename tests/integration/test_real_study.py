@@ -55,7 +55,8 @@ def tiny_copy(dst: Path, per_split: dict[str, int]) -> Path:
 def study(folder: Path, root: Path, results: Path, *extra: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(REPO / "benchmarks" / "methods.py"), "--data", str(folder), "--root", str(root),
            "--results", str(results), "--stages", "all", "--seeds", "0", "--steps", "3", "--reference-steps", "8",
-           "--batch-size", "8", "--dev-variants", "h-acid", "iid", "h-acid-tau1", *extra]
+           "--batch-size", "8", "--dev-variants", "h-acid", "iid", "h-acid-tau1", "h-acid-f0.5",
+           "--tuned", "h-acid-f0.5", *extra]
     return subprocess.run(cmd, env=aced_env(), capture_output=True, text=True, timeout=1500)
 
 
@@ -74,16 +75,20 @@ def test_study_runs_every_stage_and_resumes(tmp_path):
     assert res["compute_ratio"] > 0 and len(res["compute"]) == 2
     assert set(res["curve"]) == {"ref-0.25x", "ref-0.5x", "ref-1x", "ref-2x", "ref-noisy"}
     assert res["curve"]["ref-1x"]["0"] == res["rows"]["h-acid"]["0"]  # the step-matched run, not a second one
-    assert set(res["dev"]) == {"h-acid", "iid", "h-acid-tau1"}
+    assert set(res["dev"]) == {"h-acid", "iid", "h-acid-tau1", "h-acid-f0.5"}
+    assert res["tuned_variant"] == "h-acid-f0.5" and set(res["tuned"]) == {"h-acid-f0.5", "aced-acidistill-f0.5"}
+    assert res["tuned"]["h-acid-f0.5"]["0"]["noisy_frac_superbatch"] is not None and ret in res["tuned"]["h-acid-f0.5"]["0"]
     assert "tinyflickr-dev-retrieval:mean_recall" in res["dev"]["h-acid"]["0"]
     assert ret not in res["dev"]["h-acid-tau1"]["0"]  # dev runs never see the test split
     assert res["rows"]["h-acid"]["0"]["separation"], "the selection logs give the clean-vs-swapped AUC"
     for rid in res["curve"]:
         assert 0 <= res["references"][rid]["auc_clean_vs_swapped"] <= 1
     md = (results / "methods-real.md").read_text()
-    for heading in ("## Step-matched", "## Compute-matched", "## Reference strength curve", "## Dev-split",
+    for heading in ("## Step-matched", "## Step-matched, the sampler tuned on dev", "## Compute-matched", "## Reference strength curve", "## Dev-split",
                     "## Does the selection"):
         assert heading in md
+    for run in ("dev-h-acid-f0.5-seed0", "h-acid-f0.5-seed0", "aced-acidistill-f0.5-seed0"):  # the variant reached the run
+        assert json.loads((root / "runs" / run / "config.json").read_text())["filter_ratio"] == 0.5
     runs = sorted(p.name for p in (root / "runs").iterdir())
     assert "h-acid-ref-1x-seed0" not in runs and "dev-h-acid-seed0" not in runs and "dev-iid-seed0" not in runs
 
@@ -93,7 +98,7 @@ def test_study_runs_every_stage_and_resumes(tmp_path):
     assert again.returncode == 0, again.stderr[-4000:]
     assert {p: p.stat().st_mtime_ns for p in (root / "runs").glob("*/eval*/results.json")} == stamps
     res2 = json.loads((results / "methods-real.json").read_text())
-    for table in ("rows", "compute", "curve", "dev", "references"):
+    for table in ("rows", "compute", "curve", "dev", "tuned", "references"):
         assert res2[table] == res[table], table
 
     # another machine: a run folder is gone; --keep-recorded keeps its recorded row instead of training it
