@@ -352,7 +352,8 @@ def run_study(args: argparse.Namespace) -> None:
                 over = dict(DEV_VARIANTS[variant])
                 method = over.pop("method", "h-acid")
                 ref = over.pop("reference", "ref-1x")
-                # the plain variants are the step-matched runs themselves, scored on dev as well
+                # a plain method (no overrides) is the run named like the step-matched one, shared with it and
+                # scored on dev as well (e.g. h-acid-seed0: trained once, eval/ = test, eval-dev/ = dev)
                 same = not over and ref == "ref-1x" and method == variant
                 run = f"{method}-seed{seed}" if same else f"dev-{variant}-seed{seed}"
                 seed_row("dev", variant, run, evals=data["dev_evals"], method=method, seed=seed,
@@ -374,7 +375,8 @@ def run_study(args: argparse.Namespace) -> None:
 
 def best_dev_variant(dev: dict, name: str) -> str:
     """The sampler setting with the best mean dev retrieval among the h-acid variants that keep the 1x
-    reference (a stronger reference is not a sampler setting); the default h-acid if none beats it."""
+    reference (a stronger reference is not a sampler setting). Refuses when none beats the default h-acid:
+    then there is nothing to tune."""
     key = f"{name}-dev-retrieval:mean_recall"
     cands = {v: statistics.fmean(r[key] for r in dev[v].values()) for v in dev if v in ("h-acid", *SAMPLER_VARIANTS)}
     if "h-acid" not in cands or len(cands) < 2:
