@@ -314,13 +314,22 @@ def run_study(args: argparse.Namespace) -> None:
         state["references"][rid]["auc_clean_vs_swapped"] = reference_auc(root, data["noisy_name"], rid)
         save()
 
-    def seed_row(table: str, name: str, run: str, **kw) -> None:
-        """Train + evaluate (or resume, or only read) one run and record it as `table[name][kw["seed"]]`."""
+    def seed_row(table: str, name: str, run: str, same_as: tuple[str, str] | None = None, **kw) -> None:
+        """Train + evaluate (or resume, or only read) one run and record it as `table[name][kw["seed"]]`.
+
+        same_as names the (table, name) of another row measured by the same run (the curve's ref-1x point is
+        the step-matched h-acid run): under --keep-recorded its recorded row stands for this one too."""
         seed = kw["seed"]
         recorded = state[table].get(name, {}).get(str(seed))
+        if recorded is None and same_as is not None:
+            recorded = state[same_as[0]].get(same_as[1], {}).get(str(seed))
         if (args.keep_recorded and same_design and recorded is not None
                 and not (root / "runs" / run / kw.get("eval_dir", "eval") / "results.json").exists()):
             print(f"{run}: kept the row recorded in {results_file} (--keep-recorded; no run folder here)", flush=True)
+            if str(seed) not in state[table].get(name, {}):
+                state[table].setdefault(name, {})[str(seed)] = recorded
+                mine.add((table, name, str(seed)))
+                save()
             return
         state[table].setdefault(name, {})[str(seed)] = student(args, root, data, run, **kw)
         mine.add((table, name, str(seed)))
@@ -345,7 +354,7 @@ def run_study(args: argparse.Namespace) -> None:
             for rid, _, _ in CURVE:
                 run = "h-acid" if rid == "ref-1x" else f"h-acid-{rid}"  # ref-1x: the step-matched run itself
                 seed_row("curve", rid, f"{run}-seed{seed}", evals=data["test_evals"], method="h-acid",
-                         seed=seed, steps=args.steps, ref=rid)
+                         seed=seed, steps=args.steps, ref=rid, same_as=("rows", "h-acid") if rid == "ref-1x" else None)
     if "dev" in stages:
         for seed in args.dev_seeds:
             for variant in args.dev_variants:

@@ -101,9 +101,15 @@ def test_study_runs_every_stage_and_resumes(tmp_path):
     for table in ("rows", "compute", "curve", "dev", "tuned", "references"):
         assert res2[table] == res[table], table
 
-    # another machine: a run folder is gone; --keep-recorded keeps its recorded row instead of training it
+    # another machine: run folders are gone; --keep-recorded keeps their recorded rows instead of training them,
+    # and the curve's ref-1x point, not yet recorded, is the recorded step-matched h-acid row
     shutil.rmtree(root / "runs" / "iid-seed0")
+    shutil.rmtree(root / "runs" / "h-acid-seed0")
+    del res2["curve"]["ref-1x"]
+    (results / "methods-real.json").write_text(json.dumps(res2))
     kept = study(folder, root, results, "--keep-recorded")
     assert kept.returncode == 0, kept.stderr[-4000:]
     assert "iid-seed0: kept the row recorded" in kept.stdout and not (root / "runs" / "iid-seed0").exists()
-    assert json.loads((results / "methods-real.json").read_text())["rows"] == res["rows"]
+    assert not (root / "runs" / "h-acid-seed0").exists()
+    res3 = json.loads((results / "methods-real.json").read_text())
+    assert res3["rows"] == res["rows"] and res3["curve"]["ref-1x"]["0"] == res["rows"]["h-acid"]["0"]
