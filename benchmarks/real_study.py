@@ -26,6 +26,7 @@ after every run:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import json
 import statistics
@@ -92,6 +93,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="per logged step, a sample of this many candidates (0 = all)")
 
 
+@contextlib.contextmanager
+def run_lock(root: Path, name: str, wait: bool):
+    """Hold the lock of one run (or of the import, the corruption, the cache) of the study's workspace; yields
+    False if another invocation holds it and wait is False. Two invocations never write the same folder at
+    once: a reference, the data and the cache are waited for (everything after needs them), a student run is
+    left to the invocation training it."""
+    (root / ".locks").mkdir(parents=True, exist_ok=True)
+    with open(root / ".locks" / f"{name}.lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+
+
 def _corrupt(root: Path, src: str, name: str, frac: float, seed: int) -> str:
     from storage.corrupt import corrupt_dataset
     from storage.workspace import Workspace
@@ -107,7 +124,8 @@ def prepare(args: argparse.Namespace, root: Path) -> dict:
     from pipeline.workspace import eval_specs, prepare_real
     from storage.workspace import Workspace
 
-    sets = prepare_real(root, args.data)
+    with run_lock(root, "import", wait=True):
+        sets = prepare_real(root, args.data)
     name = Path(args.data).resolve().name
     ws = Workspace(root)
     if not (ws.dataset(f"{name}/dev") / "_dataset.json").exists():
@@ -121,7 +139,8 @@ def prepare(args: argparse.Namespace, root: Path) -> dict:
 def add_noisy(args, root: Path, data: dict) -> None:
     """The students' training set: the train split with a fraction of captions swapped (idempotent)."""
     data["noisy_name"] = f"{data['name']}-swap{round(100 * args.swap_frac)}/train"
-    data["noisy"] = [_corrupt(root, f"{data['name']}/train", data["noisy_name"], args.swap_frac, args.corrupt_seed)]
+    with run_lock(root, "corrupt", wait=True):
+        data["noisy"] = [_corrupt(root, f"{data['name']}/train", data["noisy_name"], args.swap_frac, args.corrupt_seed)]
 
 
 def reference(args, root: Path, data: dict, rid: str, budget: float, source: str, evals: dict) -> dict:
@@ -271,8 +290,9 @@ def run_study(args: argparse.Namespace) -> None:
     mine: set[tuple] = set()  # the entries this invocation measured; the file's win for all others
 
     def save() -> None:
-        # Several invocations may run at once (e.g. the curve beside the compute stage): merge with what
-        # the file holds now, under a lock, so none drops another's rows.
+        # Several invocations may run at once (e.g. the curve beside the compute stage, or the same stage
+        # twice to use two cores; run_lock keeps them off each other's runs): merge with what the file holds
+        # now, under a lock, so none drops another's rows.
         results_file.parent.mkdir(parents=True, exist_ok=True)
         with open(results_file.with_suffix(".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
@@ -299,7 +319,8 @@ def run_study(args: argparse.Namespace) -> None:
     for rid, budget, source in sorted(needed, key=lambda r: (r[2] == "noisy", r[0] != "ref-1x")):  # 1x first; clean ones need no corruption
         if source == "noisy" and "noisy" not in data:
             add_noisy(args, root, data)
-        res = reference(args, root, data, rid, budget, source, evals_ref)
+        with run_lock(root, rid, wait=True):
+            res = reference(args, root, data, rid, budget, source, evals_ref)
         from pipeline.report import summary_metrics
         state["references"][rid] = {**summary_metrics(res), "budget": budget, "captions": source,
                                     "train_seconds": res.get("train_seconds")}
@@ -309,7 +330,8 @@ def run_study(args: argparse.Namespace) -> None:
         return
     if "noisy" not in data:
         add_noisy(args, root, data)
-    cache(root, data, [r for r, _, _ in needed])
+    with run_lock(root, "cache", wait=True):
+        cache(root, data, [r for r, _, _ in needed])
     for rid, _, _ in needed:
         state["references"][rid]["auc_clean_vs_swapped"] = reference_auc(root, data["noisy_name"], rid)
         save()
@@ -331,7 +353,11 @@ def run_study(args: argparse.Namespace) -> None:
                 mine.add((table, name, str(seed)))
                 save()
             return
-        state[table].setdefault(name, {})[str(seed)] = student(args, root, data, run, **kw)
+        with run_lock(root, run, wait=False) as mine_to_train:
+            if not mine_to_train:
+                print(f"{run}: another invocation is training it; its row comes from there", flush=True)
+                return
+            state[table].setdefault(name, {})[str(seed)] = student(args, root, data, run, **kw)
         mine.add((table, name, str(seed)))
         save()
 
@@ -409,8 +435,9 @@ def _mean_std(vals: list[float], scale: float = 100.0) -> str:
     if not vals:
         return "n/a"
     mean = statistics.fmean(vals)
-    std = statistics.stdev(vals) if len(vals) > 1 else 0.0
-    return f"{scale * mean:.2f} ± {scale * std:.2f}"
+    if len(vals) == 1:  # one seed has no spread to report (a "± 0.00" would claim one)
+        return f"{scale * mean:.2f}"
+    return f"{scale * mean:.2f} ± {scale * statistics.stdev(vals):.2f}"
 
 
 # Table cells are percentages (x 100) except these (x scale).

@@ -8,6 +8,7 @@ steps. Checks the results hold every table the note reports, and that a second i
 from __future__ import annotations
 
 import csv
+import fcntl
 import json
 import shutil
 import subprocess
@@ -92,10 +93,14 @@ def test_study_runs_every_stage_and_resumes(tmp_path):
     runs = sorted(p.name for p in (root / "runs").iterdir())
     assert "h-acid-ref-1x-seed0" not in runs and "dev-h-acid-seed0" not in runs and "dev-iid-seed0" not in runs
 
-    # resume: nothing is trained again, every row is kept, the numbers are the same
+    # resume: nothing is trained again, every row is kept, the numbers are the same; a run another
+    # invocation holds (here: this test) is left to it
     stamps = {p: p.stat().st_mtime_ns for p in (root / "runs").glob("*/eval*/results.json")}
-    again = study(folder, root, results)
+    with open(root / ".locks" / "softmax-kd-seed0.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        again = study(folder, root, results)
     assert again.returncode == 0, again.stderr[-4000:]
+    assert "softmax-kd-seed0: another invocation is training it" in again.stdout
     assert {p: p.stat().st_mtime_ns for p in (root / "runs").glob("*/eval*/results.json")} == stamps
     res2 = json.loads((results / "methods-real.json").read_text())
     for table in ("rows", "compute", "curve", "dev", "tuned", "references"):
