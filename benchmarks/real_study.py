@@ -49,7 +49,8 @@ CURVE = (("ref-0.25x", 0.25, "clean"), ("ref-0.5x", 0.5, "clean"), ("ref-1x", 1.
 # student term, so no catch-up); 1chunk samples the whole batch from the own scores s(x, x) (no
 # conditional rounds, whose normalised scores cbar = c / (2|selected| + 1) are ~1/(2|selected| + 1) the
 # scale of s(x, x), so tau = 10 samples them nearly uniformly here); tau100 and top-k sharpen every round;
-# ref2x is a stronger reference; then the filter ratio and a softer sampler.
+# ref2x is a stronger reference (alone, and with the sharp sampler that uses its scores); then the filter
+# ratio and a softer sampler.
 DEV_VARIANTS = {
     "h-acid": {},
     "iid": {"method": "iid"},
@@ -58,6 +59,7 @@ DEV_VARIANTS = {
     "h-acid-tau100": {"selection.tau": 100.0},
     "h-acid-topk": {"selection.topk": True},
     "h-acid-ref2x": {"reference": "ref-2x"},
+    "h-acid-topk-ref2x": {"selection.topk": True, "reference": "ref-2x"},
     "h-acid-f0.5": {"filter_ratio": 0.5},
     "h-acid-f0.9": {"filter_ratio": 0.9},
     "h-acid-tau1": {"selection.tau": 1.0},
@@ -313,7 +315,7 @@ def run_study(args: argparse.Namespace) -> None:
     needed = [("ref-1x", 1.0, "clean")]
     if "curve" in stages:
         needed = list(CURVE)
-    elif "dev" in stages and "h-acid-ref2x" in args.dev_variants:
+    elif "dev" in stages and any(DEV_VARIANTS[v].get("reference") == "ref-2x" for v in args.dev_variants):
         needed.append(("ref-2x", 2.0, "clean"))
     evals_ref = {**data["test_evals"], **data["dev_evals"]}
     for rid, budget, source in sorted(needed, key=lambda r: (r[2] == "noisy", r[0] != "ref-1x")):  # 1x first; clean ones need no corruption
