@@ -479,12 +479,15 @@ def report(args: argparse.Namespace, state: dict, seconds: float) -> None:
                       **state["compute"]}, keys, labels)
     if state["curve"]:
         md += ["", "## Reference strength curve (h-acid with each reference)", "",
-               "| reference | budget | captions | reference test retrieval (%) | student test retrieval (%) | "
-               "student CIFAR-10 (%) | swapped in trained batch (%) |", "|---|---|---|---|---|---|---|"]
-        for rid, seeds in state["curve"].items():
+               "| reference | budget | captions | reference test retrieval (%) | reference AUC clean vs swapped (%) | "
+               "student seeds | student test retrieval (%) | student CIFAR-10 (%) | swapped in trained batch (%) |",
+               "|---|---|---|---|---|---|---|---|---|"]
+        for rid, seeds in sorted(state["curve"].items(), key=lambda kv: [c[0] for c in CURVE].index(kv[0])):
             r = state["references"].get(rid, {})
+            auc = r.get("auc_clean_vs_swapped")
             md.append(f"| {rid} | {r.get('budget', '')} | {r.get('captions', '')} | "
-                      f"{_mean_std([r[ret]] if ret in r else [])} | "
+                      f"{_mean_std([r[ret]] if ret in r else [])} | {_mean_std([auc] if auc is not None else [])} | "
+                      f"{len(seeds)} | "
                       f"{_mean_std([s[ret] for s in seeds.values() if ret in s])} | "
                       f"{_mean_std([s[zs] for s in seeds.values() if zs in s])} | "
                       f"{_mean_std([s['noisy_frac_trained'] for s in seeds.values() if s.get('noisy_frac_trained') is not None])} |")
