@@ -466,7 +466,9 @@ def report(args: argparse.Namespace, state: dict, seconds: float) -> None:
           f"Student {args.student_model}, b = {args.batch_size}, {args.steps} steps, f = {args.filter_ratio}, lr {args.lr}; "
           f"reference/teacher {args.reference_model}, {args.reference_steps} steps (1x) at lr {args.reference_lr} on the "
           f"clean train captions. Mean ± std over seeds; test = {name} test split and CIFAR-10 test (standard "
-          f"templates); dev runs evaluated on the dev split only. Wall-clock of this invocation: {seconds / 60:.1f} min.",
+          f"templates); dev runs evaluated on the dev split only. The rows accumulate over resumable invocations of the "
+          f"study; the command above is the latest (its wall-clock: {seconds / 60:.1f} min), each row's training "
+          f"wall-clock is in its table.",
           "", "## References", ""]
     labels["auc_clean_vs_swapped"] = "AUC clean vs swapped train pairs (%)"
     md += _table({k: {"-": v} for k, v in state["references"].items()},
