@@ -357,7 +357,8 @@ def run_study(args: argparse.Namespace) -> None:
             return
         with run_lock(root, run, wait=False) as mine_to_train:
             if not mine_to_train:
-                print(f"{run}: another invocation is training it; its row comes from there", flush=True)
+                print(f"{run}: another invocation is training it; skipped here (a rerun of this stage reads "
+                      "the finished run)", flush=True)
                 return
             state[table].setdefault(name, {})[str(seed)] = student(args, root, data, run, **kw)
         mine.add((table, name, str(seed)))
