@@ -338,22 +338,13 @@ def run_study(args: argparse.Namespace) -> None:
         state["references"][rid]["auc_clean_vs_swapped"] = reference_auc(root, data["noisy_name"], rid)
         save()
 
-    def seed_row(table: str, name: str, run: str, same_as: tuple[str, str] | None = None, **kw) -> None:
-        """Train + evaluate (or resume, or only read) one run and record it as `table[name][kw["seed"]]`.
-
-        same_as names the (table, name) of another row measured by the same run (the curve's ref-1x point is
-        the step-matched h-acid run): under --keep-recorded its recorded row stands for this one too."""
+    def seed_row(table: str, name: str, run: str, **kw) -> None:
+        """Train + evaluate (or resume, or only read) one run and record it as `table[name][kw["seed"]]`."""
         seed = kw["seed"]
         recorded = state[table].get(name, {}).get(str(seed))
-        if recorded is None and same_as is not None:
-            recorded = state[same_as[0]].get(same_as[1], {}).get(str(seed))
         if (args.keep_recorded and same_design and recorded is not None
                 and not (root / "runs" / run / kw.get("eval_dir", "eval") / "results.json").exists()):
             print(f"{run}: kept the row recorded in {results_file} (--keep-recorded; no run folder here)", flush=True)
-            if str(seed) not in state[table].get(name, {}):
-                state[table].setdefault(name, {})[str(seed)] = recorded
-                mine.add((table, name, str(seed)))
-                save()
             return
         with run_lock(root, run, wait=False) as mine_to_train:
             if not mine_to_train:
@@ -381,9 +372,10 @@ def run_study(args: argparse.Namespace) -> None:
     if "curve" in stages:
         for seed in args.seeds:  # seeds outside: an interrupted curve still has every reference at seed 0
             for rid, _, _ in CURVE:
-                run = "h-acid" if rid == "ref-1x" else f"h-acid-{rid}"  # ref-1x: the step-matched run itself
-                seed_row("curve", rid, f"{run}-seed{seed}", evals=data["test_evals"], method="h-acid",
-                         seed=seed, steps=args.steps, ref=rid, same_as=("rows", "h-acid") if rid == "ref-1x" else None)
+                # ref-1x: the step-matched h-acid run itself, one row (curve_rows reads it from there)
+                table, name, run = ("rows", "h-acid", "h-acid") if rid == "ref-1x" else ("curve", rid, f"h-acid-{rid}")
+                seed_row(table, name, f"{run}-seed{seed}", evals=data["test_evals"], method="h-acid",
+                         seed=seed, steps=args.steps, ref=rid)
     if "dev" in stages:
         for seed in args.dev_seeds:
             for variant in args.dev_variants:
@@ -409,6 +401,13 @@ def run_study(args: argparse.Namespace) -> None:
                 seed_row("tuned", f"{method}-{knob}", f"{method}-{knob}-seed{seed}", evals=data["test_evals"],
                          method=method, seed=seed, steps=args.steps, **over)
     save()
+
+
+def curve_rows(state: dict) -> dict:
+    """The reference strength curve, {reference: {seed: row}} in CURVE order; its ref-1x point is the
+    step-matched h-acid row (the same run, stored once)."""
+    rows = {**state["curve"], "ref-1x": state["rows"].get("h-acid", {})}
+    return {rid: rows[rid] for rid, _, _ in CURVE if rows.get(rid)}
 
 
 def best_dev_variant(dev: dict, name: str) -> str:
@@ -481,11 +480,12 @@ def report(args: argparse.Namespace, state: dict, seconds: float) -> None:
         md += _table({**{k: v for k, v in state["rows"].items() if k in ("h-acid", "aced-acidistill")},
                       **state["compute"]}, keys, labels)
     if state["curve"]:
+        curve = curve_rows(state)
         md += ["", "## Reference strength curve (h-acid with each reference)", "",
                "| reference | budget | captions | reference test retrieval (%) | reference AUC clean vs swapped (%) | "
                "student seeds | student test retrieval (%) | student CIFAR-10 (%) | swapped in trained batch (%) |",
                "|---|---|---|---|---|---|---|---|---|"]
-        for rid, seeds in sorted(state["curve"].items(), key=lambda kv: [c[0] for c in CURVE].index(kv[0])):
+        for rid, seeds in curve.items():
             r = state["references"].get(rid, {})
             auc = r.get("auc_clean_vs_swapped")
             md.append(f"| {rid} | {r.get('budget', '')} | {r.get('captions', '')} | "

@@ -74,17 +74,21 @@ def test_study_runs_every_stage_and_resumes(tmp_path):
         assert 0 <= row[ret] <= 1 and 0 <= row["cifar10-zeroshot:top1"] <= 1 and row["steps"] == 3
         assert 0 < row["noisy_frac_superbatch"] < 1  # the corrupted split's swapped flags reach the metrics
     assert res["compute_ratio"] > 0 and len(res["compute"]) == 2
-    assert set(res["curve"]) == {"ref-0.25x", "ref-0.5x", "ref-1x", "ref-2x", "ref-noisy"}
-    assert res["curve"]["ref-1x"]["0"] == res["rows"]["h-acid"]["0"]  # the step-matched run, not a second one
+    # the curve's ref-1x point is the step-matched h-acid run: stored once, in rows, read by the curve table
+    assert set(res["curve"]) == {"ref-0.25x", "ref-0.5x", "ref-2x", "ref-noisy"}
     assert set(res["dev"]) == {"h-acid", "iid", "h-acid-tau1", "h-acid-f0.5"}
     assert res["tuned_variant"] == "h-acid-f0.5" and set(res["tuned"]) == {"h-acid-f0.5", "aced-acidistill-f0.5"}
     assert res["tuned"]["h-acid-f0.5"]["0"]["noisy_frac_superbatch"] is not None and ret in res["tuned"]["h-acid-f0.5"]["0"]
     assert "tinyflickr-dev-retrieval:mean_recall" in res["dev"]["h-acid"]["0"]
     assert ret not in res["dev"]["h-acid-tau1"]["0"]  # dev runs never see the test split
     assert res["rows"]["h-acid"]["0"]["separation"], "the selection logs give the clean-vs-swapped AUC"
-    for rid in res["curve"]:
+    for rid in (*res["curve"], "ref-1x"):
         assert 0 <= res["references"][rid]["auc_clean_vs_swapped"] <= 1
     md = (results / "methods-real.md").read_text()
+    curve_md = md.split("## Reference strength curve")[1].split("\n## ")[0]
+    ref1x = [ln for ln in curve_md.splitlines() if ln.startswith("| ref-1x |")]
+    assert len(ref1x) == 1  # cells: reference, budget, captions, its test, its AUC, seeds, student test, ...
+    assert ref1x[0].split("|")[7].strip() == f"{100 * res['rows']['h-acid']['0'][ret]:.2f}"
     for heading in ("## Step-matched", "## Step-matched, the sampler tuned on dev", "## Compute-matched", "## Reference strength curve", "## Dev-split",
                     "## Does the selection"):
         assert heading in md
@@ -106,15 +110,13 @@ def test_study_runs_every_stage_and_resumes(tmp_path):
     for table in ("rows", "compute", "curve", "dev", "tuned", "references"):
         assert res2[table] == res[table], table
 
-    # another machine: run folders are gone; --keep-recorded keeps their recorded rows instead of training them,
-    # and the curve's ref-1x point, not yet recorded, is the recorded step-matched h-acid row
+    # another machine: run folders are gone; --keep-recorded keeps their recorded rows instead of training them
+    # (h-acid-seed0 also stands for the curve's ref-1x point: not trained again for the curve either)
     shutil.rmtree(root / "runs" / "iid-seed0")
     shutil.rmtree(root / "runs" / "h-acid-seed0")
-    del res2["curve"]["ref-1x"]
-    (results / "methods-real.json").write_text(json.dumps(res2))
     kept = study(folder, root, results, "--keep-recorded")
     assert kept.returncode == 0, kept.stderr[-4000:]
     assert "iid-seed0: kept the row recorded" in kept.stdout and not (root / "runs" / "iid-seed0").exists()
     assert not (root / "runs" / "h-acid-seed0").exists()
     res3 = json.loads((results / "methods-real.json").read_text())
-    assert res3["rows"] == res["rows"] and res3["curve"]["ref-1x"]["0"] == res["rows"]["h-acid"]["0"]
+    assert res3["rows"] == res["rows"] and res3["curve"] == res["curve"]
